@@ -1,0 +1,273 @@
+"""Layers of the EDM UNets (Karras et al. 2022, code NVlabs/edm `training/networks.py`), NHWC.
+
+Parameter names follow EDM's (`weight`, `bias`) so that a PyTorch state_dict maps onto
+them by name; only the layout differs: conv weights are HWIO here (OIHW in PyTorch),
+linear weights are (in, out) (PyTorch: (out, in)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------
+# Initialisation: EDM's `weight_init`, with fans computed as EDM does.
+
+
+def edm_init(mode: str, fan_in: int, fan_out: int, scale: float = 1.0):
+    """Initializer matching EDM's `weight_init(shape, mode, fan_in, fan_out) * scale`."""
+
+    def init(key, shape, dtype=jnp.float32):
+        if scale == 0:
+            return jnp.zeros(shape, dtype)
+        if mode == "xavier_uniform":
+            w = math.sqrt(6 / (fan_in + fan_out)) * jax.random.uniform(key, shape, dtype, -1, 1)
+        elif mode == "xavier_normal":
+            w = math.sqrt(2 / (fan_in + fan_out)) * jax.random.normal(key, shape, dtype)
+        elif mode == "kaiming_uniform":
+            w = math.sqrt(3 / fan_in) * jax.random.uniform(key, shape, dtype, -1, 1)
+        elif mode == "kaiming_normal":
+            w = math.sqrt(1 / fan_in) * jax.random.normal(key, shape, dtype)
+        else:
+            raise ValueError(f"unknown init mode {mode!r}; valid: xavier_uniform, xavier_normal, "
+                             "kaiming_uniform, kaiming_normal")
+        return w * scale
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """How a layer is initialised: EDM's `init_mode`, `init_weight`, `init_bias`."""
+
+    mode: str = "kaiming_normal"
+    weight: float = 1.0
+    bias: float = 0.0
+
+
+# ----------------------------------------------------------------------------
+# Fully connected, convolution with resampling, group norm.
+
+
+class Linear(nn.Module):
+    """y = x W + b, W of shape (in, out). EDM `Linear`."""
+
+    features: int
+    use_bias: bool = True
+    init: Init = Init()
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        w = self.param("weight", edm_init(self.init.mode, fan_in, self.features, self.init.weight),
+                       (fan_in, self.features))
+        x = x @ w
+        if self.use_bias:
+            x = x + self.param("bias", edm_init(self.init.mode, fan_in, self.features, self.init.bias),
+                               (self.features,))
+        return x
+
+
+def _resample_kernel(resample_filter: Sequence[int]) -> np.ndarray:
+    f = np.asarray(resample_filter, np.float32)
+    return np.outer(f, f) / f.sum() ** 2
+
+
+def _depthwise(x, kernel, *, stride=1, padding=0, lhs_dilation=1):
+    """Applies the same 2-D kernel to every channel of NHWC x."""
+    c = x.shape[-1]
+    k = jnp.tile(jnp.asarray(kernel, x.dtype)[:, :, None, None], (1, 1, 1, c))
+    return jax.lax.conv_general_dilated(
+        x, k, (stride, stride), [(padding, padding)] * 2, lhs_dilation=(lhs_dilation,) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+def downsample(x, resample_filter: Sequence[int]):
+    """EDM's down-sampling: the filter outer(f, f) / sum(f)^2, stride 2, pad (len(f)-1)//2."""
+    f = _resample_kernel(resample_filter)
+    return _depthwise(x, f, stride=2, padding=(f.shape[0] - 1) // 2)
+
+
+def upsample(x, resample_filter: Sequence[int]):
+    """EDM's up-sampling: transposed conv with 4 outer(f, f) / sum(f)^2, stride 2, pad (len(f)-1)//2.
+
+    A transposed convolution is the convolution of the 2x-dilated input with the flipped
+    kernel (symmetric here), padded by k - 1 - p on each side.
+    """
+    f = 4 * _resample_kernel(resample_filter)
+    k = f.shape[0]
+    return _depthwise(x, f, padding=k - 1 - (k - 1) // 2, lhs_dilation=2)
+
+
+class Conv2d(nn.Module):
+    """EDM `Conv2d`: optional up/down-sampling, then a `kernel` x `kernel` convolution.
+
+    `kernel=0` means no weights: a pure resampling layer. `fused_resample` (down only, as
+    EDM uses it in NCSN++'s residual encoder) convolves first, padded by w_pad + f_pad, then
+    filters with stride 2.
+    """
+
+    features: int
+    kernel: int
+    use_bias: bool = True
+    up: bool = False
+    down: bool = False
+    resample_filter: Sequence[int] = (1, 1)
+    fused_resample: bool = False
+    init: Init = Init()
+
+    @nn.compact
+    def __call__(self, x):
+        cin, k = x.shape[-1], self.kernel
+        if k:
+            fan_in, fan_out = cin * k * k, self.features * k * k
+            w = self.param("weight", edm_init(self.init.mode, fan_in, fan_out, self.init.weight),
+                           (k, k, cin, self.features))
+        if self.fused_resample and self.down and k:
+            f = _resample_kernel(self.resample_filter)
+            x = self._conv(x, w, padding=k // 2 + (f.shape[0] - 1) // 2)
+            x = _depthwise(x, f, stride=2)
+        else:
+            if self.up:
+                x = upsample(x, self.resample_filter)
+            if self.down:
+                x = downsample(x, self.resample_filter)
+            if k:
+                x = self._conv(x, w, padding=k // 2)
+        if k and self.use_bias:
+            x = x + self.param("bias", edm_init(self.init.mode, fan_in, fan_out, self.init.bias),
+                               (self.features,))
+        return x
+
+    @staticmethod
+    def _conv(x, w, padding):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), [(padding, padding)] * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class GroupNorm(nn.Module):
+    """EDM `GroupNorm`: min(num_groups, C // min_channels_per_group) groups, computed in float32."""
+
+    num_groups: int = 32
+    min_channels_per_group: int = 4
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        g = min(self.num_groups, c // self.min_channels_per_group)
+        weight = self.param("weight", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        dtype = x.dtype
+        y = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
+        axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
+        mean = y.mean(axes, keepdims=True)
+        var = jnp.square(y - mean).mean(axes, keepdims=True)
+        y = ((y - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * weight + bias).astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# The unified UNet block.
+
+
+class UNetBlock(nn.Module):
+    """EDM `UNetBlock`: the union of the DDPM++, NCSN++ and ADM residual blocks.
+
+    x -> conv0(silu(norm0(x))) -> (adaptive) scale/shift by the embedding -> silu ->
+    dropout -> conv1, plus the (projected, resampled) input, times `skip_scale`; then
+    optional self-attention with `num_heads` heads, again times `skip_scale`.
+    x: (B, H, W, C_in), emb: (B, E) -> (B, H', W', C_out).
+    """
+
+    out_channels: int
+    up: bool = False
+    down: bool = False
+    attention: bool = False
+    num_heads: int | None = None
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    skip_scale: float = 1.0
+    eps: float = 1e-5
+    resample_filter: Sequence[int] = (1, 1)
+    resample_proj: bool = False
+    adaptive_scale: bool = True
+    init: Init = Init()
+    init_zero: Init = Init(weight=0.0)
+    init_attn: Init | None = None
+
+    @nn.compact
+    def __call__(self, x, emb, train: bool = False):
+        cin, cout = x.shape[-1], self.out_channels
+        resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
+        orig = x
+        x = Conv2d(cout, 3, init=self.init, name="conv0", **resample)(
+            nn.silu(GroupNorm(eps=self.eps, name="norm0")(x)))
+        params = Linear(cout * (2 if self.adaptive_scale else 1), init=self.init, name="affine")(emb)
+        params = params[:, None, None, :].astype(x.dtype)
+        norm1 = GroupNorm(eps=self.eps, name="norm1")
+        if self.adaptive_scale:
+            scale, shift = jnp.split(params, 2, axis=-1)
+            x = nn.silu(shift + norm1(x) * (scale + 1))
+        else:
+            x = nn.silu(norm1(x + params))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = Conv2d(cout, 3, init=self.init_zero, name="conv1")(x)
+        if cout != cin or self.up or self.down:
+            kernel = 1 if self.resample_proj or cout != cin else 0
+            orig = Conv2d(cout, kernel, init=self.init, name="skip", **resample)(orig)
+        x = (x + orig) * self.skip_scale
+        if self.attention:
+            x = (self._attend(x) + x) * self.skip_scale
+        return x
+
+    def _attend(self, x):
+        b, h, w, c = x.shape
+        heads = self.num_heads if self.num_heads is not None else c // self.channels_per_head
+        qkv = Conv2d(3 * c, 1, init=self.init_attn or self.init, name="qkv")(
+            GroupNorm(eps=self.eps, name="norm2")(x))
+        # EDM's channel layout of qkv is (head, channel, {q, k, v}).
+        qkv = qkv.reshape(b, h * w, heads, c // heads, 3).astype(jnp.float32)
+        q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(c // heads))
+        a = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
+        a = a.reshape(b, h, w, c).astype(x.dtype)
+        return Conv2d(c, 1, init=self.init_zero, name="proj")(a)
+
+
+# ----------------------------------------------------------------------------
+# Noise-level embeddings.
+
+
+def positional_embedding(x, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+    """EDM `PositionalEmbedding`: [cos(x f), sin(x f)], f_i = (1/max_positions)^(i / (C/2 - endpoint)).
+
+    x: (B,) -> (B, num_channels).
+    """
+    half = num_channels // 2
+    freqs = jnp.arange(half, dtype=jnp.float32) / (half - (1 if endpoint else 0))
+    freqs = (1 / max_positions) ** freqs
+    x = x[:, None].astype(jnp.float32) * freqs
+    return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+
+
+class FourierEmbedding(nn.Module):
+    """EDM `FourierEmbedding` (NCSN++): [cos(2 pi x f), sin(2 pi x f)], f ~ N(0, scale^2) fixed.
+
+    The frequencies are a parameter named `freqs` (EDM's buffer) held constant by
+    `stop_gradient`. x: (B,) -> (B, num_channels).
+    """
+
+    num_channels: int
+    scale: float = 16.0
+
+    @nn.compact
+    def __call__(self, x):
+        freqs = self.param("freqs", nn.initializers.normal(self.scale), (self.num_channels // 2,))
+        x = x[:, None].astype(jnp.float32) * (2 * np.pi * jax.lax.stop_gradient(freqs))
+        return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)

@@ -1,0 +1,85 @@
+"""Preconditioning: a raw UNet F becomes a denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+
+Karras et al. 2022 (EDM), Table 1 and eq. (7); NVlabs/edm `EDMPrecond`, `VPPrecond`,
+`VEPrecond`. Everything is NHWC; sigma is a scalar or one noise level per sample.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from difflax.models.unet import UNetConfig, UNetFeatures, make_unet
+
+PRECONDS = ("edm", "vp", "ve")
+
+
+class Denoiser(nn.Module):
+    """D(x; sigma) for one UNet and one preconditioning of EDM's Table 1.
+
+    - "edm": c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+      c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4, sd = `sigma_data`.
+    - "vp": c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1),
+      c_noise = (M - 1) sigma^-1(sigma) with sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1).
+    - "ve": c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2).
+
+    `apply(variables, x, sigma, class_labels=None, skip_scales=None, train=False)` with
+    x: (B, H, W, C), sigma: () or (B,), class_labels: (B, label_dim) one-hot (or integer
+    labels (B,), converted), returns D(x; sigma) of x's shape. The UNet's parameters sit
+    under `model`, as EDM's sit under `model.`.
+    """
+
+    net: UNetConfig
+    precond: str = "edm"
+    sigma_data: float = 0.5
+    beta_d: float = 19.9
+    beta_min: float = 0.1
+    M: int = 1000
+
+    def setup(self):
+        if self.precond not in PRECONDS:
+            raise ValueError(f"unknown precond {self.precond!r}; valid choices: {', '.join(PRECONDS)}")
+        self.model = make_unet(self.net)
+
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) for sigma of shape (B,)."""
+        if self.precond == "edm":
+            sd2 = self.sigma_data**2
+            return (sd2 / (sigma**2 + sd2), sigma * self.sigma_data / jnp.sqrt(sigma**2 + sd2),
+                    1 / jnp.sqrt(sigma**2 + sd2), jnp.log(sigma) / 4)
+        if self.precond == "vp":
+            t = (jnp.sqrt(self.beta_min**2 + 2 * self.beta_d * jnp.log1p(sigma**2)) - self.beta_min) / self.beta_d
+            return jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma**2 + 1), (self.M - 1) * t
+        return jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma)
+
+    def _inputs(self, x, sigma, class_labels):
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
+        if self.net.label_dim:
+            if class_labels is None:
+                class_labels = jnp.zeros((x.shape[0], self.net.label_dim), jnp.float32)
+            elif jnp.ndim(class_labels) == 1:
+                class_labels = jax.nn.one_hot(class_labels, self.net.label_dim)
+            class_labels = jnp.asarray(class_labels, jnp.float32).reshape(-1, self.net.label_dim)
+        else:
+            class_labels = None
+        return sigma, class_labels
+
+    def encode(self, x, sigma, class_labels=None, *, augment_labels=None, train=False):
+        """The UNet's encoder on c_in x: returns (features, emb) for `decode`."""
+        sigma, class_labels = self._inputs(x, sigma, class_labels)
+        _, _, c_in, c_noise = self.coefficients(sigma)
+        emb = self.model.embed(c_noise, class_labels, augment_labels, train)
+        return self.model.encode(c_in[:, None, None, None] * x, emb, train), emb
+
+    def decode(self, features: UNetFeatures, emb, x, sigma, *, skip_scales=None, train=False):
+        """D(x; sigma) from (possibly cached) encoder features and embedding."""
+        sigma, _ = self._inputs(x, sigma, None)
+        c_skip, c_out, _, _ = (c[:, None, None, None] for c in self.coefficients(sigma))
+        f = self.model.decode(features, emb, skip_scales, train)
+        return c_skip * x + c_out * f.astype(jnp.float32)
+
+    def __call__(self, x, sigma, class_labels=None, *, skip_scales=None, augment_labels=None,
+                 train=False):
+        features, emb = self.encode(x, sigma, class_labels, augment_labels=augment_labels,
+                                    train=train)
+        return self.decode(features, emb, x, sigma, skip_scales=skip_scales, train=train)
