@@ -1,0 +1,28 @@
+"""Defaults that every config overrides: data, model, training, sampling, evaluation.
+
+Each section is turned into typed objects once, by the CLI (difflax/configs.py):
+`model` -> difflax.models.UNetConfig + Denoiser fields, `train` -> TrainConfig.
+"""
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    del variant
+    c = ml_collections.ConfigDict()
+    c.data = dict(name="digits", resolution=16, random_flip=False, data_dir="")
+    c.model = dict(
+        precond="edm", sigma_data=0.5, model_type="SongUNet", model_channels=32,
+        channel_mult=(1, 2, 2), channel_mult_emb=4, num_blocks=2, attn_resolutions=(8,),
+        dropout=0.0, label_dropout=0.0, embedding_type="positional", channel_mult_noise=1,
+        encoder_type="standard", decoder_type="standard", resample_filter=(1, 1),
+        conditional=True)
+    c.train = dict(
+        steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=0.0,
+        ema_halflife_kimg=500.0, ema_rampup_ratio=0.05, log_every=50, ckpt_every=500,
+        keep_checkpoints=3, sample_every=0, seed=0)
+    # What `difflax sample` uses by default: EDM's deterministic Heun sampler (Algorithm 1).
+    c.sample = dict(sampler="edm_heun", steps=18, num=64, sigma_min=0.002, sigma_max=80.0,
+                    seed=1)
+    # What `difflax evaluate` runs by default: (sampler, steps) pairs and the sample count.
+    c.evaluate = dict(samplers=("edm_heun:18",), num=1000, batch_size=250)
+    return c

@@ -1,0 +1,187 @@
+"""`difflax train | sample | evaluate`: the command line, the only place that reads configs.
+
+    difflax train --config configs/digits_edm.py[:smoke] --workdir DIR [--config.train.steps=10]
+    difflax sample --workdir DIR [--sampler edm_heun] [--steps 18] [--num 64]
+    difflax evaluate --workdir DIR [--sampler edm_heun:18 deis_tab3:10] [--num 1000]
+
+Bad input (an unknown config key or choice, an image size the model does not take, a
+checkpoint from another architecture) ends with one line naming the problem and the
+valid choices, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from difflax import configs, data, workdir as wd
+from difflax.images import save_grid
+from difflax.training import train as train_loop
+from difflax.training.checkpoint import CheckpointMismatchError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflax", description=__doc__.split("\n")[0])
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host pods)")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a denoiser; resumes from the workdir's checkpoint")
+    t.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+    t.add_argument("--workdir", required=True)
+    s = sub.add_parser("sample", help="PNG grid + .npz of samples from a trained run")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--sampler", help="sampler name (default: the config's), e.g. edm_heun, deis_tab3")
+    s.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
+    s.add_argument("--num", type=int, help="number of samples (default: the config's)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--out", help="output stem (default: WORKDIR/samples/SAMPLER_STEPS)")
+    e = sub.add_parser("evaluate", help="sample N images per sampler and report metrics")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--sampler", nargs="+", help="NAME:STEPS ... (default: the config's)")
+    e.add_argument("--num", type=int, help="samples per sampler (default: the config's)")
+    e.add_argument("--batch-size", type=int, help="samples per batch (default: the config's)")
+    e.add_argument("--inception", help="FID: pytorch-fid's pt_inception-2015-12-05-*.pth (or .npz)")
+    e.add_argument("--reference", help="FID: reference statistics .npz (mu, sigma)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = tuple(a[len("--config."):] for a in argv if a.startswith("--config."))
+    args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    if args.distributed:
+        jax.distributed.initialize()
+    try:
+        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.command](
+            args, overrides)
+    except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
+        print(f"difflax: error: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args, overrides) -> int:
+    config = configs.load_config(args.config, overrides)
+    denoiser = configs.denoiser_from_config(config)
+    cfg = configs.train_config(config)
+    wd.save_config(args.workdir, config)
+    net = denoiser.net
+    d = config.data
+    make_batches = lambda start: data.batch_iterator(
+        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
+        resolution=d.resolution or None, data_dir=d.data_dir or None)
+    grid_fn = _grid_fn(denoiser, config) if cfg.sample_every else None
+    tic = time.perf_counter()
+    state = train_loop(cfg, denoiser, make_batches, args.workdir,
+                       input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
+                       label_dim=net.label_dim, sample_fn=grid_fn)
+    seconds = time.perf_counter() - tic
+    _, nfe, path = _write_samples(args.workdir, config, denoiser, state.ema_params)
+    _print_table([{"steps": int(state.step), "train_seconds": round(seconds, 1),
+                   "grid": path, "grid_nfe": nfe}])
+    return 0
+
+
+def _grid_fn(denoiser, config):
+    """(ema_params, step) -> a grid of samples, for periodic PNGs during training."""
+    s = config.sample
+
+    def fn(params, step):
+        sample, _ = wd.get_sample_fn(denoiser, params, sampler=s.sampler, steps=s.steps,
+                                     sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+        return sample(jax.random.key(s.seed), _grid_labels(denoiser, s.num))
+
+    return fn
+
+
+def _grid_labels(denoiser, num):
+    k = max(denoiser.net.label_dim, 1)
+    return np.arange(num) % k
+
+
+def _write_samples(workdir, config, denoiser, params, *, sampler=None, steps=None, num=None,
+                   seed=None, out=None):
+    s = config.sample
+    sampler, steps = sampler or s.sampler, steps or s.steps
+    num, seed = num or s.num, s.seed if seed is None else seed
+    sample, nfe = wd.get_sample_fn(denoiser, params, sampler=sampler, steps=steps,
+                                   sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+    labels = _grid_labels(denoiser, num)
+    images = np.asarray(sample(jax.random.key(seed), labels))
+    out = out or os.path.join(workdir, "samples", f"{sampler}_{steps}")
+    nrow = denoiser.net.label_dim or int(np.ceil(np.sqrt(num)))
+    save_grid(out + ".png", images, nrow=min(nrow, num))
+    np.savez(out + ".npz", images=images, labels=labels)
+    return images, nfe, out + ".png"
+
+
+def cmd_sample(args, overrides) -> int:
+    config, denoiser, params = wd.load_run(args.workdir)
+    _, nfe, path = _write_samples(args.workdir, config, denoiser, params, sampler=args.sampler,
+                                  steps=args.steps, num=args.num, seed=args.seed, out=args.out)
+    _print_table([{"sampler": args.sampler or config.sample.sampler, "nfe": nfe, "grid": path}])
+    return 0
+
+
+def cmd_evaluate(args, overrides) -> int:
+    from difflax import metrics  # heavy: only evaluate needs it
+
+    config, denoiser, params = wd.load_run(args.workdir)
+    e = config.evaluate
+    num, batch = args.num or e.num, args.batch_size or e.batch_size
+    rows = []
+    for spec in args.sampler or e.samplers:
+        name, steps = wd.parse_sampler(spec)
+        sample, nfe = wd.get_sample_fn(denoiser, params, sampler=name, steps=steps,
+                                       sigma_min=config.sample.sigma_min,
+                                       sigma_max=config.sample.sigma_max)
+        sample_fn = functools.partial(_labelled_batch, sample, denoiser.net.label_dim)
+        key = jax.random.key(config.sample.seed)
+        tic = time.perf_counter()
+        if config.data.name == "digits":
+            result = metrics.evaluate_digits(sample_fn, key=key, num_samples=num, batch_size=batch,
+                                             resolution=denoiser.net.img_resolution)
+        else:
+            result = metrics.evaluate_samples(
+                sample_fn, key=key, num_samples=num, batch_size=batch,
+                frechet_metrics=[_fid_metric(metrics, args)])
+        rows.append({"sampler": name, "steps": steps, "nfe": nfe, **result,
+                     "seconds": round(time.perf_counter() - tic, 1)})
+        _write_samples(args.workdir, config, denoiser, params, sampler=name, steps=steps)
+    with open(os.path.join(args.workdir, "eval.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    _print_table(rows)
+    return 0
+
+
+def _labelled_batch(sample, label_dim, key, batch_size):
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0, max(label_dim, 1))
+    return sample(key, labels), labels
+
+
+def _fid_metric(metrics, args):
+    if not (args.inception and args.reference):
+        raise ValueError("FID on this dataset needs --inception PATH (pytorch-fid's "
+                         "pt_inception-2015-12-05-*.pth) and --reference STATS.npz (mu, sigma)")
+    return metrics.inception_frechet_metric(metrics.load_inception(args.inception), args.reference)
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

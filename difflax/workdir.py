@@ -1,0 +1,116 @@
+"""A training run's directory: its config, its model, its EMA weights, and sampling from them.
+
+    workdir/config.json     the resolved config of the run (written by `difflax train`)
+    workdir/checkpoints/    Orbax checkpoints of the TrainState (difflax.training.loop)
+    workdir/samples/        PNG grids and .npz of samples (`difflax sample`)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from difflax import configs, schedules
+from difflax.samplers import make_grid, make_solver, sample
+from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
+                              make_mesh, make_optimizer, replicated, restore_checkpoint)
+from difflax.training.parallel import batch_sharded
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json; a workdir that holds a run of another model is an error."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(config.to_json())
+        diff = [f"{section}.{k}: {old[section].get(k)!r} -> {v!r}"
+                for section in ("model", "data") for k, v in new[section].items()
+                if _plain(old[section].get(k)) != _plain(v)]
+        if diff:
+            raise ValueError(f"workdir {workdir} holds a run of another model or dataset "
+                             f"({'; '.join(diff[:3])}); use a new --workdir")
+    with open(path, "w") as f:
+        f.write(config.to_json(indent=2))
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json): train one first with "
+                                "`difflax train --config configs/digits_edm.py --workdir DIR`")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, mesh=None):
+    """(config, denoiser, ema_params) of the newest checkpoint in `workdir`."""
+    config = load_config(workdir)
+    denoiser = configs.denoiser_from_config(config)
+    mesh = mesh or make_mesh()
+    net = denoiser.net
+    init = get_init_params_fn(denoiser, (net.img_resolution, net.img_resolution, net.in_channels),
+                              net.label_dim, jax.random.key(0))
+    tx = make_optimizer(configs.train_config(config))
+    manager = make_checkpoint_manager(os.path.join(workdir, "checkpoints"), async_save=False)
+    state = restore_checkpoint(manager, abstract_train_state(init, tx, mesh))
+    manager.close()
+    if state is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet; train first")
+    return config, denoiser, state.ema_params
+
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """"edm_heun:18" -> ("edm_heun", 18); "deis_tab3:10" -> ("deis_tab3", 10)."""
+    name, sep, steps = spec.partition(":")
+    if not sep or not steps.isdigit():
+        raise ValueError(f"sampler {spec!r} must be NAME:STEPS, e.g. edm_heun:18 or deis_tab3:10")
+    return name, int(steps)
+
+
+def sampler_options(name: str) -> tuple[str, dict]:
+    """A sampler name with its order folded in ("deis_tab3", "ipndm4") -> (name, options)."""
+    for base in ("deis_tab", "deis_rhoab", "ipndm"):
+        if name.startswith(base) and name[len(base):].isdigit():
+            return base, {"order": int(name[len(base):])}
+    return name, {}
+
+
+def get_sample_fn(denoiser, params, *, sampler: str, steps: int, sigma_min: float,
+                  sigma_max: float, mesh=None):
+    """Returns (fn(key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
+
+    The denoiser D(x; sigma) is an x0-prediction on the EDM schedule (time = sigma).
+    `labels`: (B,) int class labels (ignored by an unconditional model).
+    """
+    mesh = mesh or make_mesh()
+    net = denoiser.net
+    schedule = schedules.edm(sigma_min, sigma_max)
+    name, options = sampler_options(sampler)
+
+    def run(params, noise, labels):
+        model_fn = lambda x, t: denoiser.apply(params, x, t, labels if net.label_dim else None)
+        return sample(model_fn, noise, schedule=schedule, sampler=name, steps=steps,
+                      prediction="x0", **options)[0]
+
+    _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
+                         **options)  # validates the sampler and its options, counts NFE
+    jitted = jax.jit(run, in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)),
+                     out_shardings=batch_sharded(mesh))
+    variables = {"params": params}
+
+    def fn(key, labels):
+        labels = jnp.asarray(labels, jnp.int32)
+        shape = (labels.shape[0], net.img_resolution, net.img_resolution, net.in_channels)
+        noise = jax.random.normal(key, shape)
+        return jnp.clip(jitted(variables, noise, labels), -1, 1)
+
+    return fn, nfe
