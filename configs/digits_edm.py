@@ -10,13 +10,15 @@ from configs import default
 
 def get_config(variant: str = ""):
     c = default.get_config()
-    c.train.steps = 4000
-    c.train.batch_size = 128
+    c.model.model_channels = 16
+    c.train.steps = 1000
+    c.train.batch_size = 64
     c.train.lr = 2e-3
-    c.train.ema_halflife_kimg = 50.0
-    c.train.ckpt_every = 500
-    c.train.log_every = 100
+    c.train.ema_halflife_kimg = 5.0
+    c.train.ckpt_every = 200
+    c.train.log_every = 50
     c.evaluate.samplers = ("edm_heun:18", "deis_tab3:10")
+    c.evaluate.num = 500
     if variant == "smoke":
         c.model.model_channels = 8
         c.model.channel_mult = (1, 2)

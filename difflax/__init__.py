@@ -1,11 +1,13 @@
 """difflax: fast diffusion and flow sampling research in JAX/Flax.
 
 The public API, re-exported by name: models (EDM UNets with skip scales as data),
-samplers (`sample`), schedules, data, training and metrics.
+samplers (`sample`, `reference_sample`), schedules, parameterisations, data and training.
+Metrics live in `difflax.metrics` (imported on demand: it is the heaviest module).
 """
-from difflax import data, models, schedules, training
+from difflax import data, models, parameterization, schedules, training
 from difflax.models import Denoiser, UNetConfig, load_edm, skip_connections
-from difflax.samplers import SAMPLERS, sample
+from difflax.samplers import SAMPLERS, reference_sample, sample
 
-__all__ = ["SAMPLERS", "Denoiser", "UNetConfig", "data", "load_edm", "models", "sample",
-           "schedules", "skip_connections", "training"]
+__all__ = ["SAMPLERS", "Denoiser", "UNetConfig", "data", "load_edm", "models",
+           "parameterization", "reference_sample", "sample", "schedules", "skip_connections",
+           "training"]

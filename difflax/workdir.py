@@ -108,9 +108,11 @@ def get_sample_fn(denoiser, params, *, sampler: str, steps: int, sigma_min: floa
     variables = {"params": params}
 
     def fn(key, labels):
-        labels = jnp.asarray(labels, jnp.int32)
-        shape = (labels.shape[0], net.img_resolution, net.img_resolution, net.in_channels)
-        noise = jax.random.normal(key, shape)
-        return jnp.clip(jitted(variables, noise, labels), -1, 1)
+        n = len(labels)
+        noise = jax.random.normal(key, (n, net.img_resolution, net.img_resolution, net.in_channels))
+        pad = -n % mesh.size  # the batch is split over the mesh: pad it to a multiple
+        labels = jnp.pad(jnp.asarray(labels, jnp.int32), (0, pad))
+        noise = jnp.pad(noise, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        return jnp.clip(jitted(variables, noise, labels)[:n], -1, 1)
 
     return fn, nfe

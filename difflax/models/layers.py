@@ -89,6 +89,9 @@ def _depthwise(x, kernel, *, stride=1, padding=0, lhs_dilation=1):
 
 def downsample(x, resample_filter: Sequence[int]):
     """EDM's down-sampling: the filter outer(f, f) / sum(f)^2, stride 2, pad (len(f)-1)//2."""
+    if tuple(resample_filter) == (1, 1):  # the 2x2 box filter: a reshape is much faster on CPU
+        b, h, w, c = x.shape
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
     f = _resample_kernel(resample_filter)
     return _depthwise(x, f, stride=2, padding=(f.shape[0] - 1) // 2)
 
@@ -99,6 +102,8 @@ def upsample(x, resample_filter: Sequence[int]):
     A transposed convolution is the convolution of the 2x-dilated input with the flipped
     kernel (symmetric here), padded by k - 1 - p on each side.
     """
+    if tuple(resample_filter) == (1, 1):  # a 2x2 kernel of ones, stride 2: nearest neighbour
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     f = 4 * _resample_kernel(resample_filter)
     k = f.shape[0]
     return _depthwise(x, f, padding=k - 1 - (k - 1) // 2, lhs_dilation=2)

@@ -1,0 +1,31 @@
+"""The one linear exponential multistep solver behind DDIM, DEIS tAB / rhoAB / log-rho,
+iPNDM and DPM-Solver(++) multistep: they differ only in their coefficient tables."""
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from difflax.samplers.term import AbstractGridSolver
+
+
+class ExponentialMultistep(AbstractGridSolver):
+    """x_{i+1} = A_i x_i + sum_j B_ij p_{i-j} with p the model's `form` ("eps" or "x0").
+
+    times (N+1,), a (N,), b (N, Q+1): tables from `difflax.samplers.coefficients`; the last Q
+    outputs are kept in the solver state (zeros, with zero weights, during warm start).
+    """
+
+    times: jax.Array
+    a: jax.Array
+    b: jax.Array
+    form: str = eqx.field(static=True)
+
+    def _init_state(self, y0):
+        return jnp.zeros((self.b.shape[1] - 1,) + y0.shape, y0.dtype)
+
+    def _step(self, term, i, x, history):
+        p = term.predict(self.times[i], x, self.form)
+        ps = jnp.concatenate([p[None], history])
+        x1 = self.a[i] * x + jnp.tensordot(self.b[i], ps, axes=1)
+        return x1.astype(x.dtype), ps[:-1]

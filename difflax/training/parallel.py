@@ -1,0 +1,101 @@
+"""The one module that owns the device mesh: data parallelism with jit + NamedSharding.
+
+A 1-D mesh with axis "data" spans all devices of all processes (call
+`jax.distributed.initialize()` before on multi-host set-ups). Parameters and optimiser
+state are replicated; batches are split along their leading axis. The same code runs on
+one CPU, one accelerator host or a pod, and per-step randomness comes from
+`jax.random.fold_in(key, step)` with partitionable threefry, so results do not depend on
+the device count (up to float reduction order).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from difflax.training.state import TrainState, create_train_state, ema_update
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D ("data",) mesh over `devices` (default: `jax.devices()`, all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimiser state, keys, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis is split over the "data" axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Puts this process's rows of a global batch (a pytree of numpy arrays) on the mesh.
+
+    Each process passes its local rows (B / process_count); the result is a pytree of
+    global jax.Arrays of batch size B sharded along "data".
+    """
+    sharding = batch_sharded(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        if (x.shape[0] * jax.process_count()) % mesh.size:
+            raise ValueError(f"global batch size {x.shape[0] * jax.process_count()} is not "
+                             f"divisible by the {mesh.size} devices of the mesh")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def init_train_state(init_params_fn: Callable[[], object], tx: optax.GradientTransformation,
+                     mesh: Mesh) -> TrainState:
+    """Builds a fresh TrainState directly with replicated sharding (one jit, no host copy).
+
+    init_params_fn() -> params must be pure (its randomness from a fixed key).
+    """
+    init = jax.jit(lambda: create_train_state(init_params_fn(), tx),
+                   out_shardings=replicated(mesh))
+    return init()
+
+
+def abstract_train_state(init_params_fn, tx, mesh: Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of `init_train_state`, without computing it."""
+    shapes = jax.eval_shape(lambda: create_train_state(init_params_fn(), tx))
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes)
+
+
+def get_train_step_fn(loss_fn, tx: optax.GradientTransformation, ema_decay_fn, mesh: Mesh,
+                      lr_fn: Callable | None = None):
+    """Returns the jitted step(state, batch, key) -> (state, metrics).
+
+    loss_fn(params, batch, key) -> scalar, mean over the global batch. ema_decay_fn(step)
+    -> scalar. The step's randomness is fold_in(key, state.step). The input state is
+    donated; metrics are replicated scalars {"loss", "grad_norm"} (plus "lr" if lr_fn).
+    """
+
+    def step(state: TrainState, batch, key):
+        step_key = jax.random.fold_in(key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, ema_decay_fn(state.step))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(state.step)
+        new = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                            opt_state=opt_state)
+        return new, metrics
+
+    repl = replicated(mesh)
+    return jax.jit(step, in_shardings=(repl, batch_sharded(mesh), repl),
+                   out_shardings=(repl, repl), donate_argnums=0)

@@ -1,0 +1,97 @@
+"""The command line: train / sample / evaluate on the digits smoke config, configs, bad input."""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from difflax import cli, configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "digits_edm.py") + ":smoke"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    assert cli.main(["train", "--config", SMOKE, "--workdir", workdir]) == 0
+    return workdir
+
+
+def test_train_writes_checkpoints_metrics_and_grid(trained):
+    assert os.path.exists(os.path.join(trained, "config.json"))
+    steps = sorted(int(p) for p in os.listdir(os.path.join(trained, "checkpoints")) if p.isdigit())
+    assert steps[-1] == 4
+    lines = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
+    assert lines[-1]["step"] == 4 and np.isfinite(lines[-1]["loss"])
+    assert os.path.exists(os.path.join(trained, "samples", "edm_heun_3.png"))
+
+
+def test_train_again_resumes_and_finishes(trained, capsys):
+    assert cli.main(["train", "--config", SMOKE, "--workdir", trained,
+                     "--config.train.steps=6"]) == 0
+    assert "| 6 " in capsys.readouterr().out
+
+
+def test_sample_writes_png_and_npz(trained, capsys):
+    out = os.path.join(trained, "grid")
+    assert cli.main(["sample", "--workdir", trained, "--num", "10", "--steps", "2",
+                     "--out", out]) == 0
+    images = np.load(out + ".npz")["images"]
+    assert images.shape == (10, 16, 16, 1) and np.abs(images).max() <= 1
+    assert os.path.exists(out + ".png")
+    assert "| edm_heun | 3 " in capsys.readouterr().out  # 2 Heun steps = 3 NFE
+
+
+def test_evaluate_prints_digits_metrics(trained, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLAX_CACHE", str(tmp_path))
+    assert cli.main(["evaluate", "--workdir", trained, "--num", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "fd_digits" in out and "class_accuracy" in out
+    rows = json.load(open(os.path.join(trained, "eval.json")))
+    assert rows[0]["nfe"] == 5 and rows[0]["fd_digits"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'steps'?)"),
+    (["--config.model.model_type=Transformer"], "valid choices: 'SongUNet', 'DhariwalUNet'"),
+    (["--config.data.name=mnist"], "unknown dataset 'mnist'; valid choices: digits"),
+    (["--config.data.resolution=12"], "resolution"),
+    (["--config.model.channel_mult=(1,2,2,2,2,2)"], "not divisible by 32"),
+    (["--config.train.steps=abc"], "takes a int"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, capsys, argv, message):
+    code = cli.main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "w"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_another_architecture_in_the_same_workdir(trained, capsys):
+    code = cli.main(["train", "--config", SMOKE, "--workdir", trained,
+                     "--config.model.model_channels=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another model" in err and "model_channels" in err
+
+
+def test_unknown_sampler_names_the_valid_ones(trained, capsys):
+    assert cli.main(["sample", "--workdir", trained, "--sampler", "magic"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sampler 'magic'" in err and "edm_heun" in err
+
+
+def test_missing_run(tmp_path, capsys):
+    assert cli.main(["sample", "--workdir", str(tmp_path)]) == 2
+    assert "difflax train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["cifar10_ddpmpp", "imagenet64_adm"])
+def test_real_data_configs_train_one_step_on_mock_data(name, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = configs.load_config(str(ROOT / "configs" / f"{name}.py") + ":smoke")
+    with tfds.testing.mock_data(num_examples=8):
+        full = configs.denoiser_from_config(configs.load_config(str(ROOT / "configs" / f"{name}.py")))
+        assert full.net.model_type == config.model.model_type
+        assert cli.main(["train", "--config", str(ROOT / "configs" / f"{name}.py") + ":smoke",
+                         "--workdir", str(tmp_path)]) == 0
+    assert (tmp_path / "checkpoints" / "1").exists()

@@ -1,0 +1,283 @@
+"""Samplers on a Gaussian mixture with an exact denoiser: convergence order against a tight
+Tsit5 reference, exact identities between samplers, NFE counts, jit / vmap, and errors.
+
+Runs in float64 (jax.enable_x64 inside each test) so that errors of high-order methods stay
+far above round-off; dims and batch are tiny to keep compile and run time small.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax import parameterization as P
+from difflax import schedules as S
+from difflax.data import gmm
+from difflax.samplers import SAMPLERS, coefficients, make_solver, reference_sample, sample
+
+MIX = gmm(2, 3, seed=1, spread=1.0, std=0.6)
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def exact_model(schedule, kind="x0"):
+    """The ideal model of the mixture in parameterisation `kind`, time t of shape (B,)."""
+
+    def model(x, t):
+        def one(xi, ti):
+            a, s = schedule.alpha(ti), schedule.sigma(ti)
+            x0 = MIX.posterior_mean(xi, a, s)
+            return P.from_x0_eps(x0, (xi - a * x0) / s, kind, a, s, schedule.d_alpha(ti),
+                                 schedule.d_sigma(ti))
+
+        return jax.vmap(one)(x, t)
+
+    return model
+
+
+VP, EDM, RF = S.vp_linear(), S.edm(), S.rectified_flow(t_min=1e-3)
+MODELS = {id(s): exact_model(s) for s in (VP, EDM, RF)}
+
+
+def noise(b=4):
+    return jax.random.normal(jax.random.key(0), (b, 2), jnp.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(sched_name):
+    s = {"vp": VP, "edm": EDM, "rf": RF}[sched_name]
+    with jax.enable_x64(True):
+        x, _ = reference_sample(MODELS[id(s)], noise(), schedule=s, prediction="x0",
+                                rtol=1e-11, atol=1e-11, max_steps=8192)
+    return np.asarray(x)
+
+
+CALLS = []
+COUNTING = {}
+for _s in (VP, EDM, RF):
+    def _counting(x, t, _m=MODELS[id(_s)]):
+        jax.debug.callback(lambda: CALLS.append(1))
+        return _m(x, t)
+    COUNTING[id(_s)] = _counting
+
+
+def error(sched_name, sampler, steps, **opts):
+    """RMS error against the reference; also checks the returned NFE against real calls."""
+    s = {"vp": VP, "edm": EDM, "rf": RF}[sched_name]
+    CALLS.clear()
+    x, nfe = sample(COUNTING[id(s)], noise(), schedule=s, sampler=sampler, steps=steps,
+                    prediction="x0", **opts)
+    x = np.asarray(jax.block_until_ready(x))
+    assert nfe == len(CALLS) and isinstance(nfe, int)
+    return float(np.sqrt(np.mean((x - reference(sched_name)) ** 2))), nfe
+
+
+# (schedule, sampler, options, steps, theoretical order). Step counts sit in the asymptotic
+# regime of each method; slopes are fitted over the three.
+MS = (32, 64, 128)  # multistep methods: one compilation per (history length, steps)
+RK = (8, 16, 32)
+CONVERGENCE = [
+    ("vp", "ddim", {}, MS, 1),
+    ("vp", "deis_tab", dict(order=2), MS, 3),
+    ("vp", "deis_tab", dict(order=3), MS, 4),
+    ("vp", "deis_rhoab", dict(order=2), MS, 3),
+    ("vp", "dpmpp_2m", {}, MS, 2),
+    ("vp", "dpmpp_3m", {}, MS, 3),
+    ("vp", "deis_rhork", dict(method="heun"), RK, 2),
+    ("vp", "deis_rhork", dict(method="kutta3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="rk4"), RK, 4),
+    ("edm", "edm_heun", {}, RK, 2),
+    ("edm", "deis_rhoab", dict(order=3), MS, 4),
+    ("rf", "rf_euler", {}, RK, 1),
+    ("rf", "rf_heun", {}, RK, 2),
+]
+
+
+@pytest.mark.parametrize("sched,sampler,opts,steps,order", CONVERGENCE,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CONVERGENCE])
+def test_convergence_order(sched, sampler, opts, steps, order):
+    errs, nfes = zip(*[error(sched, sampler, n, **opts) for n in steps])
+    errs = np.array(errs)
+    stages = {"heun": 2, "kutta3": 3, "rk4": 4}.get(opts.get("method"), 1)
+    # EDM's grid ends at sigma = 0 (no correction there); the RF grid here ends at t = 1e-3
+    expected_nfe = {"edm_heun": lambda n: 2 * n - 1, "rf_heun": lambda n: 2 * n}.get(
+        sampler, lambda n: stages * n)
+    assert list(nfes) == [expected_nfe(n) for n in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert slope >= order - 0.6, (errs, slope)
+    assert errs[-1] < 5e-2
+
+
+def test_ipndm_on_an_explicit_grid_uniform_in_rho():
+    # Fixed Adams-Bashforth weights assume equal steps in rho (EDM's time is rho). The
+    # lower-order warm start (an Euler first step, local error O(h^2)) caps the global order
+    # at 2 asymptotically, whatever the AB order; higher orders lower the constant.
+    steps = (8, 16, 32)
+    ref, _ = reference_sample(MODELS[id(EDM)], noise(), schedule=EDM, prediction="x0",
+                              t_max=3.0, t_min=1.0, rtol=1e-12, atol=1e-12)
+    errs = []
+    for n in steps:
+        x, nfe = sample(MODELS[id(EDM)], noise(), schedule=EDM, sampler="ipndm", order=4,
+                        grid=np.linspace(3.0, 1.0, n + 1), prediction="x0")
+        errs.append(float(np.sqrt(np.mean((np.asarray(x) - np.asarray(ref)) ** 2))))
+        assert nfe == n
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert slope >= 2.0, errs
+
+
+def test_ddim_equals_tab0_and_euler_and_rf_euler():
+    m = COUNTING[id(VP)]
+    x_ddim, _ = sample(m, noise(), schedule=VP, sampler="ddim", steps=32, prediction="x0")
+    x_tab0, _ = sample(m, noise(), schedule=VP, sampler="deis_tab", steps=32, order=0,
+                       prediction="x0")
+    x_euler, _ = sample(m, noise(), schedule=VP, sampler="euler", steps=32, prediction="x0")
+    np.testing.assert_allclose(x_tab0, x_ddim, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(x_euler, x_ddim)
+    # rectified flow from t = 1 exactly: DDIM in the data form = Euler on the velocity
+    m = COUNTING[id(RF)]
+    a, _ = sample(m, noise(), schedule=RF, sampler="ddim", steps=8, prediction="x0")
+    b, _ = sample(m, noise(), schedule=RF, sampler="rf_euler", steps=8, prediction="x0")
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_deis_logrho_equals_dpm_solver_2m_eps_form():
+    # log-rho AB with a degree-1 (two-point) polynomial = DPM-Solver-2M (order 2), noise form;
+    # quadrature (DEIS) against closed form (DPM-Solver).
+    for s in (VP, S.vp_discrete(), S.vp_cosine()):
+        g = S.time_grid(s, 9, "logsnr")
+        a1, b1 = coefficients.eps_multistep(s, g, 2, "logrho")
+        a2, b2 = coefficients.logsnr_multistep(s, g, 2, "eps")
+        np.testing.assert_allclose(b1, b2, rtol=1e-11, atol=1e-13)
+        np.testing.assert_array_equal(a1, a2)
+    kw = dict(schedule=VP, steps=9, prediction="x0")
+    x1, _ = sample(MODELS[id(VP)], noise(), sampler="deis_logrho", order=1, **kw)
+    x2, _ = sample(MODELS[id(VP)], noise(), sampler="dpm_multistep", order=2, form="eps",
+                   lower_order_final=False, **kw)
+    np.testing.assert_allclose(x1, x2, rtol=1e-10, atol=1e-10)
+
+
+def test_quadrature_beats_riemann_sum():
+    from scipy import integrate
+
+    s, g = S.vp_linear(), S.time_grid(S.vp_linear(), 6, "quadratic")
+    _, b = coefficients.eps_multistep(s, g, 3, "t")
+    i, nodes = 4, g[1:5][::-1]
+    for j in range(4):
+        f = lambda t: coefficients.lagrange_basis(nodes, t)[j] * (
+            s.d_sigma(t) / s.alpha(t) - s.sigma(t) * s.d_alpha(t) / s.alpha(t) ** 2)
+        exact = integrate.quad(f, g[i], g[i + 1], epsabs=1e-14, epsrel=1e-13)[0]
+        assert abs(b[i, j] / s.alpha(g[i + 1]) - exact) < 1e-10 * max(1, abs(exact))
+
+
+def test_edm_heun_equals_rhork_heun_without_final_zero():
+    g = S.time_grid(EDM, 8, "edm")
+    kw = dict(schedule=EDM, grid=g, prediction="x0")
+    x1, n1 = sample(COUNTING[id(EDM)], noise(), sampler="edm_heun", **kw)
+    x2, n2 = sample(COUNTING[id(EDM)], noise(), sampler="deis_rhork", method="heun", **kw)
+    np.testing.assert_allclose(x1, x2, rtol=1e-12, atol=1e-12)
+    assert n1 == n2 == 16
+
+
+NFE = [  # the convergence tests check every other sampler's count
+    ("ipndm", {}, 6), ("deis_tab", dict(order=3), 6), ("edm_heun", dict(s_churn=10.0), 11),
+    ("euler_maruyama", {}, 6),
+]
+
+
+@pytest.mark.parametrize("sampler,opts,expected", NFE, ids=[f"{n[0]}-{n[1]}" for n in NFE])
+def test_nfe_counts(sampler, opts, expected):
+    CALLS.clear()
+    x, nfe = sample(COUNTING[id(EDM)], noise(), schedule=EDM, sampler=sampler, steps=6,
+                    prediction="x0", key=jax.random.key(3), **opts)
+    jax.block_until_ready(x)
+    assert nfe == expected == len(CALLS) and isinstance(nfe, int)
+    assert np.all(np.isfinite(x))
+
+
+def test_jit_and_vmap_match_eager_and_loop():
+    model = COUNTING[id(EDM)]
+    kw = dict(schedule=EDM, sampler="deis_rhoab", order=3, steps=32, prediction="x0")
+    eager, _ = sample(model, noise(), **kw)
+    jitted = jax.jit(lambda z: sample(model, z, **kw)[0])(noise())
+    np.testing.assert_allclose(jitted, eager, rtol=1e-12, atol=1e-12)
+    zs = jax.random.normal(jax.random.key(1), (3, 4, 2), jnp.float64)
+    keys = jax.random.split(jax.random.key(2), 3)
+    model = MODELS[id(EDM)]
+    kw = dict(schedule=EDM, sampler="edm_heun", steps=4, prediction="x0", s_churn=5.0)
+    batched = jax.vmap(lambda z, k: sample(model, z, key=k, **kw)[0])(zs, keys)
+    looped = jnp.stack([sample(model, z, key=k, **kw)[0] for z, k in zip(zs, keys)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-10, atol=1e-10)
+
+
+def test_any_prediction_feeds_any_sampler():
+    from difflax.samplers import DiffusionTerm
+
+    x, t = noise(), jnp.asarray(0.3)
+    preds = {k: DiffusionTerm(exact_model(VP, k), VP, k).predict(t, x, "eps")
+             for k in P.PREDICTIONS}
+    for kind in P.PREDICTIONS:
+        np.testing.assert_allclose(preds[kind], preds["x0"], rtol=1e-9, atol=1e-9)
+    kw = dict(schedule=VP, sampler="deis_tab", order=2, steps=32)
+    a, _ = sample(exact_model(VP, "v"), noise(), prediction="v", **kw)
+    b, _ = sample(COUNTING[id(VP)], noise(), prediction="x0", **kw)
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_parameterization_round_trip():
+    x0, eps = jax.random.normal(jax.random.key(0), (2, 3, 4), jnp.float64)
+    a, s, da, ds = 0.8, 0.6, -0.3, 0.4
+    x = a * x0 + s * eps
+    for kind in P.PREDICTIONS:
+        out = P.from_x0_eps(x0, eps, kind, a, s, da, ds)
+        r0, re = P.to_x0_eps(out, kind, x, a, s, da, ds)
+        np.testing.assert_allclose(r0, x0, atol=1e-12)
+        np.testing.assert_allclose(re, eps, atol=1e-12)
+        for other in P.PREDICTIONS:
+            np.testing.assert_allclose(P.convert(out, kind, other, x, a, s, da, ds),
+                                       P.from_x0_eps(x0, eps, other, a, s, da, ds), atol=1e-12)
+
+
+def test_euler_maruyama_samples_a_gaussian():
+    # one-component "mixture": the data distribution is N(mu, 0.6^2) per coordinate
+    from difflax.data import GaussianMixture
+
+    g = GaussianMixture(means=jnp.array([[1.0, -0.5]]), stds=jnp.array([0.6]),
+                        weights=jnp.array([1.0]))
+    model = lambda x, t: jax.vmap(lambda xi, ti: g.posterior_mean(
+        xi, VP.alpha(ti), VP.sigma(ti)))(x, t)
+    z = jax.random.normal(jax.random.key(0), (4000, 2), jnp.float64)
+    x, nfe = sample(model, z, schedule=VP, sampler="euler_maruyama", steps=200,
+                    prediction="x0", key=jax.random.key(1), grid_kind="uniform")
+    assert nfe == 200
+    np.testing.assert_allclose(np.mean(x, 0), [1.0, -0.5], atol=0.05)
+    np.testing.assert_allclose(np.std(x, 0), [0.6, 0.6], atol=0.05)
+
+
+def test_bad_input_raises_value_error():
+    model = MODELS[id(VP)]
+    kw = dict(schedule=VP, prediction="x0")
+    with pytest.raises(ValueError, match="ddim"):
+        sample(model, noise(), sampler="nope", steps=4, **kw)
+    with pytest.raises(ValueError, match="at least 4 steps"):
+        sample(model, noise(), sampler="deis_tab", order=3, steps=2, **kw)
+    with pytest.raises(ValueError, match=r"\(0, 1, 2, 3\)"):
+        sample(model, noise(), sampler="deis_tab", order=4, steps=8, **kw)
+    with pytest.raises(ValueError, match="heun"):
+        sample(model, noise(), sampler="deis_rhork", method="rk5", steps=8, **kw)
+    with pytest.raises(ValueError, match="decreasing"):
+        sample(model, noise(), sampler="ddim", grid=[0.1, 0.5, 1.0], **kw)
+    with pytest.raises(ValueError, match="range"):
+        sample(model, noise(), sampler="ddim", grid=[2.0, 0.5, 0.01], **kw)
+    with pytest.raises(ValueError, match="valid options"):
+        sample(model, noise(), sampler="ddim", steps=4, order=2, **kw)
+    with pytest.raises(ValueError, match="key"):
+        sample(model, noise(), sampler="euler_maruyama", steps=4, **kw)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        sample(model, noise(), schedule=S.rectified_flow(), sampler="deis_tab", steps=4,
+               prediction="x0")
+    assert "dpmpp_3m" in SAMPLERS and make_solver(VP, "ddim", [1.0, 0.5, 0.01])[1] == 2
