@@ -257,10 +257,7 @@ class SongUNet(nn.Module):
             else:
                 x = block(x, emb, train) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
-        for name, block in self.dec.items():
-            if "_in" in name:
-                x = block(x, emb, train)
-        return UNetFeatures(skips=tuple(skips), h=x)
+        return _middle(self, x, skips, emb, train)
 
     def decode(self, features: UNetFeatures, emb, skip_scales=None, train=False):
         """Decoder from cached features -> (B, R, R, out_channels)."""
@@ -292,6 +289,14 @@ def _forward(unet, x, noise_labels, class_labels, skip_scales, augment_labels, t
     """embed -> encode -> decode: (B, R, R, C_in) -> (B, R, R, C_out)."""
     emb = unet.embed(noise_labels, class_labels, augment_labels, train)
     return unet.decode(unet.encode(x, emb, train), emb, skip_scales, train)
+
+
+def _middle(unet, x, skips, emb, train) -> UNetFeatures:
+    """The middle blocks (EDM's `in0`, `in1`, at the lowest resolution) close the encoder."""
+    for name, block in unet.dec.items():
+        if "_in" in name:
+            x = block(x, emb, train)
+    return UNetFeatures(skips=tuple(skips), h=x)
 
 
 def _drop_labels(module, class_labels, rate, train):
@@ -370,10 +375,7 @@ class DhariwalUNet(nn.Module):
         for block in self.enc.values():
             x = block(x, emb, train) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
-        for name, block in self.dec.items():
-            if "_in" in name:
-                x = block(x, emb, train)
-        return UNetFeatures(skips=tuple(skips), h=x)
+        return _middle(self, x, skips, emb, train)
 
     def decode(self, features: UNetFeatures, emb, skip_scales=None, train=False):
         """Decoder from cached features -> (B, R, R, out_channels)."""

@@ -1,0 +1,230 @@
+"""Skip-Tuning: training-free scaling of a UNet's skip connections.
+
+Ma, Xue, Hu, Wang, Liu, Li, Ma, Kawaguchi. "The Surprising Effectiveness of Skip-Tuning in
+Diffusion Sampling", ICML 2024 (arXiv:2402.15170).
+
+Sec. 3 (Skip-Tuning): the skip connection from the i-th encoder block is multiplied by
+rho_i before the decoder concatenates it, with rho_i interpolated linearly between
+rho_top and rho_bottom; the network is not retrained. Sec. 4 searches (rho_top,
+rho_bottom) per sampler and NFE by FID; Sec. 5 compares the denoising (score-matching)
+loss with and without Skip-Tuning, per noise level, in pixel space and in a feature space.
+
+Conventions in difflax (`difflax.models.skip_connections` lists the skips):
+- skip i is the i-th encoder output in encoder order; i = 0 is the first convolution's
+  output at full resolution ("top", the outermost skip, concatenated by the decoder's last
+  block), i = n - 1 the deepest encoder block ("bottom", concatenated first).
+- `linear_skip_scales`: rho_i = rho_top + (rho_bottom - rho_top) * i / (n - 1), linear in
+  the skip's index (not in its resolution), so every skip gets its own value.
+- the bottleneck (middle blocks -> decoder) path is not a skip and is never scaled: all
+  ones reproduces the plain model exactly, and rho < 1 weakens the shortcuts only.
+
+A `skip_scales` value is an (n,) array (one scalar per skip) or a tuple of n entries, each a
+scalar or a (C_i,) per-channel array; a stack of settings (`stack_skip_scales`) has a
+leading axis K and is what `get_sweep_fn` vmaps over.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from difflax import schedules as sch
+from difflax.models import skip_connections
+from difflax.samplers import make_grid, make_solver, sample
+
+__all__ = ["linear_skip_scales", "per_resolution_skip_scales", "per_skip_scales",
+           "stack_skip_scales", "get_sweep_fn", "evaluate_settings", "search",
+           "denoising_loss_by_sigma"]
+
+
+# ----------------------------------------------------------------------------
+# Schedules of scales (Sec. 3). `config`: the UNet's UNetConfig (or a Denoiser).
+
+def _skips(config):
+    return skip_connections(getattr(config, "net", config))
+
+
+def linear_skip_scales(config, rho_top: float, rho_bottom: float) -> jax.Array:
+    """(n,) float32: rho_i = rho_top + (rho_bottom - rho_top) i / (n - 1), top (i = 0) first.
+
+    The paper's linear interpolation (Sec. 3), over the skips' indices.
+    """
+    n = len(_skips(config))
+    frac = np.arange(n) / max(n - 1, 1)
+    return jnp.asarray(rho_top + (rho_bottom - rho_top) * frac, jnp.float32)
+
+
+def per_resolution_skip_scales(config, values: Mapping[int, float],
+                               default: float = 1.0) -> jax.Array:
+    """(n,) float32: every skip at resolution r gets `values[r]` (others `default`)."""
+    skips = _skips(config)
+    bad = set(values) - {s.resolution for s in skips}
+    if bad:
+        raise ValueError(f"no skip connections at resolutions {sorted(bad)}; valid: "
+                         f"{sorted({s.resolution for s in skips}, reverse=True)}")
+    return jnp.asarray([values.get(s.resolution, default) for s in skips], jnp.float32)
+
+
+def per_skip_scales(config, values):
+    """Arbitrary values, one per skip: a sequence of n entries or a {name: value} dict
+    (missing names get 1). Entries are scalars or (C_i,) per-channel arrays.
+
+    Returns an (n,) float32 array if all entries are scalars, else a tuple of n arrays.
+    """
+    skips = _skips(config)
+    if isinstance(values, Mapping):
+        bad = set(values) - {s.name for s in skips}
+        if bad:
+            raise ValueError(f"unknown skips {sorted(bad)}; valid: {[s.name for s in skips]}")
+        values = [values.get(s.name, 1.0) for s in skips]
+    if len(values) != len(skips):
+        raise ValueError(f"{len(values)} values for {len(skips)} skip connections")
+    values = [jnp.asarray(v, jnp.float32) for v in values]
+    for v, s in zip(values, skips):
+        if v.ndim > 1 or (v.ndim == 1 and v.shape[0] != s.channels):
+            raise ValueError(f"skip {s.name} has {s.channels} channels; "
+                             f"got a value of shape {v.shape}")
+    if all(v.ndim == 0 for v in values):
+        return jnp.stack(values)
+    return tuple(values)
+
+
+def stack_skip_scales(settings: Sequence) -> object:
+    """Stacks K settings of the same structure along a new leading axis (for `vmap`)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *settings)
+
+
+# ----------------------------------------------------------------------------
+# Sweeps and search (Sec. 4).
+
+def get_sweep_fn(denoiser, *, sampler: str, steps: int, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, **options):
+    """Returns (sweep, nfe): sampling under K skip settings in one compiled call.
+
+    `sweep(variables, skip_scales, key, labels)` with skip_scales stacked (K, ...) and
+    labels (B,) int (ignored by an unconditional model) returns (K, B, R, R, C) images in
+    [-1, 1]; every setting starts from the same noise (drawn from `key`), so settings
+    differ only by their scales. The
+    denoiser D(x; sigma) is an x0-prediction on the EDM schedule (time = sigma); `options`
+    go to the sampler (e.g. order=3 for "deis_tab").
+    """
+    net = denoiser.net
+    schedule = sch.edm(sigma_min, sigma_max)
+    _, nfe = make_solver(schedule, sampler, make_grid(schedule, sampler, steps),
+                         prediction="x0", **dict(options))
+
+    @jax.jit
+    def sweep(variables, skip_scales, key, labels):
+        shape = (labels.shape[0], net.img_resolution, net.img_resolution, net.in_channels)
+        noise = jax.random.normal(key, shape)
+        labels = labels if net.label_dim else None
+
+        def one(scales):
+            model_fn = lambda x, t: denoiser.apply(variables, x, t, labels, skip_scales=scales)
+            return sample(model_fn, noise, schedule=schedule, sampler=sampler, steps=steps,
+                          prediction="x0", **options)[0]
+
+        return jnp.clip(jax.vmap(one)(skip_scales), -1.0, 1.0)
+
+    return sweep, nfe
+
+
+def evaluate_settings(sweep, variables, skip_scales, *, metric, key, num_samples: int,
+                      batch_size: int, num_classes: int = 10,
+                      classify_fn: Callable | None = None) -> list[dict]:
+    """Frechet distance (and class accuracy) of each of the K stacked settings.
+
+    `metric` is a `difflax.metrics.FrechetMetric` (e.g. `digits_frechet_metric`); batch i
+    uses key fold_in(key, i) and labels drawn uniformly from `num_classes`, the same for all
+    settings. Returns K dicts {metric.name: float, "class_accuracy": float (if classify_fn)}.
+    """
+    from difflax.metrics import frechet  # the metrics package is heavy: import on use
+
+    k = jax.tree.leaves(skip_scales)[0].shape[0]
+    stats, correct, done = [None] * k, np.zeros(k), 0
+    for i in range(-(-num_samples // batch_size)):
+        kb = jax.random.fold_in(key, i)
+        labels = jax.random.randint(jax.random.fold_in(kb, 1), (batch_size,), 0, num_classes)
+        images = sweep(variables, skip_scales, kb, labels)
+        take = min(batch_size, num_samples - done)
+        for j in range(k):
+            feats = np.asarray(metric.feature_fn(images[j, :take]), np.float64)
+            stats[j] = frechet.update_stats(stats[j] or frechet.init_stats(feats.shape[1]), feats)
+            if classify_fn is not None:
+                pred = np.asarray(jnp.argmax(classify_fn(images[j, :take]), -1))
+                correct[j] += np.sum(pred == np.asarray(labels[:take]))
+        done += take
+    rows = []
+    for j in range(k):
+        mu, sigma = frechet.stats_mean_cov(stats[j])
+        row = {metric.name: frechet.frechet_distance(mu, sigma, metric.mu, metric.sigma,
+                                                     method="eigh")}
+        if classify_fn is not None:
+            row["class_accuracy"] = float(correct[j] / done)
+        rows.append(row)
+    return rows
+
+
+def search(sweep, variables, settings: Mapping[object, object], *, metric, key,
+           num_samples: int, batch_size: int, num_classes: int = 10,
+           classify_fn: Callable | None = None):
+    """Picks the setting with the lowest `metric` for the sampler and NFE of `sweep`.
+
+    `settings` maps a label (e.g. (rho_top, rho_bottom)) to a skip_scales value; all of them
+    are evaluated in one vmapped call per batch (Sec. 4's grid search over rho).
+    Returns (best_label, table) with table a list of {"setting": label, metric: ...}.
+    """
+    labels = list(settings)
+    rows = evaluate_settings(sweep, variables, stack_skip_scales([settings[s] for s in labels]),
+                             metric=metric, key=key, num_samples=num_samples,
+                             batch_size=batch_size, num_classes=num_classes,
+                             classify_fn=classify_fn)
+    table = [{"setting": s, **r} for s, r in zip(labels, rows)]
+    best = min(table, key=lambda r: r[metric.name])["setting"]
+    return best, table
+
+
+# ----------------------------------------------------------------------------
+# The loss analysis (Sec. 5).
+
+def _loss_by_sigma(denoiser, feature_fn, variables, images, labels, sigmas, skip_scales, key):
+    noise = jax.random.normal(key, images.shape, images.dtype)
+    target = None if feature_fn is None else feature_fn(images)
+
+    def at(sigma):
+        d = denoiser.apply(variables, images + sigma * noise, sigma, labels,
+                           skip_scales=skip_scales)
+        pixel = jnp.mean((d - images) ** 2)
+        if feature_fn is None:
+            return pixel, jnp.float32(jnp.nan)
+        return pixel, jnp.mean((feature_fn(d) - target) ** 2)
+
+    return jax.lax.map(at, sigmas)
+
+
+_loss_jit = jax.jit(_loss_by_sigma, static_argnums=(0, 1))
+
+
+def denoising_loss_by_sigma(denoiser, variables, images, labels, sigmas, *, skip_scales=None,
+                            feature_fn=None, key) -> dict[str, np.ndarray]:
+    """Denoising (score-matching) loss per noise level, in pixel and feature space (Sec. 5).
+
+        pixel(sigma)   = mean ||D(x + sigma n; sigma) - x||^2          over pixels and images
+        feature(sigma) = mean ||f(D(x + sigma n; sigma)) - f(x)||^2    over features and images
+
+    images (N, R, R, C) clean data in [-1, 1], labels (N,) int or None, sigmas (S,); the same
+    noise n ~ N(0, I) (from `key`) serves every sigma and every skip setting, so settings
+    are compared on identical inputs. Unweighted (the EDM weight lambda(sigma) is constant per
+    sigma). `feature_fn`: images (N, ...) -> features (N, F), e.g. the digits classifier's
+    `lambda x: digits_features(params, x)`; pass the same function object across calls to
+    reuse the compiled analysis. Returns {"sigma", "pixel", "feature"} (S,) arrays
+    (feature is NaN without `feature_fn`). `skip_scales=None` means all ones.
+    """
+    if skip_scales is None:
+        skip_scales = jnp.ones(len(skip_connections(denoiser.net)), jnp.float32)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    pixel, feature = _loss_jit(denoiser, feature_fn, variables, jnp.asarray(images, jnp.float32),
+                               labels, sigmas, skip_scales, key)
+    return {"sigma": np.asarray(sigmas), "pixel": np.asarray(pixel), "feature": np.asarray(feature)}
