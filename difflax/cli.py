@@ -3,6 +3,7 @@
     difflax train --config configs/digits_edm.py[:smoke] --workdir DIR [--config.train.steps=10]
     difflax sample --workdir DIR [--sampler edm_heun] [--steps 18] [--num 64]
     difflax evaluate --workdir DIR [--sampler edm_heun:18 deis_tab3:10] [--num 1000]
+    difflax evaluate --workdir DIR --sampler deis_tab3 --steps 10
 
 Bad input (an unknown config key or choice, an image size the model does not take, a
 checkpoint from another architecture) ends with one line naming the problem and the
@@ -44,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output stem (default: WORKDIR/samples/SAMPLER_STEPS)")
     e = sub.add_parser("evaluate", help="sample N images per sampler and report metrics")
     e.add_argument("--workdir", required=True)
-    e.add_argument("--sampler", nargs="+", help="NAME:STEPS ... (default: the config's)")
+    e.add_argument("--sampler", nargs="+",
+                   help="NAME:STEPS ..., or NAME ... with --steps (default: the config's)")
+    e.add_argument("--steps", type=int, help="steps for every --sampler given without :STEPS")
     e.add_argument("--num", type=int, help="samples per sampler (default: the config's)")
     e.add_argument("--batch-size", type=int, help="samples per batch (default: the config's)")
     e.add_argument("--inception", help="FID: pytorch-fid's pt_inception-2015-12-05-*.pth (or .npz)")
@@ -137,6 +140,8 @@ def cmd_evaluate(args, overrides) -> int:
     num, batch = args.num or e.num, args.batch_size or e.batch_size
     rows = []
     for spec in args.sampler or e.samplers:
+        if ":" not in spec and args.steps:
+            spec = f"{spec}:{args.steps}"
         name, steps = wd.parse_sampler(spec)
         sample, nfe = wd.get_sample_fn(denoiser, params, sampler=name, steps=steps,
                                        sigma_min=config.sample.sigma_min,

@@ -72,7 +72,8 @@ def parse_sampler(spec: str) -> tuple[str, int]:
     """"edm_heun:18" -> ("edm_heun", 18); "deis_tab3:10" -> ("deis_tab3", 10)."""
     name, sep, steps = spec.partition(":")
     if not sep or not steps.isdigit():
-        raise ValueError(f"sampler {spec!r} must be NAME:STEPS, e.g. edm_heun:18 or deis_tab3:10")
+        raise ValueError(f"sampler {spec!r} must be NAME:STEPS (e.g. edm_heun:18, deis_tab3:10) "
+                         "or NAME with --steps N")
     return name, int(steps)
 
 

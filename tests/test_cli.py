@@ -51,6 +51,10 @@ def test_evaluate_prints_digits_metrics(trained, capsys, tmp_path, monkeypatch):
     assert "fd_digits" in out and "class_accuracy" in out
     rows = json.load(open(os.path.join(trained, "eval.json")))
     assert rows[0]["nfe"] == 5 and rows[0]["fd_digits"] > 0
+    assert cli.main(["evaluate", "--workdir", trained, "--num", "8", "--batch-size", "8",
+                     "--sampler", "deis_tab2", "--steps", "3"]) == 0
+    rows = json.load(open(os.path.join(trained, "eval.json")))
+    assert (rows[0]["sampler"], rows[0]["nfe"]) == ("deis_tab2", 3)
 
 
 @pytest.mark.parametrize("argv, message", [
