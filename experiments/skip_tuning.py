@@ -154,8 +154,15 @@ def main():
     p.add_argument("--workdir", default="runs/digits")
     p.add_argument("--out", default="experiments/results/skip_tuning")
     p.add_argument("--small", action="store_true", help="two NFEs, a 4-point grid, few samples")
+    p.add_argument("--search-num", type=int, help="samples per setting for the search")
+    p.add_argument("--eval-num", type=int, help="samples for best vs plain")
+    p.add_argument("--rho-bottom", type=float, nargs="+", help="the rho_bottom grid")
     args = p.parse_args()
-    run(args.workdir, args.out, SMALL if args.small else FULL)
+    settings = dict(SMALL if args.small else FULL)
+    for key in ("search_num", "eval_num", "rho_bottom"):
+        if getattr(args, key) is not None:
+            settings[key] = tuple(getattr(args, key)) if key == "rho_bottom" else getattr(args, key)
+    run(args.workdir, args.out, settings)
 
 
 if __name__ == "__main__":
