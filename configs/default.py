@@ -26,3 +26,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # What `difflax evaluate` runs by default: (sampler, steps) pairs and the sample count.
     c.evaluate = dict(samplers=("edm_heun:18",), num=1000, batch_size=250)
     return c
+
+
+def tiny_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:smoke` settings every real-data config shares: one step, a few samples."""
+    c.train.update(steps=1, batch_size=4, warmup_steps=1, log_every=1, ckpt_every=1)
+    c.sample.update(num=4, steps=2)
+    c.evaluate.update(num=8, batch_size=4, samplers=("edm_heun:2",))
+    return c

@@ -24,9 +24,7 @@ def get_config(variant: str = ""):
         c.data.resolution = 16
         c.model.update(model_channels=64, channel_mult=(1, 2), num_blocks=1,
                        attn_resolutions=(8,))
-        c.train.update(steps=1, batch_size=4, warmup_steps=1, log_every=1, ckpt_every=1)
-        c.sample.update(num=4, steps=2)
-        c.evaluate.update(num=8, batch_size=4, samplers=("edm_heun:2",))
+        default.tiny_run(c)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of imagenet64_adm; valid: '', 'smoke'")
     return c

@@ -79,28 +79,19 @@ def cmd_train(args, overrides) -> int:
     make_batches = lambda start: data.batch_iterator(
         d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
         resolution=d.resolution or None, data_dir=d.data_dir or None)
-    grid_fn = _grid_fn(denoiser, config) if cfg.sample_every else None
+    sample, nfe, sampler, steps = _sampler(denoiser, config)
+    key, labels = jax.random.key(config.sample.seed), _grid_labels(denoiser, config.sample.num)
+    grid_fn = (lambda params, step: sample(params, key, labels)) if cfg.sample_every else None
     tic = time.perf_counter()
     state = train_loop(cfg, denoiser, make_batches, args.workdir,
                        input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
                        label_dim=net.label_dim, sample_fn=grid_fn)
     seconds = time.perf_counter() - tic
-    _, nfe, path = _write_samples(args.workdir, config, denoiser, state.ema_params)
+    path = _write_samples(args.workdir, config, denoiser, state.ema_params, sample,
+                          f"{sampler}_{steps}")
     _print_table([{"steps": int(state.step), "train_seconds": round(seconds, 1),
                    "grid": path, "grid_nfe": nfe}])
     return 0
-
-
-def _grid_fn(denoiser, config):
-    """(ema_params, step) -> a grid of samples, for periodic PNGs during training."""
-    s = config.sample
-
-    def fn(params, step):
-        sample, _ = wd.get_sample_fn(denoiser, params, sampler=s.sampler, steps=s.steps,
-                                     sigma_min=s.sigma_min, sigma_max=s.sigma_max)
-        return sample(jax.random.key(s.seed), _grid_labels(denoiser, s.num))
-
-    return fn
 
 
 def _grid_labels(denoiser, num):
@@ -108,27 +99,35 @@ def _grid_labels(denoiser, num):
     return np.arange(num) % k
 
 
-def _write_samples(workdir, config, denoiser, params, *, sampler=None, steps=None, num=None,
-                   seed=None, out=None):
+def _sampler(denoiser, config, sampler=None, steps=None):
+    """(sample fn, nfe, sampler, steps), defaults from the config's `sample` section."""
     s = config.sample
     sampler, steps = sampler or s.sampler, steps or s.steps
-    num, seed = num or s.num, s.seed if seed is None else seed
-    sample, nfe = wd.get_sample_fn(denoiser, params, sampler=sampler, steps=steps,
+    sample, nfe = wd.get_sample_fn(denoiser, sampler=sampler, steps=steps,
                                    sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+    return sample, nfe, sampler, steps
+
+
+def _write_samples(workdir, config, denoiser, params, sample, name, *, num=None, seed=None,
+                   out=None):
+    """Writes a PNG grid and an .npz of `num` samples (one class per column); returns the PNG."""
+    s = config.sample
+    num, seed = num or s.num, s.seed if seed is None else seed
     labels = _grid_labels(denoiser, num)
-    images = np.asarray(sample(jax.random.key(seed), labels))
-    out = out or os.path.join(workdir, "samples", f"{sampler}_{steps}")
+    images = np.asarray(sample(params, jax.random.key(seed), labels))
+    out = out or os.path.join(workdir, "samples", name)
     nrow = denoiser.net.label_dim or int(np.ceil(np.sqrt(num)))
     save_grid(out + ".png", images, nrow=min(nrow, num))
     np.savez(out + ".npz", images=images, labels=labels)
-    return images, nfe, out + ".png"
+    return out + ".png"
 
 
 def cmd_sample(args, overrides) -> int:
     config, denoiser, params = wd.load_run(args.workdir)
-    _, nfe, path = _write_samples(args.workdir, config, denoiser, params, sampler=args.sampler,
-                                  steps=args.steps, num=args.num, seed=args.seed, out=args.out)
-    _print_table([{"sampler": args.sampler or config.sample.sampler, "nfe": nfe, "grid": path}])
+    sample, nfe, sampler, steps = _sampler(denoiser, config, args.sampler, args.steps)
+    path = _write_samples(args.workdir, config, denoiser, params, sample, f"{sampler}_{steps}",
+                          num=args.num, seed=args.seed, out=args.out)
+    _print_table([{"sampler": sampler, "nfe": nfe, "grid": path}])
     return 0
 
 
@@ -143,10 +142,8 @@ def cmd_evaluate(args, overrides) -> int:
         if ":" not in spec and args.steps:
             spec = f"{spec}:{args.steps}"
         name, steps = wd.parse_sampler(spec)
-        sample, nfe = wd.get_sample_fn(denoiser, params, sampler=name, steps=steps,
-                                       sigma_min=config.sample.sigma_min,
-                                       sigma_max=config.sample.sigma_max)
-        sample_fn = functools.partial(_labelled_batch, sample, denoiser.net.label_dim)
+        sample, nfe, _, _ = _sampler(denoiser, config, name, steps)
+        sample_fn = functools.partial(_labelled_batch, sample, params, denoiser.net.label_dim)
         key = jax.random.key(config.sample.seed)
         tic = time.perf_counter()
         if config.data.name == "digits":
@@ -158,16 +155,16 @@ def cmd_evaluate(args, overrides) -> int:
                 frechet_metrics=[_fid_metric(metrics, args)])
         rows.append({"sampler": name, "steps": steps, "nfe": nfe, **result,
                      "seconds": round(time.perf_counter() - tic, 1)})
-        _write_samples(args.workdir, config, denoiser, params, sampler=name, steps=steps)
+        _write_samples(args.workdir, config, denoiser, params, sample, f"{name}_{steps}")
     with open(os.path.join(args.workdir, "eval.json"), "w") as f:
         json.dump(rows, f, indent=2)
     _print_table(rows)
     return 0
 
 
-def _labelled_batch(sample, label_dim, key, batch_size):
+def _labelled_batch(sample, params, label_dim, key, batch_size):
     labels = jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0, max(label_dim, 1))
-    return sample(key, labels), labels
+    return sample(params, key, labels), labels
 
 
 def _fid_metric(metrics, args):

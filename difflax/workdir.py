@@ -85,35 +85,37 @@ def sampler_options(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def get_sample_fn(denoiser, params, *, sampler: str, steps: int, sigma_min: float,
-                  sigma_max: float, mesh=None):
-    """Returns (fn(key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
+def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma_max: float,
+                  mesh=None):
+    """Returns (fn(params, key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
 
-    The denoiser D(x; sigma) is an x0-prediction on the EDM schedule (time = sigma).
-    `labels`: (B,) int class labels (ignored by an unconditional model).
+    Compiled once per batch size and reused for any parameters (e.g. the EMA weights at
+    each sampling step of a training run). The denoiser D(x; sigma) is an x0-prediction on
+    the EDM schedule (time = sigma). `labels`: (B,) int class labels (ignored by an
+    unconditional model).
     """
     mesh = mesh or make_mesh()
     net = denoiser.net
     schedule = schedules.edm(sigma_min, sigma_max)
     name, options = sampler_options(sampler)
+    _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
+                         **options)  # validates the sampler and its options, counts NFE
 
     def run(params, noise, labels):
-        model_fn = lambda x, t: denoiser.apply(params, x, t, labels if net.label_dim else None)
+        model_fn = lambda x, t: denoiser.apply({"params": params}, x, t,
+                                               labels if net.label_dim else None)
         return sample(model_fn, noise, schedule=schedule, sampler=name, steps=steps,
                       prediction="x0", **options)[0]
 
-    _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
-                         **options)  # validates the sampler and its options, counts NFE
     jitted = jax.jit(run, in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)),
                      out_shardings=batch_sharded(mesh))
-    variables = {"params": params}
 
-    def fn(key, labels):
+    def fn(params, key, labels):
         n = len(labels)
         noise = jax.random.normal(key, (n, net.img_resolution, net.img_resolution, net.in_channels))
         pad = -n % mesh.size  # the batch is split over the mesh: pad it to a multiple
         labels = jnp.pad(jnp.asarray(labels, jnp.int32), (0, pad))
         noise = jnp.pad(noise, ((0, pad), (0, 0), (0, 0), (0, 0)))
-        return jnp.clip(jitted(variables, noise, labels)[:n], -1, 1)
+        return jnp.clip(jitted(params, noise, labels)[:n], -1, 1)
 
     return fn, nfe

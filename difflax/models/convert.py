@@ -217,30 +217,21 @@ def read_edm_snapshot(path: str) -> tuple[dict, dict, str]:
         raise ValueError(f"unsupported network class {net['class_name']!r} in {path}; valid: "
                          f"{', '.join(PRECOND_CLASSES)}")
     state = net["state"]
-    kwargs = dict(state.get("_init_kwargs") or {})
-    return _module_state_dict(net), kwargs, precond
+    return _module_state_dict(state), dict(state.get("_init_kwargs") or {}), precond
 
 
-def _module_state_dict(obj, prefix="") -> dict:
-    state = obj["state"]
+def _module_state_dict(state: dict, prefix: str = "") -> dict:
+    """Parameters and buffers of a pickled torch module's `state` (its __dict__), recursively.
+
+    Children are EDM persistent modules (a _PersistentObject holding their state) or plain
+    torch containers such as ModuleDict (a _Placeholder holding theirs).
+    """
     out = {}
-    for name, tensor in list(state.get("_parameters", {}).items()) + list(state.get("_buffers", {}).items()):
+    for name, tensor in [*state.get("_parameters", {}).items(), *state.get("_buffers", {}).items()]:
         if tensor is not None:
             out[prefix + name] = tensor.detach().cpu().numpy()
     for name, child in state.get("_modules", {}).items():
-        if isinstance(child, _PersistentObject):
-            out.update(_module_state_dict(child, f"{prefix}{name}."))
-        elif child is not None and hasattr(child, "state"):  # torch.nn.ModuleDict etc.
-            out.update(_plain_module_state_dict(child.state, f"{prefix}{name}."))
-    return out
-
-
-def _plain_module_state_dict(state, prefix) -> dict:
-    # A non-persistent torch module (e.g. torch.nn.ModuleDict) came in as a _Placeholder.
-    out = {}
-    for name, child in state.get("_modules", {}).items():
-        if isinstance(child, _PersistentObject):
-            out.update(_module_state_dict(child, f"{prefix}{name}."))
-        elif child is not None and hasattr(child, "state"):
-            out.update(_plain_module_state_dict(child.state, f"{prefix}{name}."))
+        child_state = child["state"] if isinstance(child, _PersistentObject) else getattr(child, "state", None)
+        if child_state is not None:
+            out.update(_module_state_dict(child_state, f"{prefix}{name}."))
     return out
