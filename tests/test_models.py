@@ -1,4 +1,4 @@
-"""UNets: golden outputs of EDM's PyTorch networks, skip scales as data, encoder/decoder split."""
+"""UNets: golden outputs of EDM's PyTorch networks, skip scales as data, the feature cache."""
 import collections
 import json
 import pathlib
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.models import (Denoiser, UNetConfig, adm, ddpmpp, load_edm, ncsnpp, read_edm_snapshot,
-                            skip_connections)
+from difflax.models import (Denoiser, UNetConfig, adm, ddpmpp, feature_nodes, load_edm, ncsnpp,
+                            nodes_to_compute, read_edm_snapshot, skip_connections)
+from difflax.models.unet import check_node_names
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden"
 GOLDEN_FILES = ["edm_ddpmpp_cond16.npz", "edm_adm_cond16.npz"]
@@ -164,16 +165,59 @@ def test_grad_with_respect_to_skip_scales(tiny):
     np.testing.assert_allclose(g[0], fd, rtol=2e-2)
 
 
-def test_encode_decode_equals_forward(tiny):
+def test_cached_run_reuses_exactly_what_it_is_told(tiny):
+    """Storing every node, then rebuilding the output from any cut of the cache at the same
+    (x, sigma), gives the plain output (one compiled function per family)."""
     denoiser, variables, (x, sigma, labels), apply = tiny
-    features, emb = jax.jit(lambda v: denoiser.apply(v, x, sigma, labels, method=Denoiser.encode))(
-        variables)
-    assert len(features.skips) == len(skip_connections(denoiser.net))
-    for skip, info in zip(features.skips, skip_connections(denoiser.net)):
-        assert skip.shape[1:] == (info.resolution, info.resolution, info.channels)
-    out = jax.jit(lambda v, f, e: denoiser.apply(v, f, e, x, sigma, method=Denoiser.decode))(
-        variables, features, emb)
-    np.testing.assert_allclose(out, apply(variables, x, sigma, labels, None), atol=1e-5)
+    nodes = feature_nodes(denoiser.net)
+    units = tuple(n.name + ".attn" for n in nodes if n.attention)
+    encoder = tuple(n.name for n in nodes if n.kind in ("encoder", "middle"))
+    cuts = {"encoder": encoder, "deep branch": (nodes[-3].name,), "attention units": units}
+
+    def run(v, x, reuse=(), store=(), cache=None, output=True):
+        return denoiser.apply(v, x, sigma, labels, cache=cache, reuse=reuse, store=store,
+                              output=output, method=Denoiser.run)
+
+    @jax.jit
+    def outputs(v):
+        full, cache = run(v, x, store=tuple(n.name for n in nodes[:-1]) + units)
+        outs = {name: run(v, x, cut, (), {k: cache[k] for k in cut})[0]
+                for name, cut in cuts.items()}
+        # parallel decoding's form: no x, the raw output F stored, D formed afterwards
+        f = run(v, None, encoder, ("out",), {k: cache[k] for k in encoder}, output=False)[1]["out"]
+        c_skip, c_out = (c[:, None, None, None] for c in denoiser.coefficients(sigma)[:2])
+        outs["parallel"] = c_skip * x + c_out * f
+        return full, cache, outs
+
+    plain = apply(variables, x, sigma, labels, None)
+    full, cache, outs = outputs(variables)
+    np.testing.assert_allclose(full, plain, atol=1e-5)  # another compilation: not bitwise
+    for info in skip_connections(denoiser.net):
+        assert cache["enc." + info.name][0].shape[1:] == (info.resolution, info.resolution,
+                                                            info.channels)
+    for name, out in outs.items():
+        np.testing.assert_allclose(out, plain, atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="needs the input x"):
+        run(variables, None)
+
+
+def test_nodes_to_compute_follows_the_graph():
+    cfg = ddpmpp(**{**TINY, "channel_mult": (1, 2, 2), "num_blocks": 1})
+    nodes = feature_nodes(cfg)
+    everything = {n.name for n in nodes}
+    assert nodes_to_compute(nodes) == everything
+    encoder = {n.name for n in nodes if n.kind in ("encoder", "middle")}
+    assert nodes_to_compute(nodes, reuse=encoder) == everything - encoder
+    # DeepCache: reuse the decoder state entering the top level's first block: only the
+    # top-level encoder blocks (whose skips it still reads) and decoder blocks run
+    branch = "dec.8x8_up"
+    assert nodes_to_compute(nodes, reuse={branch}) == {
+        "enc.8x8_conv", "enc.8x8_block0", "dec.8x8_block0", "dec.8x8_block1", "out"}
+    # storing a unit forces its block; storing alone (no output) computes only what it needs
+    assert nodes_to_compute(nodes, store={"dec.2x2_in0.attn"}, output=False) == {
+        n.name for n in nodes[:nodes.index(next(n for n in nodes if n.name == "dec.2x2_in0")) + 1]}
+    with pytest.raises(ValueError, match="unknown feature nodes.*'enc.8x8_conv'"):
+        check_node_names(cfg, {"enc.9x9_conv"}, "reuse")
 
 
 def test_skip_connections_listed_top_to_bottom():

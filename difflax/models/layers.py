@@ -188,6 +188,10 @@ class UNetBlock(nn.Module):
     dropout -> conv1, plus the (projected, resampled) input, times `skip_scale`; then
     optional self-attention with `num_heads` heads, again times `skip_scale`.
     x: (B, H, W, C_in), emb: (B, E) -> (B, H', W', C_out).
+
+    The attention unit's residual, proj(attn(norm2(x))), can be taken from a cache
+    (`attention=`, A-SDM's unit-level feature inheritance) and returned for caching
+    (`with_attention=True` returns (out, residual), residual None without attention).
     """
 
     out_channels: int
@@ -207,7 +211,7 @@ class UNetBlock(nn.Module):
     init_attn: Init | None = None
 
     @nn.compact
-    def __call__(self, x, emb, train: bool = False):
+    def __call__(self, x, emb, train: bool = False, attention=None, with_attention=False):
         cin, cout = x.shape[-1], self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         orig = x
@@ -228,8 +232,10 @@ class UNetBlock(nn.Module):
             orig = Conv2d(cout, kernel, init=self.init, name="skip", **resample)(orig)
         x = (x + orig) * self.skip_scale
         if self.attention:
-            x = (self._attend(x) + x) * self.skip_scale
-        return x
+            if attention is None:
+                attention = self._attend(x)
+            x = (attention + x) * self.skip_scale
+        return (x, attention) if with_attention else x
 
     def _attend(self, x):
         b, h, w, c = x.shape

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.unet import UNetConfig, UNetFeatures, make_unet
+from difflax.models.unet import UNetConfig, make_unet
 
 PRECONDS = ("edm", "vp", "ve")
 
@@ -64,22 +64,27 @@ class Denoiser(nn.Module):
             class_labels = None
         return sigma, class_labels
 
-    def encode(self, x, sigma, class_labels=None, *, augment_labels=None, train=False):
-        """The UNet's encoder on c_in x: returns (features, emb) for `decode`."""
-        sigma, class_labels = self._inputs(x, sigma, class_labels)
-        _, _, c_in, c_noise = self.coefficients(sigma)
-        emb = self.model.embed(c_noise, class_labels, augment_labels, train)
-        return self.model.encode(c_in[:, None, None, None] * x, emb, train), emb
+    def run(self, x, sigma, class_labels=None, *, cache=None, reuse=(), store=(), output=True,
+            skip_scales=None, augment_labels=None, train=False):
+        """D(x; sigma) with the UNet's feature cache (`SongUNet.run`): nodes in `reuse` come
+        from `cache`, nodes in `store` are returned. x may be None when nothing computed reads
+        it and `output` is False; sigma then gives the batch size.
 
-    def decode(self, features: UNetFeatures, emb, x, sigma, *, skip_scales=None, train=False):
-        """D(x; sigma) from (possibly cached) encoder features and embedding."""
-        sigma, _ = self._inputs(x, sigma, None)
-        c_skip, c_out, _, _ = (c[:, None, None, None] for c in self.coefficients(sigma))
-        f = self.model.decode(features, emb, skip_scales, train)
-        return c_skip * x + c_out * f.astype(jnp.float32)
+        Returns (D (B, H, W, C) or None, {name: value}). The cached "out" node is the raw
+        network output F, so a reused F still gets c_skip x + c_out F with the current x.
+        """
+        batch = jnp.zeros((jnp.size(sigma), 1)) if x is None else x
+        sigma, class_labels = self._inputs(batch, sigma, class_labels)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        emb = self.model.embed(c_noise, class_labels, augment_labels, train)
+        f, stored = self.model.run(None if x is None else c_in[:, None, None, None] * x, emb,
+                                   cache=cache, reuse=reuse, store=store, output=output,
+                                   skip_scales=skip_scales, train=train)
+        if not output:
+            return None, stored
+        return c_skip[:, None, None, None] * x + c_out[:, None, None, None] * f.astype(jnp.float32), stored
 
     def __call__(self, x, sigma, class_labels=None, *, skip_scales=None, augment_labels=None,
                  train=False):
-        features, emb = self.encode(x, sigma, class_labels, augment_labels=augment_labels,
-                                    train=train)
-        return self.decode(features, emb, x, sigma, skip_scales=skip_scales, train=train)
+        return self.run(x, sigma, class_labels, skip_scales=skip_scales,
+                        augment_labels=augment_labels, train=train)[0]

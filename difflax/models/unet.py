@@ -5,9 +5,13 @@ Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Model
 names (`enc_16x16_conv` here is `enc.16x16_conv` there), NHWC layout.
 
 Two additions serve the rest of difflax:
-- the forward pass is split into `embed`, `encode` (encoder and middle blocks) and
-  `decode`, so that encoder features can be cached and reused (Faster Diffusion,
-  DeepCache, A-SDM feature inheritance);
+- the forward pass runs over a static list of named feature nodes (`feature_nodes`: the
+  encoder blocks, the middle blocks, the decoder blocks, the output) with an optional cache:
+  `run(..., cache, reuse, store)` takes the nodes named in `reuse` from the cache, computes
+  only the nodes the output (and `store`) still depend on, and returns the nodes named in
+  `store`. Encoder propagation (Faster Diffusion), deep-branch reuse (DeepCache) and A-SDM's
+  block / layer / unit feature inheritance are plans over this one mechanism
+  (`difflax.accel.feature_reuse`);
 - `skip_scales` multiplies each skip connection before the decoder concatenates it
   (Skip-Tuning, Ma et al. 2024). The skips are listed by `skip_connections(config)`.
 """
@@ -18,7 +22,6 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -131,15 +134,103 @@ def skip_connections(config: UNetConfig) -> tuple[SkipConnection, ...]:
     return tuple(skips)
 
 
-@flax.struct.dataclass
-class UNetFeatures:
-    """What the encoder hands to the decoder: the skips (encoder order) and the middle output.
+class FeatureNode(NamedTuple):
+    """One cacheable node of the forward pass.
 
-    skips: tuple of (B, H_i, W_i, C_i); h: (B, H_min, W_min, C) after the middle blocks.
+    name: "enc.<skip name>" (encoder block, one per skip connection, with the NCSN++ aux
+    layers at its resolution), "dec.<R>x<R>_in0/in1" (middle), "dec.<R>x<R>_up/_block<i>"
+    (decoder; the last block of a level carries that level's output (aux) layers), or "out"
+    (the network output F, before preconditioning). kind: "encoder", "middle", "decoder" or
+    "output". inputs: the nodes whose values it reads ("input" is the image). attention: the
+    block has an attention unit, cacheable as f"{name}.attn".
     """
 
-    skips: tuple
-    h: jax.Array
+    name: str
+    kind: str
+    resolution: int
+    inputs: tuple
+    attention: bool
+
+
+def feature_nodes(config: UNetConfig) -> tuple[FeatureNode, ...]:
+    """The forward pass's nodes in execution order (see `FeatureNode`)."""
+    nodes, prev = [], "input"
+    for skip in skip_connections(config):
+        attn = "_block" in skip.name and skip.resolution in config.attn_resolutions
+        nodes.append(FeatureNode("enc." + skip.name, "encoder", skip.resolution, (prev,), attn))
+        prev = nodes[-1].name
+    pending = [n.name for n in nodes]
+    levels = len(config.channel_mult)
+    for level in reversed(range(levels)):
+        res = config.img_resolution >> level
+        if level == levels - 1:
+            nodes.append(FeatureNode(f"dec.{res}x{res}_in0", "middle", res, (prev,), True))
+            nodes.append(FeatureNode(f"dec.{res}x{res}_in1", "middle", res, (nodes[-1].name,), False))
+        else:
+            nodes.append(FeatureNode(f"dec.{res}x{res}_up", "decoder", res, (prev,), False))
+        prev = nodes[-1].name
+        for idx in range(config.num_blocks + 1):
+            attn = res in config.attn_resolutions and (
+                idx == config.num_blocks or config.model_type == "DhariwalUNet")
+            nodes.append(FeatureNode(f"dec.{res}x{res}_block{idx}", "decoder", res,
+                                     (prev, pending.pop()), attn))
+            prev = nodes[-1].name
+    nodes.append(FeatureNode("out", "output", config.img_resolution, (prev,), False))
+    return tuple(nodes)
+
+
+def nodes_to_compute(nodes, reuse=frozenset(), store=frozenset(), output=True) -> frozenset:
+    """The nodes a run must compute: those the output (if `output`) and the stored nodes
+    depend on, stopping at nodes taken from the cache (`reuse`). Unit names
+    ("<node>.attn") in `store` make their block computed."""
+    inputs = {n.name: n.inputs for n in nodes}
+    needed = set()
+    stack = (["out"] if output else []) + [name.removesuffix(".attn") for name in store]
+    while stack:
+        name = stack.pop()
+        if name in reuse or name in needed or name == "input":
+            continue
+        needed.add(name)
+        stack.extend(inputs[name])
+    return frozenset(needed)
+
+
+def check_node_names(config: UNetConfig, names, what: str):
+    """Raises a ValueError naming the unknown entries of `names` and where to list valid ones."""
+    nodes = feature_nodes(config)
+    valid = {n.name for n in nodes} | {n.name + ".attn" for n in nodes if n.attention}
+    bad = sorted(set(names) - valid)
+    if bad:
+        raise ValueError(f"{what}: unknown feature nodes {bad}; valid names are the nodes of "
+                         f"difflax.models.feature_nodes(config) (e.g. {nodes[0].name!r}, "
+                         f"{nodes[-2].name!r}, 'out') and '<node>.attn' for attention units")
+
+
+def _run(unet, x, emb, cache, reuse, store, output, skip_scales, train):
+    """The forward pass over `feature_nodes` with a cache; see `SongUNet.run`."""
+    cfg = unet.config
+    reuse, store = frozenset(reuse), frozenset(store)
+    check_node_names(cfg, reuse | store, "reuse/store")
+    nodes = feature_nodes(cfg)
+    compute = nodes_to_compute(nodes, reuse, store, output)
+    skips = skip_connections(cfg)
+    scales = dict(zip(("enc." + s.name for s in skips), _check_skip_scales(skip_scales, len(skips))))
+    values, stored = {}, {}
+    if any("input" in n.inputs for n in nodes if n.name in compute):
+        if x is None:
+            raise ValueError("this run computes encoder blocks, so it needs the input x")
+        values["input"] = unet.input_state(x)
+    for node in nodes:
+        if node.name in reuse:
+            values[node.name] = cache[node.name]
+        elif node.name in compute:
+            unit = node.name + ".attn"
+            values[node.name], attention = unet.compute_node(
+                node, values, emb, scales, cache[unit] if unit in reuse else None, train)
+            if unit in store:
+                stored[unit] = attention
+    stored.update({name: values[name] for name in store if name in values})
+    return (values["out"] if output else None), stored
 
 
 def _scaled(skip, scale):
@@ -159,10 +250,31 @@ def _check_skip_scales(skip_scales, n):
 # DDPM++ and NCSN++.
 
 
-class SongUNet(nn.Module):
-    """EDM `SongUNet`. x: (B, R, R, in_channels), noise_labels: (B,), class_labels: (B, label_dim)."""
+class _CachedUNet(nn.Module):
+    """What both UNet families share: `run`, the forward pass over `feature_nodes` with a
+    cache, and `__call__`. Subclasses define `embed`, `input_state` and `compute_node`."""
 
     config: UNetConfig
+
+    def run(self, x, emb, *, cache=None, reuse=(), store=(), output=True, skip_scales=None,
+            train=False):
+        """Forward pass with a feature cache.
+
+        x: (B, R, R, C_in) or None when no computed node needs it; emb: (B, E) from `embed`;
+        cache: {node name: value} holding every name in `reuse`; store: names whose values to
+        return. Returns (F (B, R, R, C_out) or None if not `output`, {name: value} for `store`).
+        With nothing reused it is exactly the plain forward pass.
+        """
+        return _run(self, x, emb, cache, reuse, store, output, skip_scales, train)
+
+    def __call__(self, x, noise_labels, class_labels=None, *, skip_scales=None,
+                 augment_labels=None, train=False):
+        emb = self.embed(noise_labels, class_labels, augment_labels, train)
+        return self.run(x, emb, skip_scales=skip_scales, train=train)[0]
+
+
+class SongUNet(_CachedUNet):
+    """EDM `SongUNet`. x: (B, R, R, in_channels), noise_labels: (B,), class_labels: (B, label_dim)."""
 
     def setup(self):
         cfg = self.config
@@ -244,60 +356,41 @@ class SongUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         return nn.silu(self.map_layer1(nn.silu(self.map_layer0(emb))))
 
-    def encode(self, x, emb, train=False) -> UNetFeatures:
-        """Encoder and middle blocks: x (B, R, R, C_in) -> UNetFeatures."""
-        skips, aux = [], x
-        for name, block in self.enc.items():
-            if "aux_down" in name:
-                aux = block(aux)
-            elif "aux_skip" in name:
-                x = skips[-1] = x + block(aux)
-            elif "aux_residual" in name:
-                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
-            else:
-                x = block(x, emb, train) if isinstance(block, UNetBlock) else block(x)
-                skips.append(x)
-        return _middle(self, x, skips, emb, train)
+    def input_state(self, x):
+        """The state entering the encoder: (x, aux), aux the image for NCSN++'s aux encoders."""
+        return x, (None if self.config.encoder_type == "standard" else x)
 
-    def decode(self, features: UNetFeatures, emb, skip_scales=None, train=False):
-        """Decoder from cached features -> (B, R, R, out_channels)."""
-        scales = _check_skip_scales(skip_scales, len(features.skips))
-        pending = list(zip(features.skips, scales))
-        x, aux, tmp = features.h, None, None
-        for name, block in self.dec.items():
-            if "_in" in name:
-                continue
-            if "aux_up" in name:
-                aux = block(aux)
-            elif "aux_norm" in name:
-                tmp = block(x)
-            elif "aux_conv" in name:
-                tmp = block(nn.silu(tmp))
-                aux = tmp if aux is None else tmp + aux
-            else:
-                if "_block" in name:
-                    x = jnp.concatenate([x, _scaled(*pending.pop())], axis=-1)
-                x = block(x, emb, train)
-        return aux
+    def compute_node(self, node, values, emb, scales, attention, train):
+        """One node's value from its inputs' values: (h, aux) for blocks, F for "out".
 
-    def __call__(self, x, noise_labels, class_labels=None, *, skip_scales=None,
-                 augment_labels=None, train=False):
-        return _forward(self, x, noise_labels, class_labels, skip_scales, augment_labels, train)
-
-
-def _forward(unet, x, noise_labels, class_labels, skip_scales, augment_labels, train):
-    """embed -> encode -> decode: (B, R, R, C_in) -> (B, R, R, C_out)."""
-    emb = unet.embed(noise_labels, class_labels, augment_labels, train)
-    return unet.decode(unet.encode(x, emb, train), emb, skip_scales, train)
-
-
-def _middle(unet, x, skips, emb, train) -> UNetFeatures:
-    """The middle blocks (EDM's `in0`, `in1`, at the lowest resolution) close the encoder."""
-    for name, block in unet.dec.items():
-        if "_in" in name:
-            x = block(x, emb, train)
-    return UNetFeatures(skips=tuple(skips), h=x)
-
+        Returns (value, attention residual or None)."""
+        if node.kind == "output":
+            return values[node.inputs[0]][1], None
+        stem = node.name.split(".", 1)[1]
+        res = stem.split("_")[0]
+        h, aux = values[node.inputs[0]]
+        if node.kind == "encoder":
+            block = self.enc[stem]
+            if not isinstance(block, UNetBlock):
+                return (block(h), aux), None
+            h, attention = block(h, emb, train, attention, with_attention=True)
+            if f"{res}_aux_down" in self.enc and stem.endswith("_down"):
+                aux = self.enc[f"{res}_aux_down"](aux)
+                h = h + self.enc[f"{res}_aux_skip"](aux)
+            if f"{res}_aux_residual" in self.enc and stem.endswith("_down"):
+                h = aux = (h + self.enc[f"{res}_aux_residual"](aux)) / math.sqrt(2)
+            return (h, aux), attention
+        if node.inputs[0].startswith("enc."):
+            aux = None  # the decoder's aux (output) path starts empty
+        if "_block" in stem:
+            h = jnp.concatenate([h, _scaled(values[node.inputs[1]][0], scales[node.inputs[1]])], -1)
+        h, attention = self.dec[stem](h, emb, train, attention, with_attention=True)
+        if stem.endswith(f"_block{self.config.num_blocks}") and f"{res}_aux_norm" in self.dec:
+            if f"{res}_aux_up" in self.dec:
+                aux = self.dec[f"{res}_aux_up"](aux)
+            tmp = self.dec[f"{res}_aux_conv"](nn.silu(self.dec[f"{res}_aux_norm"](h)))
+            aux = tmp if aux is None else tmp + aux
+        return (h, aux), attention
 
 def _drop_labels(module, class_labels, rate, train):
     """Classifier-free-guidance label dropout: zero each sample's label with probability `rate`."""
@@ -311,10 +404,8 @@ def _drop_labels(module, class_labels, rate, train):
 # ADM.
 
 
-class DhariwalUNet(nn.Module):
+class DhariwalUNet(_CachedUNet):
     """EDM `DhariwalUNet` (ADM). x: (B, R, R, in_channels), noise_labels: (B,)."""
-
-    config: UNetConfig
 
     def setup(self):
         cfg = self.config
@@ -369,31 +460,23 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(_drop_labels(self, class_labels, cfg.label_dropout, train))
         return nn.silu(emb)
 
-    def encode(self, x, emb, train=False) -> UNetFeatures:
-        """Encoder and middle blocks: x (B, R, R, C_in) -> UNetFeatures."""
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb, train) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        return _middle(self, x, skips, emb, train)
+    def input_state(self, x):
+        """The state entering the encoder: (x, None)."""
+        return x, None
 
-    def decode(self, features: UNetFeatures, emb, skip_scales=None, train=False):
-        """Decoder from cached features -> (B, R, R, out_channels)."""
-        scales = _check_skip_scales(skip_scales, len(features.skips))
-        pending = list(zip(features.skips, scales))
-        x = features.h
-        for name, block in self.dec.items():
-            if "_in" in name:
-                continue
-            if "_block" in name:
-                x = jnp.concatenate([x, _scaled(*pending.pop())], axis=-1)
-            x = block(x, emb, train)
-        return self.out_conv(nn.silu(self.out_norm(x)))
-
-    def __call__(self, x, noise_labels, class_labels=None, *, skip_scales=None,
-                 augment_labels=None, train=False):
-        return _forward(self, x, noise_labels, class_labels, skip_scales, augment_labels, train)
-
+    def compute_node(self, node, values, emb, scales, attention, train):
+        """One node's value from its inputs' values: (h, None) for blocks, F for "out"."""
+        h = values[node.inputs[0]][0]
+        if node.kind == "output":
+            return self.out_conv(nn.silu(self.out_norm(h))), None
+        stem = node.name.split(".", 1)[1]
+        blocks = self.enc if node.kind == "encoder" else self.dec
+        if not isinstance(blocks[stem], UNetBlock):
+            return (blocks[stem](h), None), None
+        if "_block" in stem and node.kind == "decoder":
+            h = jnp.concatenate([h, _scaled(values[node.inputs[1]][0], scales[node.inputs[1]])], -1)
+        h, attention = blocks[stem](h, emb, train, attention, with_attention=True)
+        return (h, None), attention
 
 def make_unet(config: UNetConfig) -> nn.Module:
     """The UNet module for `config.model_type`."""

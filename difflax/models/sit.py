@@ -1,0 +1,404 @@
+"""SiT: Scalable Interpolant Transformers (Ma et al. 2024), with GMem's snippet conditioning.
+
+Ma, Goldstein, Albergo, Boffi, Vanden-Eijnden, Xie, "SiT: Exploring Flow and Diffusion-based
+Generative Models with Scalable Interpolant Transformers" (ECCV 2024), code willisma/SiT
+`models.py`: the DiT backbone (Peebles & Xie 2023) with adaLN-Zero blocks (DiT Sec. 3.2), a
+sinusoidal time embedding of SiT's time t in [0, 1] (t = 1 is data, t = 0 noise), a label
+table with one extra "null" row for classifier-free guidance. Parameter names follow the
+PyTorch module names (`blocks_0/attn/qkv` here is `blocks.0.attn.qkv` there), so
+`convert_sit_state_dict` maps a state dict by name. Images are NHWC.
+
+GMem (Tang et al. 2024, "Generative Modeling with Explicit Memory", code LINs-lab/GMem
+`models/sit.py`) conditions the same network on a memory snippet: a vector of `snippet_dim`
+projected by a linear layer and added to the time embedding (with or instead of the label),
+dropped to zero with probability `snippet_dropout_prob` in training for guidance.
+
+SiT's interpolants and samplers are in `difflax.interpolants`, its loss in
+`difflax.training.interpolant_loss`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# ----------------------------------------------------------------------------
+# Configuration and the named presets of SiT's Table 1 (DiT's model sizes).
+
+SIZES = {  # depth, hidden size, heads (SiT Table 1, DiT Table 1)
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+PRESETS = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiTConfig:
+    """Hyper-parameters of a SiT, under the constructor names of willisma/SiT's `SiT`.
+
+    `num_classes` = 0 drops the label embedding (GMem conditions on snippets only); with
+    `class_dropout_prob` > 0 the label table has a null row `num_classes` (guidance).
+    `snippet_dim` > 0 adds GMem's snippet projection. With `learn_sigma` the network
+    predicts 2 * in_channels channels and returns the first in_channels, as SiT does.
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    snippet_dim: int = 0
+    snippet_dropout_prob: float = 0.1
+
+    def __post_init__(self):
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.input_size % self.patch_size:
+            valid = [p for p in range(1, self.input_size + 1) if self.input_size % p == 0]
+            raise ValueError(f"patch_size {self.patch_size} does not divide input_size "
+                             f"{self.input_size}; valid patch sizes: {valid}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (the 2-D "
+                             "sin-cos position embedding splits it in four)")
+        for name in ("class_dropout_prob", "snippet_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.num_classes < 0 or self.snippet_dim < 0:
+            raise ValueError("num_classes and snippet_dim must be >= 0")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+def sit_config(name: str, **overrides) -> SiTConfig:
+    """A named preset "SiT-{S,B,L,XL}/{2,4,8}" (e.g. "SiT-XL/2"), fields overridden by name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown SiT preset {name!r}; valid choices: {', '.join(PRESETS)}")
+    size, patch = name.removeprefix("SiT-").split("/")
+    return SiTConfig(**{**SIZES[size], "patch_size": int(patch), **overrides})
+
+
+# ----------------------------------------------------------------------------
+# Embeddings.
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """(B,) times -> (B, dim) [cos(t f_k), sin(t f_k)], f_k = max_period^(-k / (dim/2)) (GLIDE)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size^2, dim) fixed 2-D sin-cos position embedding of MAE / DiT, float32.
+
+    The first dim/2 channels encode the column (MAE's meshgrid puts w first), the last
+    dim/2 the row; each half is [sin(pos w_k), cos(pos w_k)], w_k = 10000^(-k / (dim/4)).
+    """
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32),
+                             np.arange(grid_size, dtype=np.float32))
+    return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], 1).astype(np.float32)
+
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+
+
+def _dense(features, name, zero=False, std=None):
+    init = _zeros if zero else (nn.initializers.normal(std) if std else _xavier)
+    return nn.Dense(features, kernel_init=init, bias_init=_zeros, name=name)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x (B, T, D) * (1 + scale (B, D)) + shift (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _layer_norm(x):
+    return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False,
+                        use_fast_variance=False)(x)
+
+
+# ----------------------------------------------------------------------------
+# Blocks.
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm `Attention`, qkv_bias)."""
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x):  # (B, T, D) -> (B, T, D)
+        b, t, d = x.shape
+        qkv = _dense(3 * d, "qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.num_heads)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        return _dense(d, "proj")(out.reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2 (timm `Mlp`)."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(_dense(self.hidden, "fc1")(x), approximate=True)
+        return _dense(x.shape[-1], "fc2")(h)
+
+
+class SiTBlock(nn.Module):
+    """DiT block with adaLN-Zero (DiT Sec. 3.2): gated, modulated attention and MLP.
+
+    x (B, T, D), c (B, D) -> (B, T, D). The modulation layer starts at zero, so each block
+    starts as the identity.
+    """
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+    @nn.compact
+    def __call__(self, x, c):
+        d = x.shape[-1]
+        mod = _dense(6 * d, "adaLN_modulation_1", zero=True)(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+        x = x + gate_msa[:, None] * Attention(self.num_heads, name="attn")(
+            modulate(_layer_norm(x), shift_msa, scale_msa))
+        return x + gate_mlp[:, None] * Mlp(int(d * self.mlp_ratio), name="mlp")(
+            modulate(_layer_norm(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated layer norm and a linear map to p * p * out_channels per token (zero init)."""
+
+    patch_size: int
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x, c):
+        shift, scale = jnp.split(_dense(2 * x.shape[-1], "adaLN_modulation_1", zero=True)(
+            nn.silu(c)), 2, -1)
+        return _dense(self.patch_size**2 * self.out_channels, "linear", zero=True)(
+            modulate(_layer_norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------
+# The network.
+
+
+class SiT(nn.Module):
+    """SiT(x, t, y, snippet) in SiT's time convention (t = 1 data, t = 0 noise).
+
+    `apply(variables, x, t, y=None, snippet=None, *, drop=None, train=False)`:
+      x: (B, H, W, C) NHWC with H = W = input_size; t: () or (B,) in [0, 1];
+      y: (B,) int labels in [0, num_classes], num_classes being the null label (None: all
+        null); snippet: (B, snippet_dim) memory snippets (None: the null snippet, zero);
+      drop: (B,) bool, True replaces that sample's label and snippet by the null condition
+        (the unconditional half of classifier-free guidance);
+      train: labels and snippets are dropped at random (rng stream "dropout").
+    Returns (B, H, W, in_channels): the first in_channels of the output (the velocity,
+    noise or score the model was trained for). `pos_embed` is a parameter held fixed by a
+    stop_gradient (frozen in SiT), so that converted weights are kept exactly.
+    """
+
+    config: SiTConfig
+
+    def _condition(self, b, y, snippet, drop, train):
+        cfg = self.config
+        c = jnp.zeros((b, cfg.hidden_size), jnp.float32)
+        if train and (cfg.class_dropout_prob > 0 or cfg.snippet_dropout_prob > 0):
+            key = self.make_rng("dropout")
+        if cfg.num_classes:
+            has_null = cfg.class_dropout_prob > 0
+            table = nn.Embed(cfg.num_classes + has_null, cfg.hidden_size, name="y_embedder",
+                             embedding_init=nn.initializers.normal(0.02))
+            if not has_null and (y is None or drop is not None):
+                raise ValueError("this SiT has no null label (class_dropout_prob = 0): pass "
+                                 "labels y and no drop=")
+            null = jnp.full((b,), cfg.num_classes, jnp.int32)
+            y = null if y is None else jnp.broadcast_to(jnp.asarray(y, jnp.int32), (b,))
+            if train and has_null:
+                y = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 0),
+                                                   cfg.class_dropout_prob, (b,)), null, y)
+            if drop is not None:
+                y = jnp.where(drop, null, y)
+            c = c + table(y)
+        if cfg.snippet_dim:
+            if snippet is None:
+                keep = jnp.zeros((b,), bool)
+                snippet = jnp.zeros((b, cfg.snippet_dim), jnp.float32)
+            else:
+                keep = jnp.ones((b,), bool)
+            if train and cfg.snippet_dropout_prob > 0:
+                keep &= ~jax.random.bernoulli(jax.random.fold_in(key, 1),
+                                              cfg.snippet_dropout_prob, (b,))
+            if drop is not None:
+                keep &= ~drop
+            emb = _dense(cfg.hidden_size, "snippet_embedder")(jnp.asarray(snippet, jnp.float32))
+            c = c + jnp.where(keep[:, None], emb, 0.0)
+        elif snippet is not None:
+            raise ValueError("snippet given but this SiT has snippet_dim = 0")
+        return c
+
+    @nn.compact
+    def __call__(self, x, t, y=None, snippet=None, *, drop=None, train=False):
+        cfg = self.config
+        b, h, w, _ = x.shape
+        if (h, w, x.shape[-1]) != (cfg.input_size, cfg.input_size, cfg.in_channels):
+            raise ValueError(f"SiT takes inputs of shape (B, {cfg.input_size}, {cfg.input_size}, "
+                             f"{cfg.in_channels}), got {x.shape}")
+        p, g = cfg.patch_size, cfg.input_size // cfg.patch_size
+        # Patch embedding: a p x p convolution of stride p, initialised as a linear layer.
+        conv = nn.Conv(cfg.hidden_size, (p, p), (p, p), padding="VALID", name="x_embedder_proj",
+                       kernel_init=nn.initializers.variance_scaling(
+                           1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3))
+        tokens = conv(x).reshape(b, g * g, cfg.hidden_size)
+        pos = self.param("pos_embed", lambda k, s: jnp.asarray(
+            sincos_pos_embed_2d(cfg.hidden_size, g))[None], (1, g * g, cfg.hidden_size))
+        tokens = tokens + jax.lax.stop_gradient(pos)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
+        temb = _dense(cfg.hidden_size, "t_embedder_mlp_0", std=0.02)(timestep_embedding(t, 256))
+        temb = _dense(cfg.hidden_size, "t_embedder_mlp_2", std=0.02)(nn.silu(temb))
+        c = temb + self._condition(b, y, snippet, drop, train)
+        for i in range(cfg.depth):
+            tokens = SiTBlock(cfg.num_heads, cfg.mlp_ratio, name=f"blocks_{i}")(tokens, c)
+        out = FinalLayer(p, cfg.out_channels, name="final_layer")(tokens, c)
+        # unpatchify: (B, g*g, p*p*C') -> (B, g*p, g*p, C')
+        out = out.reshape(b, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        out = out.reshape(b, g * p, g * p, cfg.out_channels)
+        return out[..., :cfg.in_channels]
+
+
+def init_sit(config: SiTConfig, key: jax.Array) -> dict:
+    """Fresh `{"params": ...}` of a SiT, SiT's initialisation (`initialize_weights`)."""
+    x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
+    snippet = jnp.zeros((1, config.snippet_dim)) if config.snippet_dim else None
+    y = jnp.zeros((1,), jnp.int32) if config.num_classes else None
+    return SiT(config).init(key, x, jnp.ones((1,)), y, snippet)
+
+
+# ----------------------------------------------------------------------------
+# PyTorch weights (willisma/SiT state dicts).
+
+_SIT_FIELDS = tuple(f.name for f in dataclasses.fields(SiTConfig))
+
+
+def _sit_flax_path(name: str, ndim: int) -> tuple[str, ...]:
+    """`blocks.0.attn.qkv.weight` -> (blocks_0, attn, qkv, kernel); numbered parts join."""
+    parts = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts[-1] = f"{parts[-1]}_{part}"
+        else:
+            parts.append(part)
+    if parts[0] in ("x_embedder", "t_embedder"):
+        parts = [f"{parts[0]}_{parts[1]}", *parts[2:]]
+    if parts[-2:] == ["embedding_table", "weight"]:
+        return tuple(parts[:-2] + ["embedding"])
+    if parts[-1] == "weight" and ndim in (2, 4):
+        parts[-1] = "kernel"
+    return tuple(parts)
+
+
+def convert_sit_state_dict(state_dict, config: SiTConfig) -> dict:
+    """willisma/SiT state dict (PyTorch names and layouts) -> `{"params": ...}` of SiT(config).
+
+    Linear weights (out, in) -> (in, out), the patch convolution OIHW -> HWIO, the label
+    table stays (rows, D). Missing, unexpected or mis-shaped entries raise one error
+    naming them (and the fields of SiTConfig to check).
+    """
+    flat = {}
+    for name, value in state_dict.items():
+        value = np.asarray(value, np.float32)
+        path = _sit_flax_path(name, value.ndim)
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        elif value.ndim == 2 and path[-1] == "kernel":
+            value = value.T
+        flat[path] = value
+    expected = {k: v.shape for k, v in traverse_util.flatten_dict(
+        jax.eval_shape(lambda: init_sit(config, jax.random.key(0)))["params"]).items()}
+    missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
+    unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
+    wrong = sorted(f"{'/'.join(k)}: {flat[k].shape} vs {expected[k]}"
+                   for k in expected.keys() & flat.keys() if flat[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "the weights do not fit this SiT (check " + ", ".join(_SIT_FIELDS[:10]) + "): "
+            + "; ".join(f"{what} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                        for what, items in (("missing", missing), ("unexpected", unexpected),
+                                            ("wrong shape", wrong)) if items))
+    return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})}
+
+
+def load_sit(path: str | os.PathLike, config: SiTConfig | str | None = None, **fields):
+    """Loads willisma/SiT weights from a local file: returns `(SiT module, variables)`.
+
+    path: a state dict `.pt` / `.pth` (e.g. SiT's released `SiT-XL-2-256x256.pt`; a
+    training checkpoint's "ema" entry is used) or `.npz` (keys `param/<name>`, optional
+    `config_json` with SiT's constructor arguments). config: a SiTConfig, a preset name
+    ("SiT-XL/2"), or None for the npz's `config_json`; `fields` override it
+    (e.g. input_size=32, num_classes=1000).
+    """
+    import json
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no SiT weights at {path}: pass the path of a willisma/SiT "
+                                "checkpoint (.pt) or state dict (.npz) on this machine")
+    stored = {}
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            state_dict = {k.removeprefix("param/"): f[k] for k in f.files if k.startswith("param/")}
+            if "config_json" in f.files:
+                stored = json.loads(str(f["config_json"]))
+    elif path.endswith((".pt", ".pth")):
+        import torch  # optional dependency of this loader only
+
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = state_dict.get("ema", state_dict)
+        state_dict = {k: v.numpy() for k, v in state_dict.items()}
+    else:
+        raise ValueError(f"unknown weights format {path!r}; valid: .pt, .pth, .npz")
+    if isinstance(config, str):
+        config = sit_config(config, **fields)
+    elif config is None:
+        unknown = sorted(set(stored) - set(_SIT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown SiT argument(s) {unknown}; valid: {list(_SIT_FIELDS)}")
+        config = SiTConfig(**{**stored, **fields})
+    elif fields:
+        config = dataclasses.replace(config, **fields)
+    return SiT(config), convert_sit_state_dict(state_dict, config)
