@@ -12,14 +12,12 @@ valid choices, exit code 2.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from difflax import configs, data, workdir as wd
@@ -143,7 +141,7 @@ def cmd_evaluate(args, overrides) -> int:
             spec = f"{spec}:{args.steps}"
         name, steps = wd.parse_sampler(spec)
         sample, nfe, _, _ = _sampler(denoiser, config, name, steps)
-        sample_fn = functools.partial(_labelled_batch, sample, params, denoiser.net.label_dim)
+        sample_fn = wd.labelled_sample_fn(sample, params, denoiser.net.label_dim)
         key = jax.random.key(config.sample.seed)
         tic = time.perf_counter()
         if config.data.name == "digits":
@@ -160,11 +158,6 @@ def cmd_evaluate(args, overrides) -> int:
         json.dump(rows, f, indent=2)
     _print_table(rows)
     return 0
-
-
-def _labelled_batch(sample, params, label_dim, key, batch_size):
-    labels = jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0, max(label_dim, 1))
-    return sample(params, key, labels), labels
 
 
 def _fid_metric(metrics, args):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from difflax import configs, schedules
+from difflax.accel.feature_reuse import denoiser_run_fn, sample_with_plan
 from difflax.samplers import make_grid, make_solver, sample
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
                               make_mesh, make_optimizer, replicated, restore_checkpoint)
@@ -86,13 +87,15 @@ def sampler_options(name: str) -> tuple[str, dict]:
 
 
 def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma_max: float,
-                  mesh=None):
+                  mesh=None, plan=None):
     """Returns (fn(params, key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
 
     Compiled once per batch size and reused for any parameters (e.g. the EMA weights at
     each sampling step of a training run). The denoiser D(x; sigma) is an x0-prediction on
     the EDM schedule (time = sigma). `labels`: (B,) int class labels (ignored by an
-    unconditional model).
+    unconditional model). `plan`: a `difflax.accel.FeaturePlan` to sample with the UNet's
+    features reused (the returned nfe still counts model calls as the plain sampler does;
+    `difflax.accel.plan_cost` says which of them are partial).
     """
     mesh = mesh or make_mesh()
     net = denoiser.net
@@ -102,8 +105,12 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
                          **options)  # validates the sampler and its options, counts NFE
 
     def run(params, noise, labels):
-        model_fn = lambda x, t: denoiser.apply({"params": params}, x, t,
-                                               labels if net.label_dim else None)
+        labels = labels if net.label_dim else None
+        if plan is not None:
+            return sample_with_plan(denoiser_run_fn(denoiser, {"params": params}, labels), noise,
+                                    plan=plan, config=net, schedule=schedule, sampler=name,
+                                    steps=steps, prediction="x0", **options)[0]
+        model_fn = lambda x, t: denoiser.apply({"params": params}, x, t, labels)
         return sample(model_fn, noise, schedule=schedule, sampler=name, steps=steps,
                       prediction="x0", **options)[0]
 
@@ -119,3 +126,14 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
         return jnp.clip(jitted(params, noise, labels)[:n], -1, 1)
 
     return fn, nfe
+
+
+def labelled_sample_fn(sample, params, label_dim: int):
+    """A `get_sample_fn` sampler as the metrics' SampleFn: (key, n) -> (images, labels), the
+    labels drawn uniformly from the key."""
+
+    def sample_fn(key, batch_size):
+        labels = jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0, max(label_dim, 1))
+        return sample(params, key, labels), labels
+
+    return sample_fn

@@ -2,10 +2,25 @@
 
 `skip_tuning`: Skip-Tuning (Ma et al., ICML 2024), scales of the UNet's skip connections
 as data: schedules over depth, vmapped sweeps, search, and the loss-by-noise-level analysis.
+`feature_reuse`: Faster Diffusion's encoder propagation (with parallel decoding and prior
+noise injection), DeepCache's deep-branch reuse and A-SDM's feature inheritance, as static
+plans over the UNet's feature cache, sampled with `sample_with_plan`.
 """
+from difflax.accel.feature_reuse import (FASTER_DIFFUSION_KEY_STEPS, FeaturePlan, PlanCost,
+                                         deepcache_plan, deepcache_refresh_steps,
+                                         denoiser_run_fn, encoder_nodes,
+                                         encoder_propagation_plan, faster_diffusion_key_steps,
+                                         full_plan, inheritance_nodes, inheritance_plan,
+                                         node_flops, plan_cost, sample_with_plan)
 from difflax.accel.skip_tuning import (denoising_loss_by_sigma, evaluate_settings, get_sweep_fn,
                                        linear_skip_scales, per_resolution_skip_scales,
                                        per_skip_scales, search, stack_skip_scales)
 
-__all__ = ["denoising_loss_by_sigma", "evaluate_settings", "get_sweep_fn", "linear_skip_scales",
-           "per_resolution_skip_scales", "per_skip_scales", "search", "stack_skip_scales"]
+__all__ = [
+    "FASTER_DIFFUSION_KEY_STEPS", "FeaturePlan", "PlanCost", "deepcache_plan",
+    "deepcache_refresh_steps", "denoiser_run_fn", "denoising_loss_by_sigma", "encoder_nodes",
+    "encoder_propagation_plan", "evaluate_settings", "faster_diffusion_key_steps", "full_plan",
+    "get_sweep_fn", "inheritance_nodes", "inheritance_plan", "linear_skip_scales", "node_flops",
+    "per_resolution_skip_scales", "per_skip_scales", "plan_cost", "sample_with_plan", "search",
+    "stack_skip_scales",
+]

@@ -32,17 +32,26 @@ class EDMHeun(AbstractGridSolver):
     key: jax.Array | None
     s_noise: float = eqx.field(static=True)
 
-    def _step(self, term, i, x, state):
+    calls_per_step = 2
+
+    def _churn(self, i, x):
         y = x / self.alpha[i]
         if self.key is not None:  # Alg. 2 line 5: x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps
             z = jax.random.normal(jax.random.fold_in(self.key, i), x.shape, x.dtype)
             y = y + jnp.sqrt(self.rho_hat[i] ** 2 - self.rho[i] ** 2) * self.s_noise * z
+        return y
+
+    def first_point(self, i, x):
+        return self.t_hat[i], self.alpha_hat[i] * self._churn(i, x)
+
+    def _step(self, term, i, x, state):
+        y = self._churn(i, x)
         h = self.rho[i + 1] - self.rho_hat[i]
         d = term.predict(self.t_hat[i], self.alpha_hat[i] * y, "eps")  # line 7
         y1 = y + h * d  # line 8
 
         def correct(y1):  # lines 9-11
-            d2 = term.predict(self.times[i + 1], self.alpha[i + 1] * y1, "eps")
+            d2 = term.predict(self.times[i + 1], self.alpha[i + 1] * y1, "eps", call=1)
             return y + h * (d + d2) / 2
 
         y1 = jax.lax.cond(self.to_zero[i], lambda y1: y1, correct, y1)

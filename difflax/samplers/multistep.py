@@ -21,6 +21,11 @@ class ExponentialMultistep(AbstractGridSolver):
     b: jax.Array
     form: str = eqx.field(static=True)
 
+    calls_per_step = 1
+
+    def first_point(self, i, x):
+        return self.times[i], x
+
     def _init_state(self, y0):
         return jnp.zeros((self.b.shape[1] - 1,) + y0.shape, y0.dtype)
 

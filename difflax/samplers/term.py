@@ -23,9 +23,13 @@ class DiffusionTerm(diffrax.AbstractTerm):
     schedule: AbstractSchedule = eqx.field(static=True)
     prediction: str = eqx.field(static=True)
 
-    def predict(self, t, x, kind):
+    def evaluate(self, x, t, call):
+        """The model at (x, t (B,)); `call` numbers the solver's model calls within a step."""
+        return self.model_fn(x, t)
+
+    def predict(self, t, x, kind, call=0):
         t = jnp.asarray(t, x.dtype)
-        out = self.model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
+        out = self.evaluate(x, jnp.broadcast_to(t, x.shape[:1]), call)
         if kind == self.prediction:
             return out
         s = self.schedule
@@ -53,7 +57,9 @@ class AbstractGridSolver(diffrax.AbstractSolver):
     """A solver whose i-th step reads row i of host-computed tables; state starts with i.
 
     Run with diffrax.StepTo on the same grid. Subclasses implement `_step(term, i, x, state)`
-    returning (x_next, state) and `_init_state(x)`.
+    returning (x_next, state) and `_init_state(x)`. Solvers that can run with a feature cache
+    (`difflax.accel.feature_reuse`) also give `first_point(i, x) -> (t, x)`, where step i
+    first calls the model, and `calls_per_step`.
     """
 
     term_structure: ClassVar = diffrax.AbstractTerm

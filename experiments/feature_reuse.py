@@ -1,0 +1,188 @@
+"""Feature reuse on the default job's digits model: quality and speed of every plan.
+
+Plans (difflax.accel.feature_reuse) at the same sampler and steps as the full model:
+Faster Diffusion's encoder propagation (the paper's key steps, uniform key steps, parallel
+decoding, prior noise injection), DeepCache (deep branch below a skip, every N steps) and
+A-SDM feature inheritance (block / layer / unit, alternating steps). For each: fd_digits
+and class accuracy on fresh samples, model calls (full / partial / free), compute in units
+of one full evaluation (XLA's FLOPs per node), and wall time per batch measured in this run
+against the full model. Then the same wall-time ratios on a larger UNet (64x64, ADM-sized
+channels, random weights). Writes table.md, results.json and fd_vs_speed.png; prints the table.
+
+    python experiments/feature_reuse.py [--workdir runs/digits] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from difflax.accel import (deepcache_plan, denoiser_run_fn, encoder_propagation_plan,  # noqa: E402
+                           full_plan, inheritance_plan, node_flops, plan_cost)
+from difflax.images import save_grid  # noqa: E402
+from difflax.metrics import evaluate_digits  # noqa: E402
+from difflax.models import Denoiser, adm  # noqa: E402
+from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run  # noqa: E402
+
+FULL = dict(sampler="ddim", steps=50, num=1000, batch=250, time_batch=250, big_steps=20,
+            big_batch=2, repeats=3)
+SMALL = dict(sampler="ddim", steps=20, num=128, batch=64, time_batch=64, big_steps=6,
+             big_batch=1, repeats=1, big=dict(model_channels=32, channel_mult=(1, 2),
+                                              num_blocks=1, attn_resolutions=(16,)))
+
+
+def digits_plans(net, steps):
+    """The plans compared on the digits UNet (16x16: levels 16, 8, 4)."""
+    low = net.img_resolution >> (len(net.channel_mult) - 1)
+    attn = [n for n in ("dec.%dx%d_in0" % (low, low),)]
+    return [
+        full_plan(steps),
+        encoder_propagation_plan(net, steps),
+        encoder_propagation_plan(net, steps, parallel=True),
+        encoder_propagation_plan(net, steps, parallel=True, noise_injection=0.003),
+        encoder_propagation_plan(net, steps, every=5, parallel=True),
+        deepcache_plan(net, steps, branch=0, interval=3),
+        deepcache_plan(net, steps, branch=0, interval=5),
+        inheritance_plan(net, steps, granularity="block", targets=[f"dec.{low}x{low}"]),
+        inheritance_plan(net, steps, granularity="layer",
+                         targets=[f"dec.{low}x{low}_in0", f"dec.{low}x{low}_in1"]),
+        inheritance_plan(net, steps, granularity="unit", targets=attn),
+    ]
+
+
+def label(plan):
+    extra = " + noise injection" if plan.noise_injection else ""
+    keys = sum(plan.refresh)
+    return f"{plan.name}{extra}" + ("" if plan.name == "full" else f" ({keys} refresh steps)")
+
+
+def time_fn(fn, args, repeats):
+    """Median wall time of fn(*args) after one compiling call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def digits_part(workdir, p, out_dir):
+    config, denoiser, params = load_run(workdir)
+    net, s = denoiser.net, config.sample
+    x = jnp.zeros((p["time_batch"], net.img_resolution, net.img_resolution, net.in_channels))
+    t = jnp.full((p["time_batch"],), 1.0)
+    labels = jnp.arange(p["time_batch"]) % max(net.label_dim, 1)
+    flops = node_flops(net, denoiser_run_fn(denoiser, {"params": params}, labels), x, t)
+    rows = []
+    for plan in digits_plans(net, p["steps"]):
+        fn, nfe = get_sample_fn(denoiser, sampler=p["sampler"], steps=p["steps"],
+                                sigma_min=s.sigma_min, sigma_max=s.sigma_max, plan=plan)
+        seconds = time_fn(fn, (params, jax.random.key(7), labels), p["repeats"])
+        metrics = evaluate_digits(labelled_sample_fn(fn, params, net.label_dim), key=jax.random.key(1), num_samples=p["num"],
+                                  batch_size=p["batch"], resolution=net.img_resolution,
+                                  progress=False)
+        cost = plan_cost(net, plan, 1)
+        rows.append(dict(plan=label(plan), nfe=nfe, full=cost.full, partial=cost.partial,
+                         free=cost.free, equivalent_nfe=cost.equivalent_nfe(flops),
+                         seconds=seconds, fd_digits=metrics["fd_digits"],
+                         class_accuracy=metrics["class_accuracy"]))
+        grid = fn(params, jax.random.key(3), jnp.arange(100) % max(net.label_dim, 1))
+        save_grid(os.path.join(out_dir, f"grid_{len(rows):02d}.png"), np.asarray(grid), nrow=10)
+        print(f"{rows[-1]['plan']}: fd_digits {metrics['fd_digits']:.3f}, "
+              f"{seconds:.2f} s/batch", flush=True)
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = base["seconds"] / r["seconds"]
+        r["fd_change"] = r["fd_digits"] / base["fd_digits"] - 1
+    return rows
+
+
+def big_part(p):
+    """Wall-time ratios on a 64x64 ADM-sized UNet with random weights (DPM-Solver++ 2M)."""
+    arch = dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=0, dropout=0.0,
+                num_blocks=2, **p.get("big", {}))
+    net = adm(**arch)
+    denoiser = Denoiser(net=net)
+    x = jnp.zeros((p["big_batch"], 64, 64, 3))
+    shapes = jax.eval_shape(denoiser.init, jax.random.key(0), x, jnp.ones(p["big_batch"]))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.02, a.dtype),
+                          shapes)["params"]
+    steps, rows = p["big_steps"], []
+    for plan in [full_plan(steps), encoder_propagation_plan(net, steps),
+                 encoder_propagation_plan(net, steps, parallel=True),
+                 deepcache_plan(net, steps, branch=0, interval=3)]:
+        fn, _ = get_sample_fn(denoiser, sampler="dpmpp_2m", steps=steps, sigma_min=0.002,
+                              sigma_max=80.0, plan=plan)
+        seconds = time_fn(fn, (params, jax.random.key(0), jnp.zeros(p["big_batch"], int)),
+                          p["repeats"])
+        rows.append(dict(plan=label(plan), seconds=seconds))
+        print(f"64x64 ADM {rows[-1]['plan']}: {seconds:.2f} s", flush=True)
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+    params_count = sum(a.size for a in jax.tree.leaves(params))
+    return rows, dict(arch, params=int(params_count), batch=p["big_batch"], steps=steps)
+
+
+def format_table(rows, big_rows, big_info, p):
+    lines = [f"Digits UNet, {p['sampler']} {p['steps']} steps, fd_digits on {p['num']} samples, "
+             f"wall time per batch of {p['time_batch']} (median of {p['repeats']}):", "",
+             "| plan | full / partial / free calls | compute (full evals) | fd_digits | change "
+             "| class acc. | s / batch | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['plan']} | {r['full']} / {r['partial']} / {r['free']} | "
+                     f"{r['equivalent_nfe']:.1f} | {r['fd_digits']:.3f} | {r['fd_change']:+.1%} | "
+                     f"{r['class_accuracy']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x |")
+    lines += ["", f"64x64 ADM-sized UNet ({big_info['params'] / 1e6:.1f} M parameters, random "
+              f"weights), DPM-Solver++(2M) {big_info['steps']} steps, batch {big_info['batch']}:", "",
+              "| plan | s / run | speed-up |", "|---|---|---|"]
+    lines += [f"| {r['plan']} | {r['seconds']:.2f} | {r['speedup']:.2f}x |" for r in big_rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["speedup"], r["fd_digits"])
+        ax.annotate(r["plan"].split(" (")[0], (r["speedup"], r["fd_digits"]), fontsize=7)
+    ax.set_xlabel("speed-up over the full model (wall time)")
+    ax.set_ylabel("fd_digits (lower is better)")
+    ax.set_title("Feature reuse on the digits UNet")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="runs/digits")
+    ap.add_argument("--out", default="experiments/results/feature_reuse")
+    ap.add_argument("--small", action="store_true", help="a quick run with few samples")
+    args = ap.parse_args()
+    p = SMALL if args.small else FULL
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    rows = digits_part(args.workdir, p, args.out)
+    big_rows, big_info = big_part(p)
+    table = format_table(rows, big_rows, big_info, p)
+    print(table)
+    print(f"total {time.time() - t0:.0f} s")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(settings={k: v for k, v in p.items()}, digits=rows, big=big_rows,
+                       big_model=big_info), f, indent=1, default=str)
+    plot(rows, os.path.join(args.out, "fd_vs_speed.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Feature reuse plans: what each computes and reuses, and exact agreements with the plain model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax import schedules
+from difflax.accel import (deepcache_plan, deepcache_refresh_steps, denoiser_run_fn,
+                           encoder_nodes, encoder_propagation_plan, faster_diffusion_key_steps,
+                           full_plan, inheritance_nodes, inheritance_plan, plan_cost,
+                           sample_with_plan)
+from difflax.accel.feature_reuse import _tables
+from difflax.models import Denoiser, ddpmpp, feature_nodes
+from difflax.samplers import sample
+
+NET = ddpmpp(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, model_channels=16,
+             channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
+SCHEDULE = schedules.edm(0.002, 80.0)
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    denoiser = Denoiser(net=NET)
+    noise = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    labels = jnp.array([0, 2])
+    shapes = jax.eval_shape(denoiser.init, jax.random.key(1), noise, jnp.ones(2), labels)
+    rng = np.random.default_rng(0)  # random weights: EDM's zero-initialised layers hide bugs
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.2, s.dtype), shapes)
+    return denoiser, variables, noise, labels
+
+
+def _plain(model, sampler, **options):
+    denoiser, v, noise, labels = model
+    return jax.jit(lambda n: sample(lambda x, t: denoiser.apply(v, x, t, labels), n,
+                                    schedule=SCHEDULE, sampler=sampler, steps=STEPS,
+                                    prediction="x0", **options)[0])(noise)
+
+
+def _with_plan(model, plan, sampler, **options):
+    denoiser, v, noise, labels = model
+    run = denoiser_run_fn(denoiser, v, labels)
+    return jax.jit(lambda n: sample_with_plan(run, n, plan=plan, config=NET, schedule=SCHEDULE,
+                                              sampler=sampler, steps=STEPS, prediction="x0",
+                                              **options)[0])(noise)
+
+
+@pytest.fixture(scope="module")
+def plain_deis(model):
+    return _plain(model, "deis_tab", order=2)
+
+
+@pytest.mark.parametrize("sampler,options", [("deis_tab", {"order": 2}), ("edm_heun", {})])
+def test_full_plan_is_the_plain_sampler_bit_for_bit(model, plain_deis, sampler, options):
+    plain = plain_deis if sampler == "deis_tab" else _plain(model, sampler, **options)
+    np.testing.assert_array_equal(_with_plan(model, full_plan(STEPS), sampler, **options), plain)
+
+
+def test_refreshing_every_step_reproduces_the_plain_model(model, plain_deis):
+    """A multistep solver calls the model once a step, at the refresh point: reusing what
+    was just computed there changes nothing (up to XLA's fusion of another program)."""
+    for plan in (encoder_propagation_plan(NET, STEPS, every=1),
+                 deepcache_plan(NET, STEPS, branch=1, interval=1)):
+        np.testing.assert_allclose(_with_plan(model, plan, "deis_tab", order=2), plain_deis,
+                                   atol=2e-5, err_msg=plan.name)
+
+
+def test_parallel_decoding_equals_sequential_and_reuse_changes_the_result(model, plain_deis):
+    plan = encoder_propagation_plan(NET, STEPS, key_steps=(0, 1, 3))
+    sequential = _with_plan(model, plan, "deis_tab", order=2)
+    parallel = _with_plan(model, encoder_propagation_plan(NET, STEPS, key_steps=(0, 1, 3),
+                                                          parallel=True), "deis_tab", order=2)
+    np.testing.assert_allclose(parallel, sequential, atol=2e-5)
+    assert float(jnp.abs(sequential - plain_deis).max()) > 1e-3  # the reuse is real
+
+
+def test_reused_blocks_are_not_computed(model):
+    """Gradients w.r.t. the parameters vanish exactly for the blocks a partial call skips."""
+    denoiser, v, noise, labels = model
+    sigma = jnp.array([1.0, 1.0])
+    nodes = feature_nodes(NET)
+    _, cache = jax.jit(lambda v: denoiser.apply(v, noise, sigma, labels, method=Denoiser.run,
+                                                store=tuple(n.name for n in nodes[:-1])))(v)
+    branch = deepcache_plan(NET, STEPS, branch=1, interval=2).nodes
+    for reuse, skipped in ((encoder_nodes(NET), ("enc_8x8_conv", "enc_4x4_block0", "dec_4x4_in0")),
+                           (branch, ("enc_4x4_down", "dec_4x4_in1", "dec_4x4_block1"))):
+        grads = jax.jit(jax.grad(lambda p, c: jnp.sum(denoiser.apply(
+            {"params": p}, noise, sigma, labels, cache=c, reuse=reuse,
+            method=Denoiser.run)[0] ** 2)))(v["params"], {k: cache[k] for k in reuse})["model"]
+        norm = {k: sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(b)) for k, b in grads.items()}
+        for name in skipped:
+            assert norm[name] == 0, (reuse, name)
+        assert norm["dec_8x8_block1"] > 0 and norm["map_layer0"] > 0
+
+
+def test_plan_cost_counts_the_papers_schedule():
+    plan = encoder_propagation_plan(NET, 50)
+    assert faster_diffusion_key_steps(50) == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    assert faster_diffusion_key_steps(20) == (0, 1, 2, 3, 5, 10, 15)
+    cost = plan_cost(NET, plan, 1)
+    assert (cost.full, cost.partial, cost.free) == (9, 41, 0)
+    decoder = {n.name for n in feature_nodes(NET) if n.kind in ("decoder", "output")}
+    assert cost.node_evaluations == {**{n: 9 for n in encoder_nodes(NET)}, **{n: 50 for n in decoder}}
+    parallel = plan_cost(NET, encoder_propagation_plan(NET, 50, parallel=True), 1)
+    assert (parallel.batched_decodes, parallel.decoded_steps, parallel.free) == (9, 50, 41)
+    assert parallel.node_evaluations == cost.node_evaluations
+    heun = plan_cost(NET, plan, 2)  # EDM Heun: a refresh answers the first of 2 calls
+    assert (heun.full, heun.partial) == (9, 91)
+    flops = {n: 1.0 for n in cost.node_evaluations}
+    assert plan_cost(NET, full_plan(50), 1).equivalent_nfe(flops) == 50
+
+
+def test_schedules_and_granularities():
+    assert deepcache_refresh_steps(7, interval=3) == (True, False, False, True, False, False, True)
+    nonuniform = deepcache_refresh_steps(50, power=1.4, center=15, num_full=10)
+    full = [i for i, r in enumerate(nonuniform) if r]
+    assert full[0] == 0 and 5 <= len(full) <= 11 and any(12 <= i <= 18 for i in full)
+    gaps = np.diff(full)
+    assert gaps.min() < gaps.max()  # denser near the centre
+    assert inheritance_nodes(NET, "block", ["dec.4x4"]) == {
+        "dec.4x4_in0", "dec.4x4_in1", "dec.4x4_block0", "dec.4x4_block1"}
+    assert inheritance_nodes(NET, "unit", ["dec.4x4_in0"]) == {"dec.4x4_in0.attn"}
+    plan = inheritance_plan(NET, 8, granularity="layer", targets=["dec.8x8_up"], window=(0.5, 1.0))
+    assert plan.refresh == (True,) * 4 + (False, True, False, True)  # step 4 inherits step 3's
+    with pytest.raises(ValueError, match="unknown granularity"):
+        inheritance_nodes(NET, "unit-ish", ["dec.4x4_in0"])
+    with pytest.raises(ValueError, match="unknown feature nodes"):
+        inheritance_nodes(NET, "unit", ["dec.8x8_up"])  # no attention unit there
+    with pytest.raises(ValueError, match="valid: 'enc.<R>x<R>'"):
+        inheritance_nodes(NET, "block", ["dec.2x2"])
+
+
+def test_noise_injection_in_the_later_half():
+    vp = schedules.vp_linear()
+    plan = encoder_propagation_plan(NET, 10, parallel=True, noise_injection=0.003)
+    grid = np.linspace(vp.t_max, vp.t_min, 11)
+    _, _, _, injection = _tables(plan, vp, grid)
+    np.testing.assert_allclose(injection, [0] * 5 + [0.003] * 5, rtol=1e-6)  # alpha^2 + sigma^2 = 1
+
+
+def test_plans_that_cannot_apply_say_so(model):
+    denoiser, v, noise, labels = model
+    run = denoiser_run_fn(denoiser, v, labels)
+    call = lambda plan, sampler, steps=STEPS: sample_with_plan(
+        run, noise, plan=plan, config=NET, schedule=SCHEDULE, sampler=sampler, steps=steps,
+        prediction="x0", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="parallel decoding needs one model call per step"):
+        call(encoder_propagation_plan(NET, STEPS, parallel=True), "edm_heun")
+    with pytest.raises(ValueError, match="cannot run with a feature cache"):
+        call(encoder_propagation_plan(NET, STEPS), "euler_maruyama")
+    with pytest.raises(ValueError, match="has 8 steps, the grid 5"):
+        call(encoder_propagation_plan(NET, STEPS), "ddim", steps=5)
+    with pytest.raises(ValueError, match="step 0 must refresh"):
+        encoder_propagation_plan(NET, STEPS, key_steps=(2, 4))
