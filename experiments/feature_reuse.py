@@ -33,10 +33,10 @@ from difflax.metrics import evaluate_digits  # noqa: E402
 from difflax.models import Denoiser, adm  # noqa: E402
 from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run  # noqa: E402
 
-FULL = dict(sampler="ddim", steps=50, num=1000, batch=250, time_batch=250, big_steps=20,
-            big_batch=2, repeats=3)
+FULL = dict(sampler="ddim", steps=50, num=500, batch=250, time_batch=100, big_steps=20,
+            big_batch=1, repeats=3, big=dict(num_blocks=1))
 SMALL = dict(sampler="ddim", steps=20, num=128, batch=64, time_batch=64, big_steps=6,
-             big_batch=1, repeats=1, big=dict(model_channels=32, channel_mult=(1, 2),
+             big_batch=1, repeats=2, big=dict(model_channels=32, channel_mult=(1, 2),
                                               num_blocks=1, attn_resolutions=(16,)))
 
 
@@ -65,15 +65,23 @@ def label(plan):
     return f"{plan.name}{extra}" + ("" if plan.name == "full" else f" ({keys} refresh steps)")
 
 
-def time_fn(fn, args, repeats):
-    """Median wall time of fn(*args) after one compiling call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def time_fns(fns, args, repeats):
+    """{name: (wall s, process CPU s)} of fn(*args) for each fn, after one compiling call.
+
+    The calls go round-robin and each figure is the minimum over `repeats` rounds, so that a
+    burst of load from other processes on the machine hits all plans alike and is discarded.
+    """
+    for fn in fns.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn(*args))
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: (min(wall[name]), min(cpu[name])) for name in fns}
 
 
 def digits_part(workdir, p, out_dir):
@@ -83,18 +91,22 @@ def digits_part(workdir, p, out_dir):
     t = jnp.full((p["time_batch"],), 1.0)
     labels = jnp.arange(p["time_batch"]) % max(net.label_dim, 1)
     flops = node_flops(net, denoiser_run_fn(denoiser, {"params": params}, labels), x, t)
+    plans = digits_plans(net, p["steps"])
+    fns = {label(plan): get_sample_fn(denoiser, sampler=p["sampler"], steps=p["steps"],
+                                      sigma_min=s.sigma_min, sigma_max=s.sigma_max, plan=plan)
+           for plan in plans}
+    times = time_fns({k: fn for k, (fn, _) in fns.items()}, (params, jax.random.key(7), labels),
+                     p["repeats"])
     rows = []
-    for plan in digits_plans(net, p["steps"]):
-        fn, nfe = get_sample_fn(denoiser, sampler=p["sampler"], steps=p["steps"],
-                                sigma_min=s.sigma_min, sigma_max=s.sigma_max, plan=plan)
-        seconds = time_fn(fn, (params, jax.random.key(7), labels), p["repeats"])
-        metrics = evaluate_digits(labelled_sample_fn(fn, params, net.label_dim), key=jax.random.key(1), num_samples=p["num"],
-                                  batch_size=p["batch"], resolution=net.img_resolution,
-                                  progress=False)
+    for plan in plans:
+        (fn, nfe), (seconds, cpu) = fns[label(plan)], times[label(plan)]
+        metrics = evaluate_digits(labelled_sample_fn(fn, params, net.label_dim), key=jax.random.key(1),
+                                  num_samples=p["num"], batch_size=p["batch"],
+                                  resolution=net.img_resolution, progress=False)
         cost = plan_cost(net, plan, 1)
         rows.append(dict(plan=label(plan), nfe=nfe, full=cost.full, partial=cost.partial,
                          free=cost.free, equivalent_nfe=cost.equivalent_nfe(flops),
-                         seconds=seconds, fd_digits=metrics["fd_digits"],
+                         seconds=seconds, cpu_seconds=cpu, fd_digits=metrics["fd_digits"],
                          class_accuracy=metrics["class_accuracy"]))
         grid = fn(params, jax.random.key(3), jnp.arange(100) % max(net.label_dim, 1))
         save_grid(os.path.join(out_dir, f"grid_{len(rows):02d}.png"), np.asarray(grid), nrow=10)
@@ -103,6 +115,7 @@ def digits_part(workdir, p, out_dir):
     base = rows[0]
     for r in rows:
         r["speedup"] = base["seconds"] / r["seconds"]
+        r["cpu_speedup"] = base["cpu_seconds"] / r["cpu_seconds"]
         r["fd_change"] = r["fd_digits"] / base["fd_digits"] - 1
     return rows
 
@@ -110,7 +123,7 @@ def digits_part(workdir, p, out_dir):
 def big_part(p):
     """Wall-time ratios on a 64x64 ADM-sized UNet with random weights (DPM-Solver++ 2M)."""
     arch = dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=0, dropout=0.0,
-                num_blocks=2, **p.get("big", {}))
+                **p["big"])
     net = adm(**arch)
     denoiser = Denoiser(net=net)
     x = jnp.zeros((p["big_batch"], 64, 64, 3))
@@ -118,35 +131,38 @@ def big_part(p):
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.02, a.dtype),
                           shapes)["params"]
-    steps, rows = p["big_steps"], []
-    for plan in [full_plan(steps), encoder_propagation_plan(net, steps),
-                 encoder_propagation_plan(net, steps, parallel=True),
-                 deepcache_plan(net, steps, branch=0, interval=3)]:
-        fn, _ = get_sample_fn(denoiser, sampler="dpmpp_2m", steps=steps, sigma_min=0.002,
-                              sigma_max=80.0, plan=plan)
-        seconds = time_fn(fn, (params, jax.random.key(0), jnp.zeros(p["big_batch"], int)),
-                          p["repeats"])
-        rows.append(dict(plan=label(plan), seconds=seconds))
-        print(f"64x64 ADM {rows[-1]['plan']}: {seconds:.2f} s", flush=True)
-    for r in rows:
-        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+    steps = p["big_steps"]
+    plans = [full_plan(steps), encoder_propagation_plan(net, steps),
+             encoder_propagation_plan(net, steps, parallel=True),
+             deepcache_plan(net, steps, branch=0, interval=3)]
+    fns = {label(plan): get_sample_fn(denoiser, sampler="dpmpp_2m", steps=steps,
+                                      sigma_min=0.002, sigma_max=80.0, plan=plan)[0]
+           for plan in plans}
+    times = time_fns(fns, (params, jax.random.key(0), jnp.zeros(p["big_batch"], int)), p["repeats"])
+    full = times[label(plans[0])]
+    rows = [dict(plan=name, seconds=w, cpu_seconds=c, speedup=full[0] / w, cpu_speedup=full[1] / c)
+            for name, (w, c) in times.items()]
+    print("\n".join(f"64x64 ADM {r['plan']}: {r['seconds']:.2f} s" for r in rows), flush=True)
     params_count = sum(a.size for a in jax.tree.leaves(params))
     return rows, dict(arch, params=int(params_count), batch=p["big_batch"], steps=steps)
 
 
 def format_table(rows, big_rows, big_info, p):
     lines = [f"Digits UNet, {p['sampler']} {p['steps']} steps, fd_digits on {p['num']} samples, "
-             f"wall time per batch of {p['time_batch']} (median of {p['repeats']}):", "",
+             f"wall time per batch of {p['time_batch']} (best of {p['repeats']} round-robin rounds; "
+             "CPU time in brackets):", "",
              "| plan | full / partial / free calls | compute (full evals) | fd_digits | change "
              "| class acc. | s / batch | speed-up |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['plan']} | {r['full']} / {r['partial']} / {r['free']} | "
                      f"{r['equivalent_nfe']:.1f} | {r['fd_digits']:.3f} | {r['fd_change']:+.1%} | "
-                     f"{r['class_accuracy']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x |")
+                     f"{r['class_accuracy']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x "
+                     f"({r['cpu_speedup']:.2f}x) |")
     lines += ["", f"64x64 ADM-sized UNet ({big_info['params'] / 1e6:.1f} M parameters, random "
               f"weights), DPM-Solver++(2M) {big_info['steps']} steps, batch {big_info['batch']}:", "",
-              "| plan | s / run | speed-up |", "|---|---|---|"]
-    lines += [f"| {r['plan']} | {r['seconds']:.2f} | {r['speedup']:.2f}x |" for r in big_rows]
+              "| plan | s / run | speed-up (CPU time) |", "|---|---|---|"]
+    lines += [f"| {r['plan']} | {r['seconds']:.2f} | {r['speedup']:.2f}x ({r['cpu_speedup']:.2f}x) |"
+              for r in big_rows]
     return "\n".join(lines) + "\n"
 
 
