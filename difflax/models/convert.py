@@ -64,15 +64,21 @@ def convert_state_dict(state_dict: Mapping[str, Any], denoiser: Denoiser) -> dic
         elif value.ndim == 2:
             value = value.T
         flat[_flax_path(name)] = value
+    return fitted_variables(flat, expected)
+
+
+def fitted_variables(flat: dict, expected: dict, what: str = "this architecture") -> dict:
+    """`{"params": ...}` from converted arrays keyed by Flax path, checked against the
+    expected shapes; missing, unexpected or mis-shaped entries raise one error naming them."""
     missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
     unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
     wrong = sorted(f"{'/'.join(k)}: {flat[k].shape} vs {expected[k]}"
                    for k in expected.keys() & flat.keys() if flat[k].shape != expected[k])
     if missing or unexpected or wrong:
         raise ValueError(
-            "the weights do not fit this architecture: "
-            + "; ".join(f"{what} {items[:5]}{' ...' if len(items) > 5 else ''}"
-                        for what, items in (("missing", missing), ("unexpected", unexpected),
+            f"the weights do not fit {what}: "
+            + "; ".join(f"{kind} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                        for kind, items in (("missing", missing), ("unexpected", unexpected),
                                             ("wrong shape", wrong)) if items))
     return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})}
 

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-# ----------------------------------------------------------------------------
-# Configuration and the named presets of SiT's Table 1 (DiT's model sizes).
+from difflax.models.convert import fitted_variables
 
-SIZES = {  # depth, hidden size, heads (SiT Table 1, DiT Table 1)
+# ----------------------------------------------------------------------------
+# Configuration and the named presets (DiT's model sizes, DiT Table 1).
+
+SIZES = {  # depth, hidden size, heads (DiT Table 1, as SiT uses them)
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
@@ -49,6 +51,8 @@ class SiTConfig:
     `class_dropout_prob` > 0 the label table has a null row `num_classes` (guidance).
     `snippet_dim` > 0 adds GMem's snippet projection. With `learn_sigma` the network
     predicts 2 * in_channels channels and returns the first in_channels, as SiT does.
+    `repa_dim` > 0 adds a REPA projector (an MLP of width `repa_hidden`) on the tokens after
+    block `repa_depth`, for the alignment loss `repa_loss` (GMem trains with it).
     """
 
     input_size: int = 32
@@ -63,6 +67,9 @@ class SiTConfig:
     learn_sigma: bool = True
     snippet_dim: int = 0
     snippet_dropout_prob: float = 0.1
+    repa_depth: int = 0
+    repa_dim: int = 0
+    repa_hidden: int = 2048
 
     def __post_init__(self):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
@@ -83,6 +90,9 @@ class SiTConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.num_classes < 0 or self.snippet_dim < 0:
             raise ValueError("num_classes and snippet_dim must be >= 0")
+        if self.repa_dim and not 1 <= self.repa_depth <= self.depth:
+            raise ValueError(f"repa_depth must be a block index in [1, {self.depth}] when "
+                             f"repa_dim > 0, got {self.repa_depth}")
 
     @property
     def out_channels(self) -> int:
@@ -229,7 +239,8 @@ class SiT(nn.Module):
         (the unconditional half of classifier-free guidance);
       train: labels and snippets are dropped at random (rng stream "dropout").
     Returns (B, H, W, in_channels): the first in_channels of the output (the velocity,
-    noise or score the model was trained for). `pos_embed` is a parameter held fixed by a
+    noise or score the model was trained for); with `return_repa`, also the REPA
+    projection (B, T, repa_dim) of the tokens after block `repa_depth`. `pos_embed` is a parameter held fixed by a
     stop_gradient (frozen in SiT), so that converted weights are kept exactly.
     """
 
@@ -273,7 +284,7 @@ class SiT(nn.Module):
         return c
 
     @nn.compact
-    def __call__(self, x, t, y=None, snippet=None, *, drop=None, train=False):
+    def __call__(self, x, t, y=None, snippet=None, *, drop=None, train=False, return_repa=False):
         cfg = self.config
         b, h, w, _ = x.shape
         if (h, w, x.shape[-1]) != (cfg.input_size, cfg.input_size, cfg.in_channels):
@@ -292,13 +303,32 @@ class SiT(nn.Module):
         temb = _dense(cfg.hidden_size, "t_embedder_mlp_0", std=0.02)(timestep_embedding(t, 256))
         temb = _dense(cfg.hidden_size, "t_embedder_mlp_2", std=0.02)(nn.silu(temb))
         c = temb + self._condition(b, y, snippet, drop, train)
+        repa = None
         for i in range(cfg.depth):
             tokens = SiTBlock(cfg.num_heads, cfg.mlp_ratio, name=f"blocks_{i}")(tokens, c)
+            if cfg.repa_dim and i + 1 == cfg.repa_depth:
+                h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_0")(tokens))
+                h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_1")(h))
+                repa = _dense(cfg.repa_dim, "repa_projector_2")(h)
         out = FinalLayer(p, cfg.out_channels, name="final_layer")(tokens, c)
         # unpatchify: (B, g*g, p*p*C') -> (B, g*p, g*p, C')
         out = out.reshape(b, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        out = out.reshape(b, g * p, g * p, cfg.out_channels)
-        return out[..., :cfg.in_channels]
+        out = out.reshape(b, g * p, g * p, cfg.out_channels)[..., :cfg.in_channels]
+        if return_repa:
+            if repa is None:
+                raise ValueError("return_repa needs a SiT with repa_dim > 0")
+            return out, repa
+        return out
+
+
+def repa_loss(projected, target):
+    """REPA's alignment loss (Yu et al., "Representation Alignment for Generation", ICLR
+    2025, Sec. 3; GMem trains with it): minus the mean cosine similarity of
+    projected tokens (B, T, D) and encoder features, per token (B, T, D) or one per image
+    (B, D) (e.g. the snippet itself, broadcast over tokens). A scalar in [-1, 1]."""
+    target = jnp.broadcast_to(target[:, None] if target.ndim == 2 else target, projected.shape)
+    unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
+    return -jnp.mean(jnp.sum(unit(projected) * unit(target), axis=-1))
 
 
 def init_sit(config: SiTConfig, key: jax.Array) -> dict:
@@ -350,17 +380,7 @@ def convert_sit_state_dict(state_dict, config: SiTConfig) -> dict:
         flat[path] = value
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(
         jax.eval_shape(lambda: init_sit(config, jax.random.key(0)))["params"]).items()}
-    missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
-    unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
-    wrong = sorted(f"{'/'.join(k)}: {flat[k].shape} vs {expected[k]}"
-                   for k in expected.keys() & flat.keys() if flat[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "the weights do not fit this SiT (check " + ", ".join(_SIT_FIELDS[:10]) + "): "
-            + "; ".join(f"{what} {items[:5]}{' ...' if len(items) > 5 else ''}"
-                        for what, items in (("missing", missing), ("unexpected", unexpected),
-                                            ("wrong shape", wrong)) if items))
-    return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})}
+    return fitted_variables(flat, expected, "this SiT (check " + ", ".join(_SIT_FIELDS[:10]) + ")")
 
 
 def load_sit(path: str | os.PathLike, config: SiTConfig | str | None = None, **fields):

@@ -1,0 +1,109 @@
+"""GMem memory bank: building, disk, k-means and SVD compression, sampling, interpolation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax.memory import (MemoryBank, build_memory_bank, kmeans_compress, lerp, load_memory_bank,
+                            sample_entries, sample_snippets, save_memory_bank, shard_memory_bank,
+                            slerp, svd_compress)
+from difflax.training import make_mesh
+
+RNG = np.random.default_rng(0)
+IMAGES = jnp.asarray(RNG.normal(size=(50, 4, 4, 1)), jnp.float32)
+PROJ = jnp.asarray(RNG.normal(size=(16, 8)), jnp.float32)
+
+
+def encoder(images):
+    return images.reshape(len(images), -1) @ PROJ  # (B, 8), not normalised
+
+
+def test_bank_holds_normalised_snippets_built_in_batches_and_survives_disk(tmp_path):
+    bank = build_memory_bank(encoder, IMAGES, batch_size=16)  # 16, 16, 16, 2
+    direct = encoder(IMAGES) / jnp.linalg.norm(encoder(IMAGES), axis=1, keepdims=True)
+    np.testing.assert_allclose(bank.snippets_of(jnp.arange(50)), direct, atol=1e-6)
+    np.testing.assert_allclose(bank.frequencies, np.ones(50))
+    batches = (IMAGES[i:i + 7] for i in range(0, 50, 7))  # any iterable of batches
+    np.testing.assert_allclose(build_memory_bank(encoder, batches).entries, bank.entries, atol=1e-6)
+    save_memory_bank(tmp_path / "bank.npz", bank)
+    loaded = load_memory_bank(tmp_path / "bank.npz")
+    assert loaded.basis is None
+    np.testing.assert_array_equal(loaded.entries, bank.entries)
+    np.testing.assert_array_equal(loaded.assignment, bank.assignment)
+    with pytest.raises(FileNotFoundError, match="build_memory_bank"):
+        load_memory_bank(tmp_path / "none.npz")
+
+
+def _clusters(sizes=(30, 20, 10), dim=8, spread=0.05):
+    centers = np.eye(dim)[: len(sizes)]
+    x = np.concatenate([c + spread * RNG.normal(size=(n, dim)) for c, n in zip(centers, sizes)])
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    entries = x / np.linalg.norm(x, axis=1, keepdims=True)
+    bank = MemoryBank(entries=jnp.asarray(entries, jnp.float32),
+                      frequencies=jnp.ones(len(x), jnp.float32),
+                      assignment=jnp.arange(len(x), dtype=jnp.int32))
+    return bank, centers, labels
+
+
+def test_kmeans_finds_the_clusters_with_their_frequencies():
+    bank, centers, labels = _clusters()
+    small = kmeans_compress(bank, 3, key=jax.random.key(0))
+    assert small.entries.shape == (3, 8)
+    np.testing.assert_allclose(jnp.linalg.norm(small.entries, axis=1), 1.0, atol=1e-5)
+    match = np.argmax(np.asarray(small.entries) @ centers.T, axis=0)  # entry of each true center
+    assert sorted(match) == [0, 1, 2]
+    np.testing.assert_allclose(np.asarray(small.frequencies)[match], [30, 20, 10])
+    np.testing.assert_array_equal(np.asarray(small.assignment), match[labels])  # images re-pointed
+    np.testing.assert_allclose(small.lookup(match), centers, atol=0.05)
+
+
+def test_svd_basis_reconstructs_snippets_in_its_subspace():
+    basis = np.linalg.qr(RNG.normal(size=(8, 3)))[0].T  # (3, 8) orthonormal rows
+    x = RNG.normal(size=(40, 3)) @ basis
+    bank = MemoryBank(entries=jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True), jnp.float32),
+                      frequencies=jnp.ones(40), assignment=jnp.arange(40))
+    low = svd_compress(bank, 3)
+    assert low.entries.shape == (40, 3) and low.basis.shape == (3, 8) and low.dim == 8
+    np.testing.assert_allclose(low.lookup(jnp.arange(40)), bank.entries, atol=1e-5)
+    worse = svd_compress(bank, 2)  # a smaller rank loses part of the snippets
+    assert float(jnp.abs(worse.lookup(jnp.arange(40)) - bank.entries).max()) > 1e-2
+    with pytest.raises(ValueError, match="rank"):
+        svd_compress(bank, 9)
+
+
+def test_sampling_uniform_or_by_frequency_and_never_the_padding():
+    bank = MemoryBank(entries=jnp.eye(3, dtype=jnp.float32),
+                      frequencies=jnp.array([1.0, 9.0, 0.0]), assignment=jnp.arange(3))
+    key = jax.random.key(0)
+    by_freq = np.asarray(sample_entries(bank, key, 20000, by="frequency"))
+    uniform = np.asarray(sample_entries(bank, key, 20000))
+    assert abs(np.mean(by_freq == 1) - 0.9) < 0.01 and not np.any(by_freq == 2)
+    assert abs(np.mean(uniform == 1) - 0.5) < 0.015 and not np.any(uniform == 2)
+    assert sample_snippets(bank, key, 5).shape == (5, 3)
+    with pytest.raises(ValueError, match="'uniform', 'frequency'|uniform, frequency"):
+        sample_entries(bank, key, 2, by="random")
+    mesh = make_mesh()  # the forced host devices of conftest
+    b10 = build_memory_bank(encoder, IMAGES[:10])
+    sharded = shard_memory_bank(b10, mesh)
+    assert sharded.size % mesh.size == 0 and sharded.size >= 10
+    draws = np.asarray(sample_entries(sharded, key, 5000))
+    assert draws.max() < 10  # the padding rows are never drawn
+    np.testing.assert_allclose(sharded.lookup(jnp.arange(10)), b10.entries, atol=1e-6)
+
+
+def test_interpolation_linear_and_spherical():
+    a, b = jnp.array([1.0, 0.0, 0.0]), jnp.array([0.0, 1.0, 0.0])
+    w = jnp.linspace(0, 1, 5)
+    for f in (lerp, slerp):
+        path = f(a, b, w)
+        assert path.shape == (5, 3)
+        np.testing.assert_allclose(path[0], a, atol=1e-6)
+        np.testing.assert_allclose(path[-1], b, atol=1e-6)
+        np.testing.assert_allclose(jnp.linalg.norm(path, axis=-1), 1.0, atol=1e-6)
+    # slerp moves at constant angular speed: angle(a, slerp(w)) = w * 90 degrees
+    np.testing.assert_allclose(jnp.arccos(jnp.clip(slerp(a, b, w) @ a, -1, 1)), w * np.pi / 2,
+                               atol=1e-3)
+    # lerp does not: its midpoint is the same direction, its quarter points are not
+    np.testing.assert_allclose(lerp(a, b, 0.5), slerp(a, b, 0.5), atol=1e-6)
+    assert float(jnp.abs(lerp(a, b, 0.25) - slerp(a, b, 0.25)).max()) > 1e-2
+    np.testing.assert_allclose(slerp(a, a, 0.3), a, atol=1e-6)  # parallel: no division by 0

@@ -1,0 +1,240 @@
+"""SiT: golden output of willisma/SiT, presets, guidance and snippets; interpolants, samplers
+and loss against exact Gaussian answers."""
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from difflax import data
+from difflax.interpolants import (INTERPOLANTS, diffusion_coefficient, get_sit_fn,
+                                  interpolant_schedule, sample_ode, sample_sde, time_interval,
+                                  default_eps)
+from difflax.models.sit import SiT, SiTConfig, init_sit, load_sit, repa_loss, sit_config
+from difflax.training import (TrainConfig, create_train_state, ema_decay, get_train_step_fn,
+                              make_mesh, make_optimizer, replicated)
+from difflax.training.interpolant_loss import get_interpolant_loss_fn, interpolant_loss
+
+GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden" / "sit_tiny_cond8.npz"
+TINY = SiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                 num_classes=10, class_dropout_prob=0.1, snippet_dim=6, learn_sigma=False,
+                 repa_depth=1, repa_dim=5, repa_hidden=16)
+
+
+def _golden():
+    with np.load(GOLDEN) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_state_dict_reproduces_sit_output():
+    data_ = _golden()
+    model, variables = load_sit(GOLDEN)
+    assert model.config == SiTConfig(**json.loads(str(data_["config_json"])))
+    x = jnp.asarray(data_["input/x_nchw"]).transpose(0, 2, 3, 1)
+    out = jax.jit(model.apply)(variables, x, data_["input/t"], data_["input/y"])
+    ref = data_["output/nchw"].transpose(0, 2, 3, 1)
+    assert out.shape == ref.shape  # learn_sigma: the first in_channels of 2 * in_channels
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+
+
+def test_converter_names_what_does_not_fit():
+    state = {k.removeprefix("param/"): v for k, v in _golden().items() if k.startswith("param/")}
+    with pytest.raises(ValueError, match="missing.*blocks_3"):
+        load_sit(GOLDEN, depth=4)
+    del state["blocks.0.attn.qkv.bias"]
+    from difflax.models.sit import convert_sit_state_dict
+    with pytest.raises(ValueError, match="missing.*blocks_0/attn/qkv/bias"):
+        convert_sit_state_dict(state, sit_config("SiT-S/2", input_size=8, in_channels=4,
+                                                 hidden_size=96, depth=3, num_heads=4,
+                                                 num_classes=10))
+
+
+def test_presets_match_the_paper_and_bad_configs_name_valid_choices():
+    # DiT / SiT Table 1: SiT-XL/2 has 675M parameters at 256x256 (32x32x4 latents).
+    xl = sit_config("SiT-XL/2", input_size=32)
+    assert (xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size) == (28, 1152, 16, 2)
+    shapes = jax.eval_shape(lambda: init_sit(xl, jax.random.key(0)))
+    assert round(sum(x.size for x in jax.tree.leaves(shapes)) / 1e6) == 675
+    with pytest.raises(ValueError, match="SiT-XL/2"):
+        sit_config("SiT-M/2")
+    with pytest.raises(ValueError, match=r"valid patch sizes: \[1, 2, 3, 6\]"):
+        SiTConfig(input_size=6, patch_size=4, hidden_size=32, num_heads=2)
+    with pytest.raises(ValueError, match="num_heads"):
+        SiTConfig(hidden_size=36, num_heads=5)
+    with pytest.raises(ValueError, match="shape"):
+        SiT(TINY).init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), jnp.ones(1))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny labels + snippets SiT with random weights everywhere (zero-init layers matter);
+    shapes from eval_shape, values from numpy: nothing to compile."""
+    shapes = jax.eval_shape(lambda: init_sit(TINY, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+    return SiT(TINY), variables, jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+
+
+def test_guidance_combines_conditional_and_null_outputs(tiny):
+    model, v, x = tiny
+    t, y = jnp.array([0.1, 0.4, 0.6, 0.9]), jnp.array([0, 3, 5, 9])
+    snip = jax.random.normal(jax.random.key(3), (4, 6))
+    # training drops labels and snippets per sample (p = 0.1 each): over 256 copies of one
+    # input some rows equal the snippet-free output, most do not
+    xs, ts = jnp.repeat(x[:1], 256, 0), jnp.full((256,), 0.5)
+    ys, sn = jnp.full((256,), 3), jnp.repeat(snip[:1], 256, 0)
+
+    @jax.jit
+    def outputs(v):
+        apply = functools.partial(model.apply, v)
+        return dict(
+            cond=apply(x, t, y, snip), null=apply(x, t, None, None),
+            dropped=apply(x, t, y, snip, drop=jnp.ones(4, bool)),
+            guided=get_sit_fn(model, v, y=y, snippet=snip, cfg_scale=3.0)(x, t),
+            plain=get_sit_fn(model, v, y=y, snippet=snip)(x, t),
+            trained=apply(xs, ts, ys, sn, train=True, rngs={"dropout": jax.random.key(4)}),
+            no_snip=apply(xs, ts, ys, None))
+
+    o = outputs(v)
+    np.testing.assert_allclose(o["dropped"], o["null"], atol=1e-6)
+    assert float(jnp.abs(o["cond"] - o["null"]).min()) > 0  # the condition reaches every output
+    np.testing.assert_allclose(o["guided"], o["null"] + 3.0 * (o["cond"] - o["null"]), atol=1e-4,
+                               rtol=1e-5)
+    np.testing.assert_allclose(o["plain"], o["cond"], atol=1e-6)
+    dropped = np.asarray(jnp.all(jnp.abs(o["trained"] - o["no_snip"]) < 1e-6, axis=(1, 2, 3)))
+    assert 5 <= dropped.sum() <= 60
+
+
+# ----------------------------------------------------------------------------
+# Interpolants and samplers against a Gaussian's exact flow.
+
+MEAN, STD = jnp.array([[1.5, -0.5]]), 0.4
+GAUSS = data.GaussianMixture(means=MEAN, stds=jnp.array([STD]), weights=jnp.array([1.0]))
+
+
+def exact_sit_fn(interpolant, prediction, mixture=GAUSS):
+    """The exact SiT-convention model of a mixture: velocity, noise or score at (x, t)."""
+    sch = interpolant_schedule(interpolant)
+
+    def fn(x, t):
+        s = 1.0 - t
+        a, sg, da, ds = (f(s)[:, None] for f in (sch.alpha, sch.sigma, sch.d_alpha, sch.d_sigma))
+        score = jax.vmap(mixture.score)(x, a[:, 0], sg[:, 0])
+        if prediction == "score":
+            return score
+        eps = -sg * score
+        if prediction == "noise":
+            return eps
+        x0 = jax.vmap(mixture.posterior_mean)(x, a[:, 0], sg[:, 0])
+        return -(da * x0 + ds * eps)  # dx/dt = -dx/ds
+
+    return fn
+
+
+def exact_endpoint(interpolant, prediction, noise):
+    """The probability-flow map of a Gaussian is affine: x_s = a m + sqrt(a^2 std^2 + s^2) z."""
+    sch = interpolant_schedule(interpolant)
+    t0, t1 = time_interval(interpolant, prediction, eps=default_eps(interpolant, prediction,
+                                                                    train=False))
+    a0, s0, a1, s1 = (float(f(1 - t)) for t in (t0, t1) for f in (sch.alpha, sch.sigma))
+    z = (s0 * noise - a0 * MEAN) / np.sqrt(a0**2 * STD**2 + s0**2)
+    return a1 * MEAN + np.sqrt(a1**2 * STD**2 + s1**2) * z
+
+
+NOISE = jax.random.normal(jax.random.key(0), (256, 2))
+
+
+def test_ode_euler_and_heun_converge_at_their_orders():
+    fn = exact_sit_fn("linear", "velocity")
+    exact = exact_endpoint("linear", "velocity", NOISE)
+    run = jax.jit(lambda z, m, n: sample_ode(fn, z, method=m, steps=n), static_argnums=(1, 2))
+    out = {(m, n): run(NOISE, m, n) for m in ("euler", "heun") for n in (10, 20)}
+    err = {k: float(jnp.sqrt(jnp.mean((x - exact) ** 2))) for k, (x, _) in out.items()}
+    assert 1.8 < err["euler", 10] / err["euler", 20] < 2.2   # order 1
+    assert 3.5 < err["heun", 10] / err["heun", 20] < 4.5     # order 2
+    assert int(out["heun", 10][1]) == 19  # the last step, to sigma = 0, is an Euler step
+
+
+@pytest.mark.parametrize("interpolant,prediction", [("gvp", "noise"), ("vp", "score")])
+def test_dopri5_reaches_the_exact_endpoint(interpolant, prediction):
+    fn = exact_sit_fn(interpolant, prediction)
+    out, _ = jax.jit(lambda z: sample_ode(fn, z, interpolant=interpolant, prediction=prediction,
+                                          method="dopri5", rtol=1e-6))(NOISE)
+    np.testing.assert_allclose(out, exact_endpoint(interpolant, prediction, NOISE), atol=1e-4)
+
+
+@pytest.mark.parametrize("interpolant,prediction,form,method,last", [
+    ("linear", "velocity", "sigma", "euler", "mean"),
+    ("gvp", "noise", "SBDM", "heun", "tweedie")])
+def test_sde_samples_have_the_data_moments(interpolant, prediction, form, method, last):
+    z = jax.random.normal(jax.random.key(5), (4000, 2))
+    fn = exact_sit_fn(interpolant, prediction)
+    out, nfe = jax.jit(lambda z: sample_sde(fn, z, key=jax.random.key(6), interpolant=interpolant,
+                                            prediction=prediction, method=method, steps=60,
+                                            diffusion_form=form, last_step=last))(z)
+    assert nfe == (60 if method == "euler" else 120) + 1
+    np.testing.assert_allclose(out.mean(0), MEAN[0], atol=0.04)  # 4000 samples: se 0.006
+    np.testing.assert_allclose(out.std(0), STD, atol=0.03)
+
+
+def test_diffusion_coefficients():
+    t = np.array([0.25, 0.5])
+    lin = interpolant_schedule("linear")
+    np.testing.assert_allclose(diffusion_coefficient("sigma", t, lin, 2.0), 2 * (1 - t))
+    np.testing.assert_allclose(diffusion_coefficient("linear", t, lin), 1 - t)
+    np.testing.assert_allclose(diffusion_coefficient("increasing-decreasing", t, lin), [0.5, 1])
+    # SBDM for the linear path: sigma^2 dlog(sigma/alpha)/ds = (1 - t) / t (SiT's drift_var)
+    np.testing.assert_allclose(diffusion_coefficient("SBDM", t, lin), (1 - t) / t)
+    with pytest.raises(ValueError, match="'SBDM'"):
+        diffusion_coefficient("cosine", t, lin)
+
+
+@pytest.mark.parametrize("interpolant", INTERPOLANTS)
+def test_loss_targets_vanish_for_the_exact_model_of_a_point_mass(interpolant):
+    # For data at one point c, E[target | x_t] is the target itself: the exact model has loss 0.
+    c = jnp.array([[0.7, -1.2]])
+    point = data.GaussianMixture(means=c, stds=jnp.zeros(1), weights=jnp.ones(1))
+    x = jnp.repeat(c, 64, 0)
+    for prediction in ("velocity", "noise", "score"):
+        fn = exact_sit_fn(interpolant, prediction, point)
+        for weight in (None, "likelihood") if prediction != "velocity" else (None,):
+            loss = interpolant_loss(fn, x, key=jax.random.key(7), interpolant=interpolant,
+                                    prediction=prediction, loss_weight=weight)
+            wrong = interpolant_loss(lambda x, t: 1.01 * fn(x, t), x, key=jax.random.key(7),
+                                     interpolant=interpolant, prediction=prediction,
+                                     loss_weight=weight)
+            assert float(loss) < 1e-6 * float(wrong) + 1e-9, (prediction, weight)
+
+
+def test_repa_projection_and_alignment_loss(tiny):
+    model, v, x = tiny
+    out, z = jax.jit(lambda v: model.apply(v, x, 0.5, jnp.arange(4), return_repa=True))(v)
+    assert out.shape == x.shape and z.shape == (4, 16, 5)  # 16 tokens, repa_dim 5
+    np.testing.assert_allclose(repa_loss(z, 3.0 * z), -1.0, atol=1e-6)
+    np.testing.assert_allclose(repa_loss(z, -z), 1.0, atol=1e-6)
+    e = jnp.eye(5)
+    np.testing.assert_allclose(repa_loss(e[None, :1], e[1:2]), 0.0, atol=1e-7)  # (B, D) target
+    with pytest.raises(ValueError, match="repa_depth"):
+        SiTConfig(hidden_size=32, num_heads=2, depth=2, repa_dim=4, repa_depth=3)
+
+
+def test_train_steps_reduce_the_loss_with_snippets(tiny):
+    model, variables, _ = tiny  # random weights: only the train step is compiled
+    mesh = make_mesh(jax.devices()[:1])
+    cfg = TrainConfig(lr=3e-3, warmup_steps=0, ema_decay=0.9)
+    tx = make_optimizer(cfg)
+    # placed as the step returns it (replicated on the mesh), so that it compiles once
+    state = jax.device_put(create_train_state(variables["params"], tx), replicated(mesh))
+    loss_fn = get_interpolant_loss_fn(model, repa_weight=0.1)  # with REPA targets last
+    step = get_train_step_fn(loss_fn, tx, lambda s: ema_decay(cfg, s), mesh)
+    # one image, so that the exact velocity is learnable and the loss can fall towards 0
+    x = jnp.sign(jax.random.normal(jax.random.key(9), (1, 8, 8, 1))).repeat(16, 0)
+    batch = (x, jnp.arange(16) % 10, jnp.eye(16, 6), jnp.ones((16, 5)))
+    losses = []
+    for _ in range(40):
+        state, m = step(state, batch, jax.random.key(8))
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all() and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
