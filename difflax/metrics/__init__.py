@@ -1,5 +1,5 @@
 """Sample-quality metrics: Frechet distances (FID with the FID Inception, fd_digits with a
-small digits network), class accuracy, reference statistics, and batched evaluation."""
+small digits network), class accuracy, reference statistics, batched evaluation, and LPIPS."""
 from difflax.metrics.digits_features import (
     DigitsClassifier,
     TrainedDigitsClassifier,
@@ -32,6 +32,7 @@ from difflax.metrics.frechet import (
     stats_mean_cov,
     update_stats,
 )
+from difflax.metrics.lpips import LPIPS, get_lpips_fn, load_lpips, random_lpips_params
 from difflax.metrics.inception import (
     FID_WEIGHTS_URL,
     InceptionV3FID,
@@ -50,4 +51,5 @@ __all__ = [
     "save_stats", "stats_mean_cov", "update_stats",
     "FID_WEIGHTS_URL", "InceptionV3FID", "convert_inception_weights", "inception_features",
     "load_inception",
+    "LPIPS", "get_lpips_fn", "load_lpips", "random_lpips_params",
 ]

@@ -75,7 +75,7 @@ def _due(every: int, step: int) -> bool:
 def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], workdir: str, *,
           input_shape: tuple[int, ...], label_dim: int = 0, loss_fn=None,
           sample_fn: SampleFn | None = None, sample_nrow: int = 8, mesh=None,
-          progress: bool = True) -> TrainState:
+          progress: bool = True, init_params_fn: Callable[[], object] | None = None) -> TrainState:
     """Trains `model` (a Flax denoiser, see difflax.models) for cfg.steps optimiser steps.
 
     make_batches(start_step) -> iterator of this process's numpy (images, labels) rows of
@@ -83,13 +83,15 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     `functools.partial(data.batch_iterator, name, B, seed=s)` via start_step=...).
     input_shape: one example's shape, e.g. (H, W, C). loss_fn(params, batch, key) defaults
     to the EDM loss. sample_fn(ema_params, step) -> images in [-1, 1] is called every
-    cfg.sample_every steps and written to workdir/samples. Returns the final state.
+    cfg.sample_every steps and written to workdir/samples. init_params_fn() -> params, pure,
+    replaces the fresh initialisation (e.g. a teacher's parameters for Reflow). Returns the
+    final state.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
     k_init, k_train = jax.random.split(jax.random.key(cfg.seed))
     tx = make_optimizer(cfg)
-    init_params = get_init_params_fn(model, input_shape, label_dim, k_init)
+    init_params = init_params_fn or get_init_params_fn(model, input_shape, label_dim, k_init)
     manager = ckpt.make_checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                            keep=cfg.keep_checkpoints)
     state = ckpt.restore_checkpoint(manager, parallel.abstract_train_state(init_params, tx, mesh))

@@ -1,0 +1,213 @@
+"""Reflow (Liu et al. 2023, Sec. 2.3; rfpp Sec. 2 and 4): (noise, sample) pairs from a teacher's
+probability-flow ODE, written to disk in chunks, and batches of them for training the
+2-rectified flow with the training loop.
+
+    out_dir/
+      pairs.json            what the pairs are (count, chunk size, shape, seed, teacher, sampler)
+      chunk_00000.npz       noise z (n, ...), samples x (n, ...), labels (n,), for rows
+      chunk_00001.npz       [i * chunk_size, (i + 1) * chunk_size) of the whole set
+      ...
+
+Chunk i's noise and labels depend only on (seed, i), each chunk is written to a temporary
+file and renamed into place, and chunks already on disk are skipped: a run killed at any
+point (SIGKILL included) and started again on the same directory finishes with the same
+files as an uninterrupted one (tested). The sampling batch is sharded over the devices of the
+mesh (difflax.training.parallel); on several processes, process 0 writes.
+
+Training (rfpp Sec. 4, "initialising with a pre-trained diffusion model"): the 2-rectified
+flow is the teacher's own network used as a velocity (`velocity_from_denoiser`), its
+parameters start at the teacher's (`train(..., init_params_fn=lambda: teacher_params)`), and
+the loss is `get_rectified_flow_loss_fn` over `pair_batches`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from difflax import schedules
+from difflax.data import _array_batches
+from difflax.samplers import make_grid, make_solver, solve
+from difflax.samplers.few_step import rf_grid, rf_renoise, rf_schedule
+from difflax.training.parallel import batch_sharded, make_mesh, replicated
+
+# model_fn(params, x (B, ...), t (B,), labels (B,) int) -> prediction
+ModelFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+# sample_fn(params, noise (B, ...), labels (B,)) -> samples (B, ...)
+PairSampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------
+# Sampling, sharded over the mesh.
+
+
+def get_sharded_sample_fn(model_fn: ModelFn, *, schedule, sampler: str, steps: int | None = None,
+                          grid=None, prediction: str = "eps", mesh=None, **options):
+    """(fn(params, noise, labels) -> samples, nfe) for any difflax sampler (or "rf_renoise").
+
+    Runs `difflax.samplers.solve` from x_T = sigma(t_max) noise under one `jax.jit`, the batch
+    split over `mesh` (padded to a multiple of its size); params are replicated. Compiled
+    once per batch size.
+    """
+    mesh = mesh or make_mesh()
+    if sampler == "rf_renoise":
+        g = make_grid(schedule, "rf_euler", steps, grid)
+        solver, nfe = rf_renoise(schedule, g)
+    else:
+        g = make_grid(schedule, sampler, steps, grid)
+        solver, nfe = make_solver(schedule, sampler, g, prediction=prediction, **options)
+
+    def run(params, noise, labels):
+        fn = lambda x, t: model_fn(params, x, t, labels)
+        return solve(fn, noise, schedule=schedule, solver=solver, grid=g, prediction=prediction)
+
+    jitted = jax.jit(run, in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)),
+                     out_shardings=batch_sharded(mesh))
+
+    def fn(params, noise, labels):
+        n = noise.shape[0]
+        pad = -n % mesh.size
+        noise = jnp.pad(noise, ((0, pad),) + ((0, 0),) * (noise.ndim - 1))
+        labels = jnp.pad(jnp.asarray(labels, jnp.int32), (0, pad))
+        return jitted(params, noise, labels)[:n]
+
+    return fn, nfe
+
+
+def denoiser_model_fn(denoiser, *, rectified_flow: bool = False) -> ModelFn:
+    """model_fn of a Flax EDM denoiser D(x; sigma): an x0-prediction in EDM time (sigma), or with
+    `rectified_flow` in rectified-flow time t, x0 = D(x_t / (1 - t); t / (1 - t)) (the same
+    field as `velocity_from_denoiser`, expressed as a data prediction)."""
+    label_dim = denoiser.net.label_dim if hasattr(denoiser, "net") else 0
+
+    def model_fn(params, x, t, labels):
+        labels = labels if label_dim else None
+        if not rectified_flow:
+            return denoiser.apply({"params": params}, x, t, labels)
+        tb = t.reshape((-1,) + (1,) * (x.ndim - 1))
+        return denoiser.apply({"params": params}, x / (1 - tb), t / (1 - t), labels)
+
+    return model_fn
+
+
+def get_teacher_sample_fn(denoiser, *, sampler: str = "edm_heun", steps: int = 18,
+                          sigma_min: float = 0.002, sigma_max: float = 80.0, mesh=None,
+                          **options):
+    """(fn(params, noise, labels) -> samples, nfe): the teacher's PF-ODE on the EDM schedule."""
+    return get_sharded_sample_fn(denoiser_model_fn(denoiser),
+                                 schedule=schedules.edm(sigma_min, sigma_max), sampler=sampler,
+                                 steps=steps, prediction="x0", mesh=mesh, **options)
+
+
+def get_rectified_flow_sample_fn(denoiser, *, sampler: str = "rf_euler", steps: int = 1,
+                                 mesh=None):
+    """(fn(params, noise, labels) -> samples, nfe) of a (2-)rectified flow whose network is an
+    EDM denoiser (`velocity_from_denoiser`): rf_euler, rf_heun or rf_renoise on `rf_grid`."""
+    return get_sharded_sample_fn(denoiser_model_fn(denoiser, rectified_flow=True),
+                                 schedule=rf_schedule(), sampler=sampler, grid=rf_grid(steps),
+                                 prediction="x0", mesh=mesh)
+
+
+# ----------------------------------------------------------------------------
+# Pairs on disk.
+
+
+def _chunk_path(out_dir: str, i: int) -> str:
+    return os.path.join(out_dir, f"chunk_{i:05d}.npz")
+
+
+def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: int,
+                   chunk_size: int, shape: tuple[int, ...], num_classes: int = 0, seed: int = 0,
+                   info: dict | None = None, progress: bool = True) -> list[str]:
+    """Writes `num_pairs` (noise, teacher sample) pairs to `out_dir` in chunks; returns paths.
+
+    sample_fn(params, noise (chunk_size, *shape), labels (chunk_size,)) -> samples, e.g. from
+    `get_teacher_sample_fn`. Chunk i draws noise ~ N(0, I) and labels uniform in
+    [0, num_classes) (zeros if 0) from fold_in(key(seed), i); the last chunk is truncated.
+    `info` (teacher, sampler, ...) is recorded in pairs.json; resuming with a different
+    description is an error.
+    """
+    meta = dict(num_pairs=num_pairs, chunk_size=chunk_size, shape=list(shape),
+                num_classes=num_classes, seed=seed, **(info or {}))
+    primary = jax.process_index() == 0
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "pairs.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(meta)):
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(meta)).items()
+                    if old.get(k) != v]
+            raise ValueError(f"{out_dir} holds other pairs ({'; '.join(diff[:3])}); use a new "
+                             "directory")
+    elif primary:
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=2)
+    for stale in glob.glob(os.path.join(out_dir, "*.tmp.npz")):  # from a killed run
+        if primary:
+            os.remove(stale)
+    num_chunks = -(-num_pairs // chunk_size)
+    paths = [_chunk_path(out_dir, i) for i in range(num_chunks)]
+    todo = [i for i in range(num_chunks) if not os.path.exists(paths[i])]
+    root = jax.random.key(seed)
+    for i in tqdm(todo, unit="chunk", desc="reflow pairs", disable=not (progress and primary)):
+        k_noise, k_label = jax.random.split(jax.random.fold_in(root, i))
+        noise = jax.random.normal(k_noise, (chunk_size, *shape), jnp.float32)
+        labels = (jax.random.randint(k_label, (chunk_size,), 0, num_classes) if num_classes
+                  else jnp.zeros((chunk_size,), jnp.int32))
+        samples = sample_fn(params, noise, labels)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            samples = multihost_utils.process_allgather(samples, tiled=True)
+        n = min(chunk_size, num_pairs - i * chunk_size)
+        if primary:
+            tmp = paths[i][:-len(".npz")] + ".tmp.npz"
+            np.savez(tmp, noise=np.asarray(noise)[:n], samples=np.asarray(samples)[:n],
+                     labels=np.asarray(labels)[:n].astype(np.int32))
+            os.replace(tmp, paths[i])
+    return paths
+
+
+def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
+    """All pairs of `out_dir`: {"noise", "samples" (N, ...), "labels" (N,)}; every chunk must
+    be present (run `generate_pairs` again to finish an interrupted set)."""
+    meta_path = os.path.join(out_dir, "pairs.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{out_dir} holds no Reflow pairs (no pairs.json); make them with "
+                                "difflax.training.reflow.generate_pairs")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    num_chunks = -(-meta["num_pairs"] // meta["chunk_size"])
+    missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(out_dir, i))]
+    if missing:
+        raise FileNotFoundError(f"{out_dir} lacks {len(missing)} of {num_chunks} chunks (e.g. "
+                                f"{missing[0]}); run generate_pairs again to finish them")
+    parts = {"noise": [], "samples": [], "labels": []}
+    for i in range(num_chunks):
+        with np.load(_chunk_path(out_dir, i)) as f:
+            for k in parts:
+                parts[k].append(f[k])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def pair_batches(pairs: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
+                 start_step: int = 0, process_index: int | None = None,
+                 process_count: int | None = None):
+    """Infinite iterator of this process's rows of (samples x, noise z, labels) batches.
+
+    Batch i depends only on (seed, i): the same epoch-wise permutation as
+    `difflax.data.batch_iterator`, so starting at `start_step` resumes a run exactly.
+    """
+    from difflax.data import _local_rows
+
+    n = len(pairs["labels"])
+    rows = _local_rows(batch_size, process_index, process_count)
+    for idx, labels in _array_batches(np.arange(n), pairs["labels"], batch_size, seed,
+                                      start_step, False, rows):
+        yield pairs["samples"][idx], pairs["noise"][idx], labels
