@@ -9,7 +9,7 @@ of one full evaluation (XLA's FLOPs per node), and wall time per batch measured 
 against the full model. Then the same wall-time ratios on a larger UNet (64x64, ADM-sized
 channels, random weights). Writes table.md, results.json and fd_vs_speed.png; prints the table.
 
-    python experiments/feature_reuse.py [--workdir runs/digits] [--small]
+    python experiments/feature_reuse.py [--workdir runs/digits] [--small] [--speed-only]
 """
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ def time_fns(fns, args, repeats):
     return {name: (min(wall[name]), min(cpu[name])) for name in fns}
 
 
-def digits_part(workdir, p, out_dir):
+def digits_part(workdir, p, out_dir, previous=None):
+    """Rows per plan; with `previous` (rows of an earlier run) only the timing is redone and
+    the quality columns are taken from it."""
     config, denoiser, params = load_run(workdir)
     net, s = denoiser.net, config.sample
     x = jnp.zeros((p["time_batch"], net.img_resolution, net.img_resolution, net.in_channels))
@@ -100,14 +102,19 @@ def digits_part(workdir, p, out_dir):
     rows = []
     for plan in plans:
         (fn, nfe), (seconds, cpu) = fns[label(plan)], times[label(plan)]
+        cost = plan_cost(net, plan, 1)
+        row = dict(plan=label(plan), nfe=nfe, full=cost.full, partial=cost.partial,
+                   free=cost.free, equivalent_nfe=cost.equivalent_nfe(flops), seconds=seconds,
+                   cpu_seconds=cpu)
+        if previous:  # --speed-only: the quality columns of the earlier run
+            rows.append({**row, **{k: previous[label(plan)][k]
+                                   for k in ("fd_digits", "class_accuracy")}})
+            continue
         metrics = evaluate_digits(labelled_sample_fn(fn, params, net.label_dim), key=jax.random.key(1),
                                   num_samples=p["num"], batch_size=p["batch"],
                                   resolution=net.img_resolution, progress=False)
-        cost = plan_cost(net, plan, 1)
-        rows.append(dict(plan=label(plan), nfe=nfe, full=cost.full, partial=cost.partial,
-                         free=cost.free, equivalent_nfe=cost.equivalent_nfe(flops),
-                         seconds=seconds, cpu_seconds=cpu, fd_digits=metrics["fd_digits"],
-                         class_accuracy=metrics["class_accuracy"]))
+        rows.append({**row, "fd_digits": metrics["fd_digits"],
+                     "class_accuracy": metrics["class_accuracy"]})
         grid = fn(params, jax.random.key(3), jnp.arange(100) % max(net.label_dim, 1))
         save_grid(os.path.join(out_dir, f"grid_{len(rows):02d}.png"), np.asarray(grid), nrow=10)
         print(f"{rows[-1]['plan']}: fd_digits {metrics['fd_digits']:.3f}, "
@@ -183,11 +190,18 @@ def main():
     ap.add_argument("--workdir", default="runs/digits")
     ap.add_argument("--out", default="experiments/results/feature_reuse")
     ap.add_argument("--small", action="store_true", help="a quick run with few samples")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="redo only the timings (e.g. on a quiet machine), keeping the quality "
+                         "columns of OUT/results.json")
     args = ap.parse_args()
     p = SMALL if args.small else FULL
     os.makedirs(args.out, exist_ok=True)
+    previous = None
+    if args.speed_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            previous = {r["plan"]: r for r in json.load(f)["digits"]}
     t0 = time.time()
-    rows = digits_part(args.workdir, p, args.out)
+    rows = digits_part(args.workdir, p, args.out, previous)
     big_rows, big_info = big_part(p)
     table = format_table(rows, big_rows, big_info, p)
     print(table)

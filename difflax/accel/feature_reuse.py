@@ -210,10 +210,12 @@ def inheritance_plan(config: UNetConfig, steps: int, *, granularity: str, target
 class PlanCost:
     """Model calls of one sampling run, per sample batch.
 
-    full: calls computing every node; partial: calls computing some; free: calls answered
-    from the cache alone (parallel decoding, or the refresh's own output); batched_decodes:
-    parallel-decoding calls, `decoded_steps` steps in total; node_evaluations: how often
-    each node is computed (batched decodes count once per step), to weigh by node FLOPs.
+    full: calls computing every node; partial: calls computing some (or taking attention
+    units from the cache); free: calls answered from the cache alone (parallel decoding, or
+    the refresh's own output); batched_decodes: parallel-decoding calls, `decoded_steps`
+    steps in total; node_evaluations: how often each node is computed (batched decodes count
+    once per step), to weigh by node FLOPs (a block whose attention unit is reused still
+    counts whole: `equivalent_nfe` overstates the cost of unit-level plans).
     """
 
     full: int
@@ -236,10 +238,13 @@ def plan_cost(config: UNetConfig, plan: FeaturePlan, calls_per_step: int) -> Pla
     counts = collections.Counter()
     tally = collections.Counter()
 
-    def call(computed, times=1):
+    units = any(name.endswith(".attn") for name in plan.nodes)
+
+    def call(computed, reads_units=False):
         for name in computed:
-            counts[name] += times
-        tally["full" if computed == everything else "partial" if computed else "free"] += 1
+            counts[name] += 1
+        whole = computed == everything and not reads_units
+        tally["full" if whole else "partial" if computed else "free"] += 1
 
     reuse = nodes_to_compute(nodes, reuse=plan.nodes)
     for start, length in plan.chunks() if plan.nodes else [(i, 1) for i in range(plan.steps)]:
@@ -248,7 +253,7 @@ def plan_cost(config: UNetConfig, plan: FeaturePlan, calls_per_step: int) -> Pla
                 call(everything)
             continue
         if plan.parallel:
-            call(nodes_to_compute(nodes, store=plan.nodes, output=False) | reuse, 1)
+            call(nodes_to_compute(nodes, store=plan.nodes, output=False) | reuse)
             for name in reuse:
                 counts[name] += length - 1
             tally["batched_decodes"] += 1
@@ -257,7 +262,7 @@ def plan_cost(config: UNetConfig, plan: FeaturePlan, calls_per_step: int) -> Pla
             continue
         call(everything)  # the refresh: stores the nodes, answers the first call
         for _ in range(calls_per_step * length - 1):
-            call(reuse)
+            call(reuse, reads_units=units)
     return PlanCost(full=tally["full"], partial=tally["partial"], free=tally["free"],
                     batched_decodes=tally["batched_decodes"], decoded_steps=tally["decoded_steps"],
                     node_evaluations=dict(counts))
