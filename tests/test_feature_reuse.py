@@ -106,6 +106,8 @@ def test_plan_cost_counts_the_papers_schedule():
     assert parallel.node_evaluations == cost.node_evaluations
     heun = plan_cost(NET, plan, 2)  # EDM Heun: a refresh answers the first of 2 calls
     assert (heun.full, heun.partial) == (9, 91)
+    unit = plan_cost(NET, inheritance_plan(NET, 8, granularity="unit", targets=["dec.4x4_in0"]), 1)
+    assert (unit.full, unit.partial) == (4, 4)  # alternating: every other step reads the unit
     flops = {n: 1.0 for n in cost.node_evaluations}
     assert plan_cost(NET, full_plan(50), 1).equivalent_nfe(flops) == 50
 
