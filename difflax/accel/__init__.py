@@ -5,7 +5,11 @@ as data: schedules over depth, vmapped sweeps, search, and the loss-by-noise-lev
 `feature_reuse`: Faster Diffusion's encoder propagation (with parallel decoding and prior
 noise injection), DeepCache's deep-branch reuse and A-SDM's feature inheritance, as static
 plans over the UNet's feature cache, sampled with `sample_with_plan`.
+`assembly`: A-SDM model assembly: students by surgery, initialised from the teacher (CLME),
+parameter and FLOP counts, multi-UNet switching.
 """
+from difflax.accel.assembly import (MultiUNetDenoiser, count_params, denoiser_flops,
+                                    get_multi_unet_fn, inherit_params, student, switch_sigma)
 from difflax.accel.feature_reuse import (FASTER_DIFFUSION_KEY_STEPS, FeaturePlan, PlanCost,
                                          deepcache_plan, deepcache_refresh_steps,
                                          denoiser_run_fn, encoder_nodes,
@@ -17,6 +21,8 @@ from difflax.accel.skip_tuning import (denoising_loss_by_sigma, evaluate_setting
                                        per_skip_scales, search, stack_skip_scales)
 
 __all__ = [
+    "MultiUNetDenoiser", "count_params", "denoiser_flops", "get_multi_unet_fn", "inherit_params",
+    "student", "switch_sigma",
     "FASTER_DIFFUSION_KEY_STEPS", "FeaturePlan", "PlanCost", "deepcache_plan",
     "deepcache_refresh_steps", "denoiser_run_fn", "denoising_loss_by_sigma", "encoder_nodes",
     "encoder_propagation_plan", "evaluate_settings", "faster_diffusion_key_steps", "full_plan",

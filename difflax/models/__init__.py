@@ -1,11 +1,14 @@
 """Pure Flax model definitions: EDM UNets, preconditioning, weight conversion."""
+from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.convert import config_from_edm, convert_state_dict, load_edm, read_edm_snapshot
+from difflax.models.gri_attention import GRIConfig, gri_attention
 from difflax.models.precond import PRECONDS, Denoiser
 from difflax.models.unet import (MODEL_TYPES, DhariwalUNet, FeatureNode, SkipConnection, SongUNet,
                                  UNetConfig, adm, ddpmpp, feature_nodes, make_unet, ncsnpp,
-                                 nodes_to_compute, skip_connections)
+                                 nodes_to_compute, prunable_blocks, skip_connections)
 
 __all__ = [
+    "CondConv2d", "GRIConfig", "clme_experts", "gri_attention", "prunable_blocks",
     "MODEL_TYPES", "PRECONDS", "Denoiser", "DhariwalUNet", "FeatureNode", "SkipConnection",
     "SongUNet", "UNetConfig", "adm", "config_from_edm", "convert_state_dict", "ddpmpp",
     "feature_nodes", "load_edm", "make_unet", "ncsnpp", "nodes_to_compute", "read_edm_snapshot",

@@ -20,10 +20,13 @@ convolution at about the compute of one. Neither paper has public code; the choi
 - CLME-CondConv is the same layer with experts initialised from the removed layers' kernels
   (`clme_experts`), see difflax.accel.assembly.
 
-Two equivalent implementations (`impl`): "vmap" convolves each sample with its own mixed
-kernel (jax.vmap over the batch, which XLA turns into one grouped convolution with the batch
-folded into feature groups); "experts" convolves with all K kernels at once and mixes the K
-outputs (K times the compute, no per-sample kernels; sometimes faster for tiny layers).
+Two equivalent implementations (`impl`): "experts" (default) convolves with all K kernels
+at once and mixes the K outputs by a (K times the convolution's compute, but plain
+convolutions); "vmap" convolves each sample with its own mixed kernel (jax.vmap over the
+batch, which XLA lowers to one grouped convolution with the batch folded into feature
+groups): CondConv's own form, one convolution's compute, efficient where grouped
+convolutions are. On this project's 2-core CPU (B = 250, 16x16, 32 -> 16 channels, K = 4)
+"experts" took 0.10 s, "vmap" 0.31 s, a plain convolution 0.018 s.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 from difflax.models.layers import Conv2d, Init, edm_init
 
 ACTIVATIONS = {None: lambda x: x, "silu": nn.silu, "relu": nn.relu}
-IMPLS = ("vmap", "experts")
+IMPLS = ("experts", "vmap")
 
 
 def _check(name, value, choices):
@@ -57,7 +60,7 @@ class CondConv2d(nn.Module):
     num_experts: int = 4
     use_bias: bool = True
     activation: str | None = None
-    impl: str = "vmap"
+    impl: str = "experts"
     weight_init: Init = Init("xavier_uniform")  # EDM-style; `init` would shadow Module.init
 
     def _mixing_weights(self, x, emb=None):
@@ -77,7 +80,8 @@ class CondConv2d(nn.Module):
         _check("impl", self.impl, IMPLS)
         cin, k, kk = x.shape[-1], self.num_experts, self.kernel
         fan_in, fan_out = cin * kk * kk, self.features * kk * kk
-        experts = self.param("experts", edm_init(self.weight_init.mode, fan_in, fan_out, self.weight_init.weight),
+        init = self.weight_init
+        experts = self.param("experts", edm_init(init.mode, fan_in, fan_out, init.weight),
                              (k, kk, kk, cin, self.features))
         a = self._mixing_weights(x, emb).astype(x.dtype)  # (B, K)
         pad = kk // 2
@@ -89,7 +93,7 @@ class CondConv2d(nn.Module):
             y = Conv2d._conv(x, stacked.astype(x.dtype), pad)
             y = jnp.einsum("bhwko,bk->bhwo", y.reshape(*y.shape[:3], k, self.features), a)
         if self.use_bias:
-            bias = self.param("bias", edm_init(self.weight_init.mode, fan_in, fan_out, self.weight_init.bias),
+            bias = self.param("bias", edm_init(init.mode, fan_in, fan_out, init.bias),
                               (k, self.features))
             y = y + (a @ bias.astype(x.dtype))[:, None, None, :]
         return ACTIVATIONS[self.activation](y)

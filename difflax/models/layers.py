@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from difflax.models.gri_attention import GRIConfig, gri_attention
+
 # ----------------------------------------------------------------------------
 # Initialisation: EDM's `weight_init`, with fans computed as EDM does.
 
@@ -192,6 +194,13 @@ class UNetBlock(nn.Module):
     The attention unit's residual, proj(attn(norm2(x))), can be taken from a cache
     (`attention=`, A-SDM's unit-level feature inheritance) and returned for caching
     (`with_attention=True` returns (out, residual), residual None without attention).
+
+    A-SDM model assembly (difflax.accel.assembly): `residual="none"` removes the residual
+    branch, leaving the shortcut alone (identity or the 1x1 projection, with resampling; no
+    `skip_scale`, as there is no sum left to normalise); `residual="condconv"` replaces the
+    branch by a `condconv_experts`-expert CondConv on silu(norm0(x)) routed by x and emb
+    (difflax.models.condconv). `gri` makes the attention GRI attention with that layout
+    (difflax.models.gri_attention), with the same parameters.
     """
 
     out_channels: int
@@ -209,12 +218,17 @@ class UNetBlock(nn.Module):
     init: Init = Init()
     init_zero: Init = Init(weight=0.0)
     init_attn: Init | None = None
+    residual: str = "full"
+    condconv_experts: int = 4
+    gri: GRIConfig | None = None
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False, attention=None, with_attention=False):
         cin, cout = x.shape[-1], self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         orig = x
+        if self.residual != "full":
+            return self._pruned(x, emb, attention, with_attention)
         x = Conv2d(cout, 3, init=self.init, name="conv0", **resample)(
             nn.silu(GroupNorm(eps=self.eps, name="norm0")(x)))
         params = Linear(cout * (2 if self.adaptive_scale else 1), init=self.init, name="affine")(emb)
@@ -227,15 +241,39 @@ class UNetBlock(nn.Module):
             x = nn.silu(norm1(x + params))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = Conv2d(cout, 3, init=self.init_zero, name="conv1")(x)
+        x = (x + self._shortcut(orig)) * self.skip_scale
+        return self._attention_unit(x, attention, with_attention)
+
+    def _shortcut(self, x):
+        cin, cout = x.shape[-1], self.out_channels
         if cout != cin or self.up or self.down:
             kernel = 1 if self.resample_proj or cout != cin else 0
-            orig = Conv2d(cout, kernel, init=self.init, name="skip", **resample)(orig)
-        x = (x + orig) * self.skip_scale
+            x = Conv2d(cout, kernel, init=self.init, name="skip", up=self.up, down=self.down,
+                       resample_filter=self.resample_filter)(x)
+        return x
+
+    def _attention_unit(self, x, attention, with_attention):
         if self.attention:
             if attention is None:
                 attention = self._attend(x)
             x = (attention + x) * self.skip_scale
         return (x, attention) if with_attention else x
+
+    def _pruned(self, x, emb, attention, with_attention):
+        """The block with its residual branch removed ("none") or a CondConv ("condconv")."""
+        if self.residual not in ("none", "condconv"):
+            raise ValueError(f"unknown residual {self.residual!r}; valid: 'full', 'none', 'condconv'")
+        out = self._shortcut(x)
+        if self.residual == "condconv":
+            from difflax.models.condconv import CondConv2d  # condconv builds on this module
+
+            h = nn.silu(GroupNorm(eps=self.eps, name="norm0")(x))
+            h = upsample(h, self.resample_filter) if self.up else h
+            h = downsample(h, self.resample_filter) if self.down else h
+            h = CondConv2d(self.out_channels, 3, num_experts=self.condconv_experts,
+                           weight_init=self.init, name="condconv")(h, emb)
+            out = (h + out) * self.skip_scale
+        return self._attention_unit(out, attention, with_attention)
 
     def _attend(self, x):
         b, h, w, c = x.shape
@@ -245,8 +283,11 @@ class UNetBlock(nn.Module):
         # EDM's channel layout of qkv is (head, channel, {q, k, v}).
         qkv = qkv.reshape(b, h * w, heads, c // heads, 3).astype(jnp.float32)
         q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(c // heads))
-        a = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
+        if self.gri is not None:
+            a = gri_attention(q, k, v, h, w, self.gri)
+        else:
+            logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(c // heads))
+            a = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
         a = a.reshape(b, h, w, c).astype(x.dtype)
         return Conv2d(c, 1, init=self.init_zero, name="proj")(a)
 

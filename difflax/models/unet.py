@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from difflax.models.gri_attention import GRIConfig
 from difflax.models.layers import (Conv2d, FourierEmbedding, GroupNorm, Init, Linear, UNetBlock,
                                    positional_embedding)
 
@@ -39,6 +40,12 @@ class UNetConfig:
     `embedding_type`, `channel_mult_noise`, `encoder_type`, `decoder_type` and
     `resample_filter` concern SongUNet only. The defaults are SongUNet's in EDM; `adm()`
     gives ADM's. Sequences are stored as tuples so that the config is hashable.
+
+    A-SDM model assembly (difflax.accel.assembly): `drop_blocks` names blocks (nodes of
+    `feature_nodes`, e.g. "enc.16x16_block1") whose residual branch is removed, replaced by
+    a `condconv_experts`-expert CondConv if that is > 0; `drop_attention` names blocks whose
+    attention unit is removed; `attention="gri"` makes the remaining attention units GRI
+    attention with `gri_window`, `gri_pool`, `gri_combine` (difflax.models.gri_attention).
     """
 
     model_type: str = "SongUNet"
@@ -59,10 +66,19 @@ class UNetConfig:
     encoder_type: str = "standard"
     decoder_type: str = "standard"
     resample_filter: Sequence[int] = (1, 1)
+    drop_blocks: Sequence[str] = ()
+    drop_attention: Sequence[str] = ()
+    condconv_experts: int = 0
+    attention: str = "full"
+    gri_window: int = 4
+    gri_pool: int = 2
+    gri_combine: str = "joint"
 
     def __post_init__(self):
         for name in ("channel_mult", "attn_resolutions", "resample_filter"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name in ("drop_blocks", "drop_attention"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
         _check_choice("model_type", self.model_type, MODEL_TYPES)
         _check_choice("embedding_type", self.embedding_type, ("positional", "fourier"))
         _check_choice("encoder_type", self.encoder_type, ("standard", "skip", "residual"))
@@ -76,6 +92,44 @@ class UNetConfig:
                 f"img_resolution {self.img_resolution} is not divisible by {factor}, as "
                 f"{len(self.channel_mult)} levels (channel_mult={list(self.channel_mult)}) need; "
                 f"valid resolutions are multiples of {factor}")
+        _check_assembly(self)
+
+
+def _check_assembly(cfg):
+    """The A-SDM surgery fields name existing blocks and valid layouts."""
+    nodes = feature_nodes(cfg)
+    for name in cfg.drop_blocks:
+        _check_choice("drop_blocks entry", name, prunable_blocks(cfg))
+    for name in cfg.drop_attention:
+        _check_choice("drop_attention entry", name, [n.name for n in nodes if n.attention])
+    _check_choice("attention", cfg.attention, ("full", "gri"))
+    if cfg.condconv_experts < 0:
+        raise ValueError(f"condconv_experts must be >= 0 (0: no CondConv), not {cfg.condconv_experts}")
+    if cfg.attention == "gri":
+        for res in {n.resolution for n in nodes if n.attention and n.name not in cfg.drop_attention}:
+            gri_config(cfg).check(res, res)
+
+
+def prunable_blocks(cfg) -> tuple[str, ...]:
+    """The residual blocks whose branch `drop_blocks` may remove, in execution order."""
+    return tuple(n.name for n in feature_nodes(cfg)
+                 if n.kind != "output" and not n.name.endswith("_conv"))
+
+
+def gri_config(cfg) -> GRIConfig | None:
+    """The GRI layout of the config's attention units, None for full attention."""
+    if cfg.attention != "gri":
+        return None
+    return GRIConfig(window=cfg.gri_window, pool=cfg.gri_pool, combine=cfg.gri_combine)
+
+
+def _surgery(cfg, name: str, attention: bool) -> dict:
+    """`UNetBlock` options of block `name` ("enc.16x16_block0") under the A-SDM fields."""
+    residual = "full"
+    if name in cfg.drop_blocks:
+        residual = "condconv" if cfg.condconv_experts else "none"
+    return dict(attention=attention and name not in cfg.drop_attention, residual=residual,
+                condconv_experts=cfg.condconv_experts or 1, gri=gri_config(cfg))
 
 
 def _check_choice(name, value, choices):
@@ -303,7 +357,8 @@ class SongUNet(_CachedUNet):
                 cout = cfg.model_channels
                 enc[f"{res}x{res}_conv"] = Conv2d(cout, 3, init=init)
             else:
-                enc[f"{res}x{res}_down"] = UNetBlock(cout, down=True, **block)
+                enc[f"{res}x{res}_down"] = UNetBlock(
+                    cout, down=True, **block, **_surgery(cfg, f"enc.{res}x{res}_down", False))
                 if cfg.encoder_type == "skip":
                     enc[f"{res}x{res}_aux_down"] = Conv2d(caux, 0, down=True,
                                                           resample_filter=cfg.resample_filter)
@@ -315,8 +370,8 @@ class SongUNet(_CachedUNet):
                     caux = cout
             for idx in range(cfg.num_blocks):
                 cout = cfg.model_channels * mult
-                enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cout, attention=res in cfg.attn_resolutions, **block)
+                enc[f"{res}x{res}_block{idx}"] = UNetBlock(cout, **block, **_surgery(
+                    cfg, f"enc.{res}x{res}_block{idx}", res in cfg.attn_resolutions))
         self.enc = enc
 
         dec = {}
@@ -324,14 +379,18 @@ class SongUNet(_CachedUNet):
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             res = cfg.img_resolution >> level
             if level == levels - 1:
-                dec[f"{res}x{res}_in0"] = UNetBlock(cout, attention=True, **block)
-                dec[f"{res}x{res}_in1"] = UNetBlock(cout, **block)
+                dec[f"{res}x{res}_in0"] = UNetBlock(cout, **block,
+                                                    **_surgery(cfg, f"dec.{res}x{res}_in0", True))
+                dec[f"{res}x{res}_in1"] = UNetBlock(cout, **block,
+                                                    **_surgery(cfg, f"dec.{res}x{res}_in1", False))
             else:
-                dec[f"{res}x{res}_up"] = UNetBlock(cout, up=True, **block)
+                dec[f"{res}x{res}_up"] = UNetBlock(cout, up=True, **block,
+                                                   **_surgery(cfg, f"dec.{res}x{res}_up", False))
             for idx in range(cfg.num_blocks + 1):
                 cout = cfg.model_channels * mult
                 attn = idx == cfg.num_blocks and res in cfg.attn_resolutions
-                dec[f"{res}x{res}_block{idx}"] = UNetBlock(cout, attention=attn, **block)
+                dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cout, **block, **_surgery(cfg, f"dec.{res}x{res}_block{idx}", attn))
             if cfg.decoder_type == "skip" or level == 0:
                 if cfg.decoder_type == "skip" and level < levels - 1:
                     dec[f"{res}x{res}_aux_up"] = Conv2d(cfg.out_channels, 0, up=True,
@@ -427,24 +486,28 @@ class DhariwalUNet(_CachedUNet):
             if level == 0:
                 enc[f"{res}x{res}_conv"] = Conv2d(cout, 3, init=init)
             else:
-                enc[f"{res}x{res}_down"] = UNetBlock(enc_channels, down=True, **block)
+                enc[f"{res}x{res}_down"] = UNetBlock(
+                    enc_channels, down=True, **block, **_surgery(cfg, f"enc.{res}x{res}_down", False))
             for idx in range(cfg.num_blocks):
-                enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cout, attention=res in cfg.attn_resolutions, **block)
+                enc[f"{res}x{res}_block{idx}"] = UNetBlock(cout, **block, **_surgery(
+                    cfg, f"enc.{res}x{res}_block{idx}", res in cfg.attn_resolutions))
             enc_channels = cout
         self.enc = enc
         dec = {}
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             res = cfg.img_resolution >> level
             if level == len(cfg.channel_mult) - 1:
-                dec[f"{res}x{res}_in0"] = UNetBlock(enc_channels, attention=True, **block)
-                dec[f"{res}x{res}_in1"] = UNetBlock(enc_channels, **block)
+                dec[f"{res}x{res}_in0"] = UNetBlock(
+                    enc_channels, **block, **_surgery(cfg, f"dec.{res}x{res}_in0", True))
+                dec[f"{res}x{res}_in1"] = UNetBlock(
+                    enc_channels, **block, **_surgery(cfg, f"dec.{res}x{res}_in1", False))
             else:
-                dec[f"{res}x{res}_up"] = UNetBlock(enc_channels, up=True, **block)
+                dec[f"{res}x{res}_up"] = UNetBlock(
+                    enc_channels, up=True, **block, **_surgery(cfg, f"dec.{res}x{res}_up", False))
             enc_channels = cfg.model_channels * mult
             for idx in range(cfg.num_blocks + 1):
-                dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    enc_channels, attention=res in cfg.attn_resolutions, **block)
+                dec[f"{res}x{res}_block{idx}"] = UNetBlock(enc_channels, **block, **_surgery(
+                    cfg, f"dec.{res}x{res}_block{idx}", res in cfg.attn_resolutions))
         self.dec = dec
         self.out_norm = GroupNorm()
         self.out_conv = Conv2d(cfg.out_channels, 3, init=init_zero)

@@ -1,8 +1,15 @@
-"""Training: EDM loss, train state, data-parallel step, checkpoints and the loop."""
+"""Training: EDM loss, train state, data-parallel step, checkpoints and the loop; rectified
+flows and Reflow (rfpp); distillation (A-SDM)."""
 from difflax.training.checkpoint import (CheckpointMismatchError, make_checkpoint_manager,
                                          restore_checkpoint, save_checkpoint)
+from difflax.training.distill import (DistillConfig, PruningStage, get_distill_loss_fn,
+                                      init_student_params, progressive_distill)
 from difflax.training.loop import get_init_params_fn, train
 from difflax.training.losses import edm_loss, get_edm_loss_fn
+from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
+                                             rectified_flow_loss, velocity_from_denoiser)
+from difflax.training.reflow import (generate_pairs, get_rectified_flow_sample_fn,
+                                     get_teacher_sample_fn, load_pairs, pair_batches)
 from difflax.training.parallel import (abstract_train_state, batch_sharded,
                                        get_train_step_fn, init_train_state, make_mesh,
                                        replicated, shard_batch)
@@ -10,9 +17,14 @@ from difflax.training.state import (TrainConfig, TrainState, create_train_state,
                                     ema_update, learning_rate_schedule, make_optimizer)
 
 __all__ = [
+    "DistillConfig", "PruningStage", "get_distill_loss_fn", "init_student_params",
+    "progressive_distill",
     "CheckpointMismatchError", "TrainConfig", "TrainState", "abstract_train_state",
     "batch_sharded", "create_train_state", "edm_loss", "ema_decay", "ema_update",
     "get_edm_loss_fn", "get_init_params_fn", "get_train_step_fn", "init_train_state",
     "make_checkpoint_manager", "make_mesh", "make_optimizer", "learning_rate_schedule",
     "replicated", "restore_checkpoint", "save_checkpoint", "shard_batch", "train",
+    "TimeDistribution", "generate_pairs", "get_rectified_flow_loss_fn",
+    "get_rectified_flow_sample_fn", "get_teacher_sample_fn", "load_pairs", "pair_batches",
+    "rectified_flow_loss", "velocity_from_denoiser",
 ]

@@ -1,0 +1,180 @@
+"""A-SDM model assembly on the default job's digits model: pruned students, distilled.
+
+For the teacher in runs/digits and its students (configs/digits_assembly.py): parameter
+count, FLOPs per D(x; sigma) call, wall time of one D call and of one whole sampling run
+relative to the teacher (all models timed interleaved in this one process), and fd_digits /
+class accuracy of the same samples (same noise and labels) after the same distillation
+budget; then multi-UNet switching (teacher for the first k model evaluations, the student
+after). Writes table.md, results.json and samples.png (one row per model, one class per
+column) to experiments/results/model_assembly/; students are distilled into
+<out>/work/<variant> and a rerun resumes them.
+
+    python experiments/model_assembly.py [--config configs/digits_assembly.py[:smoke]]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from difflax import configs, data, schedules
+from difflax.accel import assembly
+from difflax.images import save_grid
+from difflax.samplers import make_grid
+from difflax.metrics import digits_features, evaluate_digits, load_digits_classifier
+from difflax.training import TrainConfig
+from difflax.training.distill import (DistillConfig, PruningStage, init_student_params,
+                                      progressive_distill)
+from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run
+
+
+def variants(c):
+    """name -> (surgery fields, distillation weights): each adds one A-SDM component."""
+    s, d = c.surgery, c.distill
+    weights = dict(task=d.task, output=d.output, features=d.features, semantic=0.0)
+    pruned = dict(drop_blocks=tuple(s.drop_blocks))
+    condconv = dict(pruned, condconv_experts=s.condconv_experts)
+    gri = dict(condconv, attention="gri", gri_window=s.gri_window, gri_pool=s.gri_pool,
+               gri_combine=s.gri_combine)
+    return {"pruned": (pruned, weights),
+            "+ CLME-CondConv": (condconv, weights),
+            "+ GRI attention": (gri, weights),
+            "+ SAS": (gri, dict(weights, semantic=d.semantic))}
+
+
+def distill_variant(c, teacher, t_params, surgery, weights, workdir, clf):
+    d = c.distill
+    cfg = TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=d.warmup_steps,
+                      ema_halflife_kimg=d.ema_halflife_kimg, log_every=max(d.steps // 4, 1),
+                      ckpt_every=d.steps, keep_checkpoints=1, seed=0)
+    net = teacher.net
+    drop = tuple(surgery["drop_blocks"])
+    per = -(-len(drop) // d.stages)  # progressive: a share of the blocks per stage
+    stages = [PruningStage(drop[:min(len(drop), per * (i + 1))], d.steps // d.stages)
+              for i in range(d.stages)]
+    make = lambda blocks: assembly.student(teacher, **dict(surgery, drop_blocks=blocks))
+    make_batches = lambda start: data.batch_iterator("digits", d.batch_size, seed=0,
+                                                     start_step=start, resolution=net.img_resolution)
+    return progressive_distill(
+        make, teacher, t_params, stages, cfg, make_batches, workdir,
+        input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
+        label_dim=net.label_dim, config=DistillConfig(**weights),
+        semantic_fn=lambda x: digits_features(clf.params, x), progress=False)
+
+
+def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """(median seconds, output) of each zero-argument fn, the models taking turns each round."""
+    outputs = {k: jax.block_until_ready(fn()) for k, fn in fns.items()}  # compile
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            tic = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - tic)
+    return {k: float(np.median(v)) for k, v in times.items()}, outputs
+
+
+def run(c, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    config, teacher, t_params = load_run(c.teacher_workdir)
+    net, clf = teacher.net, load_digits_classifier()
+    shape = (net.img_resolution, net.img_resolution, net.in_channels)
+    models = {"teacher": (teacher, t_params, "-")}
+    undistilled = assembly.student(teacher, drop_blocks=tuple(c.surgery.drop_blocks))
+    models["pruned, not distilled"] = (undistilled, init_student_params(
+        undistilled, t_params, input_shape=shape, label_dim=net.label_dim)[0], "0")
+    for name, (surgery, weights) in variants(c).items():
+        tic = time.time()
+        workdir = os.path.join(out_dir, "work", name.replace("+ ", "").replace(" ", "_"))
+        student, params = distill_variant(c, teacher, t_params, surgery, weights, workdir, clf)
+        models[name] = (student, params, str(c.distill.steps))
+        print(f"distilled {name}: {time.time() - tic:.0f} s", flush=True)
+    e, s = c.evaluate, config.sample
+    sampler = lambda d: get_sample_fn(d, sampler=e.sampler, steps=e.steps, sigma_min=s.sigma_min,
+                                      sigma_max=s.sigma_max)
+    light, l_params, _ = models[c.switch.student]
+    grid = make_grid(schedules.edm(s.sigma_min, s.sigma_max), "deis_tab", e.steps)
+    for k in c.switch.full_steps:
+        multi = assembly.MultiUNetDenoiser(teacher, light, switch=assembly.switch_sigma(grid, k))
+        models[f"switch: teacher {k} / {c.switch.student} {e.steps - k} NFE"] = (
+            multi, {"full": t_params, "light": l_params}, "-")
+
+    rows, grids, samplers, calls = {}, [], {}, {}
+    key, labels = jax.random.key(e.seed), np.arange(c.timing.batch_size) % max(net.label_dim, 1)
+    x = jax.random.normal(key, (c.timing.batch_size, *shape))
+    sigma = np.full(c.timing.batch_size, 1.0, np.float32)
+    for name, (model, params, _) in models.items():
+        samplers[name] = sampler(model)[0]
+        fn = jax.jit(lambda p, m=model: m.apply({"params": p}, x, sigma, labels))
+        calls[name] = functools.partial(fn, params)
+    call_time, _ = time_interleaved(calls, c.timing.repeats)
+    sample_time, images = time_interleaved(
+        {n: functools.partial(samplers[n], models[n][1], key, labels) for n in models},
+        max(c.timing.repeats // 2, 1))
+    for name, (model, params, steps) in models.items():
+        fn = labelled_sample_fn(samplers[name], params, net.label_dim)
+        metrics = evaluate_digits(fn, key=key, num_samples=e.num, batch_size=e.batch_size,
+                                  resolution=net.img_resolution, progress=False)
+        is_multi = isinstance(model, assembly.MultiUNetDenoiser)
+        rows[name] = dict(
+            distill_steps=steps,
+            params=None if is_multi else assembly.count_params(params),
+            mflops=None if is_multi else assembly.denoiser_flops(model, params) / 1e6,
+            call_speedup=call_time["teacher"] / call_time[name],
+            sample_speedup=sample_time["teacher"] / sample_time[name],
+            call_seconds=call_time[name], sample_seconds=sample_time[name],
+            fd_digits=metrics["fd_digits"], class_accuracy=metrics["class_accuracy"])
+        grids.append(np.asarray(images[name])[:10])  # classes 0..9
+        print(name, {k: v for k, v in rows[name].items()}, flush=True)
+    table = format_table(rows, c)
+    print(table)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(rows=rows, config=c.to_dict(), seconds=time.time() - t0), f, indent=1,
+                  default=list)
+    save_grid(os.path.join(out_dir, "samples.png"), np.concatenate(grids), nrow=10)
+    print(f"total {time.time() - t0:.0f} s")
+    return rows
+
+
+def format_table(rows, c):
+    e, t = c.evaluate, c.timing
+    out = [f"Teacher: runs/digits (DDPM++, 16 channels). Students distilled for "
+           f"{c.distill.steps} steps of batch {c.distill.batch_size} each; speed-ups are the "
+           f"teacher's median time over the model's, for one D(x; sigma) call and for one "
+           f"{e.sampler}:{e.steps} sampling run of {t.batch_size} images, timed interleaved in "
+           f"one process; fd_digits / class accuracy of {e.num} samples, same noise and labels "
+           "for every model. MFLOPs per image and call (XLA cost analysis).\n",
+           "| model | distill steps | params | MFLOPs | D-call speed-up | sampling speed-up "
+           "| fd_digits | class acc. |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        params = "-" if r["params"] is None else f"{r['params']:,}"
+        flops = "-" if r["mflops"] is None else f"{r['mflops']:.1f}"
+        out.append(f"| {name} | {r['distill_steps']} | {params} | {flops} | "
+                   f"{r['call_speedup']:.2f}x | {r['sample_speedup']:.2f}x | "
+                   f"{r['fd_digits']:.3f} | {100 * r['class_accuracy']:.1f}% |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/digits_assembly.py")
+    p.add_argument("--workdir", help="the teacher's run (default: the config's teacher_workdir)")
+    p.add_argument("--out", default="experiments/results/model_assembly")
+    args, overrides = p.parse_known_args()
+    c = configs.load_config(args.config, tuple(o.removeprefix("--config.") for o in overrides))
+    if args.workdir:
+        c.teacher_workdir = args.workdir
+    run(c, args.out)
+
+
+if __name__ == "__main__":
+    main()
