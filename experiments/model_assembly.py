@@ -14,7 +14,6 @@ column) to experiments/results/model_assembly/; students are distilled into
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os

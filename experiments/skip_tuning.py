@@ -18,12 +18,10 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from difflax import data
-from difflax.accel import (denoising_loss_by_sigma, get_sweep_fn, linear_skip_scales, search,
-                           stack_skip_scales)
+from difflax.accel import denoising_loss_by_sigma, get_sweep_fn, linear_skip_scales, search
 from difflax.metrics import (digits_features, digits_frechet_metric, digits_logits,
                              load_digits_classifier)
 from difflax.workdir import load_run

@@ -224,7 +224,7 @@ class UNetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False, attention=None, with_attention=False):
-        cin, cout = x.shape[-1], self.out_channels
+        cout = self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         orig = x
         if self.residual != "full":

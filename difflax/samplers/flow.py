@@ -5,7 +5,6 @@ on a final step to sigma = 0 (2N - 1 NFE there), as EDM does.
 """
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
