@@ -18,7 +18,7 @@ from difflax.accel.feature_reuse import denoiser_run_fn, sample_with_plan
 from difflax.samplers import make_grid, make_solver, sample
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
                               make_mesh, make_optimizer, replicated, restore_checkpoint)
-from difflax.training.parallel import batch_sharded
+from difflax.training.parallel import batch_sharded, pad_to_mesh
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -120,9 +120,7 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     def fn(params, key, labels):
         n = len(labels)
         noise = jax.random.normal(key, (n, net.img_resolution, net.img_resolution, net.in_channels))
-        pad = -n % mesh.size  # the batch is split over the mesh: pad it to a multiple
-        labels = jnp.pad(jnp.asarray(labels, jnp.int32), (0, pad))
-        noise = jnp.pad(noise, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        noise, labels = pad_to_mesh((noise, jnp.asarray(labels, jnp.int32)), mesh)
         return jnp.clip(jitted(params, noise, labels)[:n], -1, 1)
 
     return fn, nfe

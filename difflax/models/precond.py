@@ -52,11 +52,11 @@ class Denoiser(nn.Module):
             return jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma**2 + 1), (self.M - 1) * t
         return jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma)
 
-    def _inputs(self, x, sigma, class_labels):
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
+    def _inputs(self, batch, sigma, class_labels):
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (batch,))
         if self.net.label_dim:
             if class_labels is None:
-                class_labels = jnp.zeros((x.shape[0], self.net.label_dim), jnp.float32)
+                class_labels = jnp.zeros((batch, self.net.label_dim), jnp.float32)
             elif jnp.ndim(class_labels) == 1:
                 class_labels = jax.nn.one_hot(class_labels, self.net.label_dim)
             class_labels = jnp.asarray(class_labels, jnp.float32).reshape(-1, self.net.label_dim)
@@ -73,7 +73,7 @@ class Denoiser(nn.Module):
         Returns (D (B, H, W, C) or None, {name: value}). The cached "out" node is the raw
         network output F, so a reused F still gets c_skip x + c_out F with the current x.
         """
-        batch = jnp.zeros((jnp.size(sigma), 1)) if x is None else x
+        batch = jnp.size(sigma) if x is None else x.shape[0]
         sigma, class_labels = self._inputs(batch, sigma, class_labels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         emb = self.model.embed(c_noise, class_labels, augment_labels, train)

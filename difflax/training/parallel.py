@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -35,6 +36,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """The leading (batch) axis is split over the "data" axis."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def pad_to_mesh(arrays, mesh: Mesh):
+    """Pads the leading (batch) axis of each array with zeros to a multiple of the mesh size,
+    so that the batch splits over "data"; slice the result back to the true size."""
+    pad = -arrays[0].shape[0] % mesh.size
+    return tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in arrays)
 
 
 def shard_batch(batch, mesh: Mesh):

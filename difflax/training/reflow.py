@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from difflax import schedules
 from difflax.data import _array_batches
 from difflax.samplers import make_grid, make_solver, solve
-from difflax.samplers.few_step import rf_grid, rf_renoise, rf_schedule
-from difflax.training.parallel import batch_sharded, make_mesh, replicated
+from difflax.samplers.few_step import rf_grid, rf_schedule
+from difflax.training.parallel import batch_sharded, make_mesh, pad_to_mesh, replicated
 
 # model_fn(params, x (B, ...), t (B,), labels (B,) int) -> prediction
 ModelFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -49,19 +49,15 @@ PairSampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
 def get_sharded_sample_fn(model_fn: ModelFn, *, schedule, sampler: str, steps: int | None = None,
                           grid=None, prediction: str = "eps", mesh=None, **options):
-    """(fn(params, noise, labels) -> samples, nfe) for any difflax sampler (or "rf_renoise").
+    """(fn(params, noise, labels) -> samples, nfe) for any sampler in `difflax.SAMPLERS`.
 
     Runs `difflax.samplers.solve` from x_T = sigma(t_max) noise under one `jax.jit`, the batch
     split over `mesh` (padded to a multiple of its size); params are replicated. Compiled
     once per batch size.
     """
     mesh = mesh or make_mesh()
-    if sampler == "rf_renoise":
-        g = make_grid(schedule, "rf_euler", steps, grid)
-        solver, nfe = rf_renoise(schedule, g)
-    else:
-        g = make_grid(schedule, sampler, steps, grid)
-        solver, nfe = make_solver(schedule, sampler, g, prediction=prediction, **options)
+    g = make_grid(schedule, sampler, steps, grid)
+    solver, nfe = make_solver(schedule, sampler, g, prediction=prediction, **options)
 
     def run(params, noise, labels):
         fn = lambda x, t: model_fn(params, x, t, labels)
@@ -72,10 +68,7 @@ def get_sharded_sample_fn(model_fn: ModelFn, *, schedule, sampler: str, steps: i
 
     def fn(params, noise, labels):
         n = noise.shape[0]
-        pad = -n % mesh.size
-        noise = jnp.pad(noise, ((0, pad),) + ((0, 0),) * (noise.ndim - 1))
-        labels = jnp.pad(jnp.asarray(labels, jnp.int32), (0, pad))
-        return jitted(params, noise, labels)[:n]
+        return jitted(params, *pad_to_mesh((noise, jnp.asarray(labels, jnp.int32)), mesh))[:n]
 
     return fn, nfe
 
