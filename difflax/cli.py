@@ -29,7 +29,13 @@ from difflax.training.checkpoint import CheckpointMismatchError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflax", description=__doc__.split("\n")[0])
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host pods)")
+                   help="call jax.distributed.initialize() first; on a TPU pod slice (or a "
+                        "cluster JAX detects, e.g. SLURM) it finds the processes itself")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process run with an explicit coordinator (process 0's address); "
+                        "needs --num-processes and --process-id")
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    p.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a denoiser; resumes from the workdir's checkpoint")
     t.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
@@ -57,14 +63,33 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides = tuple(a[len("--config."):] for a in argv if a.startswith("--config."))
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
-    if args.distributed:
-        jax.distributed.initialize()
     try:
+        _initialize_distributed(args)
         return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.command](
             args, overrides)
     except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
         print(f"difflax: error: {error}", file=sys.stderr)
         return 2
+
+
+def _initialize_distributed(args) -> None:
+    """Joins a multi-process run: explicit (--coordinator, --num-processes, --process-id) or
+    auto-detected (--distributed: TPU pods, SLURM, ...). Every process runs the same command."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("--coordinator HOST:PORT, --num-processes N and --process-id I go "
+                             "together; give all three (or --distributed to auto-detect)")
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--coordinator {args.coordinator!r} must be HOST:PORT, "
+                             "e.g. 10.0.0.1:1234 (process 0's address)")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id {args.process_id} must be in 0..N-1 for "
+                             f"--num-processes N={args.num_processes} (N >= 1)")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
 
 
 def cmd_train(args, overrides) -> int:
@@ -115,8 +140,9 @@ def _write_samples(workdir, config, denoiser, params, sample, name, *, num=None,
     images = np.asarray(sample(params, jax.random.key(seed), labels))
     out = out or os.path.join(workdir, "samples", name)
     nrow = denoiser.net.label_dim or int(np.ceil(np.sqrt(num)))
-    save_grid(out + ".png", images, nrow=min(nrow, num))
-    np.savez(out + ".npz", images=images, labels=labels)
+    if jax.process_index() == 0:
+        save_grid(out + ".png", images, nrow=min(nrow, num))
+        np.savez(out + ".npz", images=images, labels=labels)
     return out + ".png"
 
 
@@ -154,8 +180,9 @@ def cmd_evaluate(args, overrides) -> int:
         rows.append({"sampler": name, "steps": steps, "nfe": nfe, **result,
                      "seconds": round(time.perf_counter() - tic, 1)})
         _write_samples(args.workdir, config, denoiser, params, sample, f"{name}_{steps}")
-    with open(os.path.join(args.workdir, "eval.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(args.workdir, "eval.json"), "w") as f:
+            json.dump(rows, f, indent=2)
     _print_table(rows)
     return 0
 
@@ -168,6 +195,8 @@ def _fid_metric(metrics, args):
 
 
 def _print_table(rows: list[dict]) -> None:
+    if jax.process_index() != 0:
+        return
     cols = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]

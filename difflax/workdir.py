@@ -12,17 +12,20 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from difflax import configs, schedules
 from difflax.accel.feature_reuse import denoiser_run_fn, sample_with_plan
 from difflax.samplers import make_grid, make_solver, sample
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
                               make_mesh, make_optimizer, replicated, restore_checkpoint)
-from difflax.training.parallel import batch_sharded, pad_to_mesh
+from difflax.training.parallel import batch_sharded, host_to_global, pad_to_mesh
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json; a workdir that holds a run of another model is an error."""
+    """Writes config.json; a workdir that holds a run of another model is an error.
+
+    Every process checks; process 0 writes, atomically (the others may be reading it)."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -35,8 +38,10 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         if diff:
             raise ValueError(f"workdir {workdir} holds a run of another model or dataset "
                              f"({'; '.join(diff[:3])}); use a new --workdir")
-    with open(path, "w") as f:
-        f.write(config.to_json(indent=2))
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json(indent=2))
+        os.replace(path + ".tmp", path)
 
 
 def _plain(v):
@@ -90,6 +95,10 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
                   mesh=None, plan=None):
     """Returns (fn(params, key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
 
+    The noise is N(0, I) from `key` (the same images on any number of devices or processes);
+    the batch is split over the mesh and the result replicated, so that every process of a
+    multi-host run holds all images.
+
     Compiled once per batch size and reused for any parameters (e.g. the EMA weights at
     each sampling step of a training run). The denoiser D(x; sigma) is an x0-prediction on
     the EDM schedule (time = sigma). `labels`: (B,) int class labels (ignored by an
@@ -104,24 +113,32 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
                          **options)  # validates the sampler and its options, counts NFE
 
-    def run(params, noise, labels):
+    shape = (net.img_resolution, net.img_resolution, net.in_channels)
+
+    def run(params, key, labels, n):
+        noise = jax.random.normal(key, (n, *shape))
+        noise = jnp.pad(noise, ((0, labels.shape[0] - n),) + ((0, 0),) * len(shape))
+        noise = jax.lax.with_sharding_constraint(noise, batch_sharded(mesh))
         labels = labels if net.label_dim else None
         if plan is not None:
-            return sample_with_plan(denoiser_run_fn(denoiser, {"params": params}, labels), noise,
-                                    plan=plan, config=net, schedule=schedule, sampler=name,
-                                    steps=steps, prediction="x0", **options)[0]
-        model_fn = lambda x, t: denoiser.apply({"params": params}, x, t, labels)
-        return sample(model_fn, noise, schedule=schedule, sampler=name, steps=steps,
-                      prediction="x0", **options)[0]
+            out = sample_with_plan(denoiser_run_fn(denoiser, {"params": params}, labels), noise,
+                                   plan=plan, config=net, schedule=schedule, sampler=name,
+                                   steps=steps, prediction="x0", **options)[0]
+        else:
+            model_fn = lambda x, t: denoiser.apply({"params": params}, x, t, labels)
+            out = sample(model_fn, noise, schedule=schedule, sampler=name, steps=steps,
+                         prediction="x0", **options)[0]
+        return jnp.clip(out[:n], -1, 1)
 
-    jitted = jax.jit(run, in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)),
-                     out_shardings=batch_sharded(mesh))
+    # The output is replicated: every process holds all samples (multi-host evaluation).
+    jitted = jax.jit(run, static_argnums=3, out_shardings=replicated(mesh),
+                     in_shardings=(replicated(mesh), replicated(mesh), batch_sharded(mesh)))
 
     def fn(params, key, labels):
-        n = len(labels)
-        noise = jax.random.normal(key, (n, net.img_resolution, net.img_resolution, net.in_channels))
-        noise, labels = pad_to_mesh((noise, jnp.asarray(labels, jnp.int32)), mesh)
-        return jnp.clip(jitted(params, noise, labels)[:n], -1, 1)
+        labels = np.asarray(labels, np.int32)
+        (padded,) = pad_to_mesh((labels,), mesh)
+        return jitted(params, host_to_global(key, replicated(mesh)),
+                      host_to_global(padded, batch_sharded(mesh)), len(labels))
 
     return fn, nfe
 

@@ -33,8 +33,24 @@ def test_load_digits_rejects_non_power_of_two():
 
 
 def test_unknown_dataset_names_choices():
-    with pytest.raises(ValueError, match="digits, gmm, tfds:<name>"):
-        data.batch_iterator("mnist", 4)
+    with pytest.raises(ValueError, match="digits, mnist, gmm, tfds:<name>"):
+        data.batch_iterator("fashion_mnist", 4)
+    with pytest.raises(ValueError, match="valid choices: train, test"):
+        data.load_mnist("validation")
+
+
+def test_mnist_is_the_idx_files_of_the_package():
+    images, labels = data.load_mnist("test", resolution=28)
+    assert images.shape == (10_000, 28, 28, 1) and labels.shape == (10_000,)
+    # The first test digits of MNIST are 7 2 1 0 4 1 4 9 5 9; per-class counts of the test set.
+    np.testing.assert_array_equal(labels[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 1028, 1010, 974, 1009]
+    assert images.min() == -1.0 and images.max() == 1.0
+    padded, _ = data.load_mnist("test")  # 32x32: 2 background pixels each side
+    np.testing.assert_array_equal(padded[:, 2:30, 2:30], images)
+    assert (padded[:, :2] == -1).all() and (padded[:, :, 30:] == -1).all()
+    batch, y = next(data.batch_iterator("mnist", 8, split="test", seed=1))
+    assert batch.shape == (8, 32, 32, 1) and y.dtype == np.int32
 
 
 def _take(it, n):

@@ -10,7 +10,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "experiments" / "notebooks").glob("*.ipynb"))
-GOLDEN = ROOT.parent / "shared" / "golden" / "edm_ddpmpp_cond16.npz"
+GOLDEN = ROOT / "tests" / "data" / "edm_ddpmpp_small.npz"
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     loss_fn = loss_fn or get_edm_loss_fn(model, label_dim=label_dim)
     step_fn = parallel.get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, cfg), mesh,
                                          lr_fn=learning_rate_schedule(cfg))
-    key = jax.device_put(k_train, parallel.replicated(mesh))
+    key = parallel.host_to_global(k_train, parallel.replicated(mesh))
     batches = make_batches(start)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and primary))
     history, tick = [], time.perf_counter()

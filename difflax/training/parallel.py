@@ -39,10 +39,29 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def pad_to_mesh(arrays, mesh: Mesh):
-    """Pads the leading (batch) axis of each array with zeros to a multiple of the mesh size,
-    so that the batch splits over "data"; slice the result back to the true size."""
+    """Pads the leading (batch) axis of each host array with zeros to a multiple of the mesh
+    size, so that the batch splits over "data"; slice the result back to the true size."""
     pad = -arrays[0].shape[0] % mesh.size
-    return tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in arrays)
+    return tuple(np.pad(np.asarray(a), ((0, pad),) + ((0, 0),) * (np.ndim(a) - 1))
+                 for a in arrays)
+
+
+def host_to_global(tree, sharding: NamedSharding):
+    """Global jax.Arrays laid out as `sharding` from host values that every process holds in
+    full and alike (a key, labels, noise drawn from a shared key).
+
+    Unlike `jax.device_put`, this works when the sharding spans other processes' devices:
+    each process fills its own devices from its copy. PRNG key arrays are supported.
+    """
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -35,7 +35,8 @@ from difflax import schedules
 from difflax.data import _array_batches
 from difflax.samplers import make_grid, make_solver, solve
 from difflax.samplers.few_step import rf_grid, rf_schedule
-from difflax.training.parallel import batch_sharded, make_mesh, pad_to_mesh, replicated
+from difflax.training.parallel import (batch_sharded, host_to_global, make_mesh, pad_to_mesh,
+                                       replicated)
 
 # model_fn(params, x (B, ...), t (B,), labels (B,) int) -> prediction
 ModelFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -59,16 +60,18 @@ def get_sharded_sample_fn(model_fn: ModelFn, *, schedule, sampler: str, steps: i
     g = make_grid(schedule, sampler, steps, grid)
     solver, nfe = make_solver(schedule, sampler, g, prediction=prediction, **options)
 
-    def run(params, noise, labels):
+    def run(params, noise, labels, n):
         fn = lambda x, t: model_fn(params, x, t, labels)
-        return solve(fn, noise, schedule=schedule, solver=solver, grid=g, prediction=prediction)
+        out = solve(fn, noise, schedule=schedule, solver=solver, grid=g, prediction=prediction)
+        return out[:n]
 
-    jitted = jax.jit(run, in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)),
-                     out_shardings=batch_sharded(mesh))
+    # The output is replicated: every process holds the whole batch (multi-host pairs).
+    jitted = jax.jit(run, static_argnums=3, out_shardings=replicated(mesh),
+                     in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)))
 
     def fn(params, noise, labels):
-        n = noise.shape[0]
-        return jitted(params, *pad_to_mesh((noise, jnp.asarray(labels, jnp.int32)), mesh))[:n]
+        padded = pad_to_mesh((noise, np.asarray(labels, np.int32)), mesh)
+        return jitted(params, *host_to_global(padded, batch_sharded(mesh)), noise.shape[0])
 
     return fn, nfe
 
@@ -155,9 +158,6 @@ def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: 
         labels = (jax.random.randint(k_label, (chunk_size,), 0, num_classes) if num_classes
                   else jnp.zeros((chunk_size,), jnp.int32))
         samples = sample_fn(params, noise, labels)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            samples = multihost_utils.process_allgather(samples, tiled=True)
         n = min(chunk_size, num_pairs - i * chunk_size)
         if primary:
             tmp = paths[i][:-len(".npz")] + ".tmp.npz"
