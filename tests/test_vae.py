@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.models import load_vae
+from difflax.models import VAEConfig, load_vae
+from difflax.models.vae import scale_latents, unscale_latents
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -83,16 +84,16 @@ def test_load_vae_reads_deprecated_attention_names(reference, tmp_path):
     check_matches(tmp_path, reference)
 
 
-def test_posterior_sample_moments(reference):
-    """encode_latents with a key samples (z - shift) * scale, z ~ N(mean, exp(logvar))."""
-    vae, variables = load_vae(reference["folder"])
-    mean, logvar = jnp.zeros((1, 1, 1, 2)), jnp.log(jnp.array([0.25, 4.0])).reshape(1, 1, 1, 2)
-    keys = jax.random.split(jax.random.key(0), 20000)
-    z = jax.vmap(lambda k: vae.apply(variables, mean + 3.0, logvar, key=k,
-                                     method="scale_latents"))(keys).reshape(-1, 2)
-    # mean 0.5 * 3 = 1.5; std 0.5 * (0.5, 2); standard errors 0.0035 / 0.007
-    np.testing.assert_allclose(z.mean(0), [1.5, 1.5], atol=0.03)
+def test_posterior_sample_moments():
+    """scale_latents with noise samples (z - shift) * scale, z ~ N(mean, exp(logvar))."""
+    config = VAEConfig(scaling_factor=0.5, shift_factor=1.0)
+    mean, logvar = jnp.full((2,), 3.0), jnp.log(jnp.array([0.25, 4.0]))
+    noise = jax.random.normal(jax.random.key(0), (20000, 2))
+    z = scale_latents(config, mean, logvar, noise)
+    # mean 0.5 * (3 - 1) = 1; std 0.5 * (0.5, 2); standard errors 0.002 / 0.007
+    np.testing.assert_allclose(z.mean(0), [1.0, 1.0], atol=0.03)
     np.testing.assert_allclose(z.std(0), [0.25, 1.0], rtol=0.03)
+    np.testing.assert_allclose(unscale_latents(config, scale_latents(config, mean)), mean)
 
 
 def test_load_vae_errors(reference, tmp_path):

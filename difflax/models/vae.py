@@ -10,7 +10,8 @@ App. G) in Flax, NHWC, with the layout and parameter names of diffusers' `Autoen
 
 Latent scaling (LDM Sec. 4.3.2 and D.1): a diffusion model sees z = (latent - shift_factor)
 * scaling_factor (SD: shift 0, scale 0.18215). `encode_latents` / `decode_latents` are the one
-place where that happens; `encode` / `decode` work on unscaled latents.
+place where that happens (through `scale_latents` / `unscale_latents`, also used for stored
+posterior moments); `encode` / `decode` work on unscaled latents.
 """
 from __future__ import annotations
 
@@ -198,21 +199,29 @@ class AutoencoderKL(nn.Module):
         return self.decoder(latents)
 
     def encode_latents(self, images, *, key=None):
-        """Images -> the latents a diffusion model sees: (z - shift_factor) * scaling_factor, with
-        z a sample of the posterior (as SiT's and LDM's training do) if `key` is given, else its
-        mean."""
+        """Images -> the latents a diffusion model sees (`scale_latents`): of a posterior sample
+        (as SiT's and LDM's training do) if `key` is given, else of the posterior mean."""
         mean, logvar = self.encode(images)
-        return self.scale_latents(mean, logvar, key=key)
-
-    def scale_latents(self, mean, logvar, *, key=None):
-        """Posterior moments from `encode` -> diffusion-model latents (see `encode_latents`)."""
-        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(
-            key, mean.shape, mean.dtype)
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        noise = None if key is None else jax.random.normal(key, mean.shape, mean.dtype)
+        return scale_latents(self.config, mean, logvar, noise)
 
     def decode_latents(self, latents):
-        """Diffusion-model latents -> images: decode(latents / scaling_factor + shift_factor)."""
-        return self.decode(latents / self.config.scaling_factor + self.config.shift_factor)
+        """Diffusion-model latents -> images: decode(unscale_latents(latents))."""
+        return self.decode(unscale_latents(self.config, latents))
+
+
+def scale_latents(config: VAEConfig, mean, logvar=None, noise=None):
+    """Posterior moments -> diffusion-model latents (z - shift_factor) * scaling_factor, with
+    z = mean + exp(logvar / 2) * noise (a posterior sample) or z = mean if noise is None.
+    Together with `unscale_latents` the one place where the scaling is applied (numpy or jax
+    arrays)."""
+    z = mean if noise is None else mean + jnp.exp(0.5 * logvar) * noise
+    return (z - config.shift_factor) * config.scaling_factor
+
+
+def unscale_latents(config: VAEConfig, latents):
+    """Diffusion-model latents -> the VAE's latents: latents / scaling_factor + shift_factor."""
+    return latents / config.scaling_factor + config.shift_factor
 
 
 # ----------------------------------------------------------------------------
