@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difflax import schedules
-from difflax.data import _array_batches
+from difflax.data import index_batches
 from difflax.samplers import make_grid, make_solver, solve
 from difflax.samplers.few_step import rf_grid, rf_schedule
 from difflax.training.parallel import batch_sharded, make_mesh, pad_to_mesh, replicated
@@ -197,10 +197,6 @@ def pair_batches(pairs: dict[str, np.ndarray], batch_size: int, *, seed: int = 0
     Batch i depends only on (seed, i): the same epoch-wise permutation as
     `difflax.data.batch_iterator`, so starting at `start_step` resumes a run exactly.
     """
-    from difflax.data import _local_rows
-
-    n = len(pairs["labels"])
-    rows = _local_rows(batch_size, process_index, process_count)
-    for idx, labels in _array_batches(np.arange(n), pairs["labels"], batch_size, seed,
-                                      start_step, False, rows):
-        yield pairs["samples"][idx], pairs["noise"][idx], labels
+    for idx in index_batches(len(pairs["labels"]), batch_size, seed=seed, start_step=start_step,
+                             process_index=process_index, process_count=process_count):
+        yield pairs["samples"][idx], pairs["noise"][idx], pairs["labels"][idx]
