@@ -94,10 +94,13 @@ def encode_dataset(vae: AutoencoderKL, variables, images: np.ndarray, labels: np
     todo = [i for i in range(num_chunks) if not os.path.exists(paths[i])]
     for i in tqdm(todo, unit="chunk", desc="encoding", disable=not (progress and primary)):
         rows = slice(i * chunk_size, (i + 1) * chunk_size)
-        mean, logvar = encode(variables, images[rows])
+        x = images[rows]
+        n = x.shape[0]  # the last chunk is padded to the same shape: one compilation
+        mean, logvar = encode(variables, np.pad(x, ((0, chunk_size - n),) + ((0, 0),) * 3))
         if primary:
             tmp = paths[i][:-len(".npz")] + ".tmp.npz"
-            np.savez(tmp, mean=mean, logvar=logvar, labels=np.asarray(labels[rows], np.int32))
+            np.savez(tmp, mean=mean[:n], logvar=logvar[:n],
+                     labels=np.asarray(labels[rows], np.int32))
             os.replace(tmp, paths[i])
     return paths
 

@@ -301,7 +301,7 @@ def convert_vae_state_dict(state_dict, config: VAEConfig) -> dict:
 def init_vae(config: VAEConfig, key, resolution: int | None = None) -> dict:
     """Random variables of AutoencoderKL(config), initialised on a (1, r, r, in_channels) image."""
     r = resolution or 2 ** (len(config.block_out_channels) - 1)
-    return AutoencoderKL(config).init(key, jnp.zeros((1, r, r, config.in_channels)))
+    return jax.jit(AutoencoderKL(config).init)(key, jnp.zeros((1, r, r, config.in_channels)))
 
 
 def _weights_file(path: str) -> str:
