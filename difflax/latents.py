@@ -10,30 +10,23 @@ horizontal flips, and batches of latents for training latent diffusion models (S
 As REPA's preprocessing does, the posterior moments are stored rather than one sample, so
 each training step draws a fresh z = mean + exp(logvar / 2) eps; the flip is stored beside the
 image (one encoder pass per flip instead of one per epoch) and chosen per example at training
-time. Chunk i holds images [i * chunk_size, (i + 1) * chunk_size); each is written to a
-temporary file and renamed into place and chunks on disk are skipped, so a killed run started
-again finishes with the same files. The encoder batch is sharded over the device mesh; on
-several processes, process 0 writes.
+time. Chunk i holds images [i * chunk_size, (i + 1) * chunk_size), written through
+`difflax.chunks`, so a killed run started again finishes with the same files. The encoder
+batch is sharded over the device mesh; on several processes, process 0 writes.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from difflax.chunks import chunk_path, open_chunks, read_chunks, write_chunk
 from difflax.data import index_batches, local_rows
 from difflax.models.vae import AutoencoderKL, VAEConfig, scale_latents
 from difflax.training.parallel import batch_sharded, make_mesh, pad_to_mesh, replicated
-
-
-def _chunk_path(out_dir: str, i: int) -> str:
-    return os.path.join(out_dir, f"chunk_{i:05d}.npz")
 
 
 def get_encode_fn(vae: AutoencoderKL):
@@ -72,60 +65,26 @@ def encode_dataset(vae: AutoencoderKL, variables, images: np.ndarray, labels: np
     meta = dict(num_images=int(images.shape[0]), chunk_size=chunk_size,
                 latent_shape=[h, h, vae.config.latent_channels],
                 vae=dataclasses.asdict(vae.config), **(info or {}))
-    meta = json.loads(json.dumps(meta))
-    primary = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, "latents.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old != meta:
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in meta.items() if old.get(k) != v]
-            raise ValueError(f"{out_dir} holds other latents ({'; '.join(diff[:3])}); use a new "
-                             "directory")
-    elif primary:
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=2)
-    for stale in glob.glob(os.path.join(out_dir, "*.tmp.npz")):  # from a killed run
-        if primary:
-            os.remove(stale)
     num_chunks = -(-images.shape[0] // chunk_size)
-    paths = [_chunk_path(out_dir, i) for i in range(num_chunks)]
-    todo = [i for i in range(num_chunks) if not os.path.exists(paths[i])]
-    for i in tqdm(todo, unit="chunk", desc="encoding", disable=not (progress and primary)):
+    todo = open_chunks(out_dir, "latents", meta, num_chunks)
+    quiet = not (progress and jax.process_index() == 0)
+    for i in tqdm(todo, unit="chunk", desc="encoding", disable=quiet):
         rows = slice(i * chunk_size, (i + 1) * chunk_size)
         x = images[rows]
         n = x.shape[0]  # the last chunk is padded to the same shape: one compilation
         mean, logvar = encode(variables, np.pad(x, ((0, chunk_size - n),) + ((0, 0),) * 3))
-        if primary:
-            tmp = paths[i][:-len(".npz")] + ".tmp.npz"
-            np.savez(tmp, mean=mean[:n], logvar=logvar[:n],
-                     labels=np.asarray(labels[rows], np.int32))
-            os.replace(tmp, paths[i])
-    return paths
+        write_chunk(out_dir, i, mean=mean[:n], logvar=logvar[:n],
+                    labels=np.asarray(labels[rows], np.int32))
+    return [chunk_path(out_dir, i) for i in range(num_chunks)]
 
 
 def load_latents(out_dir: str) -> dict:
     """All stored latents of `out_dir`: {"mean", "logvar" (N, 2, h, w, C), "labels" (N,),
     "config" (the VAEConfig they were encoded with)}; every chunk must be present."""
-    meta_path = os.path.join(out_dir, "latents.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{out_dir} holds no latent dataset (no latents.json); make one "
-                                "with `difflax encode` or difflax.latents.encode_dataset")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    num_chunks = -(-meta["num_images"] // meta["chunk_size"])
-    missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(out_dir, i))]
-    if missing:
-        raise FileNotFoundError(f"{out_dir} lacks {len(missing)} of {num_chunks} chunks (e.g. "
-                                f"{missing[0]}); run the encoding again to finish them")
-    parts = {"mean": [], "logvar": [], "labels": []}
-    for i in range(num_chunks):
-        with np.load(_chunk_path(out_dir, i)) as f:
-            for k in parts:
-                parts[k].append(f[k])
+    meta, arrays = read_chunks(out_dir, "latents", "num_images", ("mean", "logvar", "labels"),
+                               "`difflax encode` (difflax.latents.encode_dataset)")
     vae = {**meta["vae"], "block_out_channels": tuple(meta["vae"]["block_out_channels"])}
-    return {**{k: np.concatenate(v) for k, v in parts.items()}, "config": VAEConfig(**vae)}
+    return {**arrays, "config": VAEConfig(**vae)}
 
 
 def latent_batches(latents: dict, batch_size: int, *, seed: int = 0, start_step: int = 0,

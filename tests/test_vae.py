@@ -100,10 +100,11 @@ def test_load_vae_errors(reference, tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_vae(tmp_path / "missing")
     config = json.loads((reference["folder"] / "config.json").read_text())
-    for i, (change, message) in enumerate([({"act_fn": "relu"}, "unsupported AutoencoderKL act_fn='relu'"),
-                            ({"_class_name": "UNet2DModel"}, "not 'AutoencoderKL'"),
-                            ({"typo_channels": 3}, "unknown AutoencoderKL config key"),
-                            ({"block_out_channels": [8, 16, 32]}, "do not fit this AutoencoderKL")]):
+    cases = [({"act_fn": "relu"}, "unsupported AutoencoderKL act_fn='relu'"),
+             ({"_class_name": "UNet2DModel"}, "not 'AutoencoderKL'"),
+             ({"typo_channels": 3}, "unknown AutoencoderKL config key"),
+             ({"block_out_channels": [8, 16, 32]}, "do not fit this AutoencoderKL")]
+    for i, (change, message) in enumerate(cases):
         folder = tmp_path / f"config{i}"
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({**config, **change}))

@@ -64,7 +64,7 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1, padding="SAME"
 
 
 class ResnetBlock(nn.Module):
-    """diffusers `ResnetBlock2D` without a time embedding: x + conv(act(norm(conv(act(norm(x))))))."""
+    """diffusers `ResnetBlock2D` without time embedding: x + conv(act(norm(conv(act(norm(x))))))."""
 
     features: int
     config: VAEConfig
@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """diffusers `Downsample2D` with padding 0: zero-pad right and bottom by 1, 3x3 conv, stride 2."""
+    """diffusers `Downsample2D`, padding 0: zero-pad right and bottom by 1, 3x3 conv, stride 2."""
 
     @nn.compact
     def __call__(self, x):
@@ -145,7 +145,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Unscaled latents (B, h, w, latent_channels) -> NHWC images (B, h * f, w * f, out_channels)."""
+    """Unscaled latents (B, h, w, latent_channels) -> NHWC images (B, h f, w f, out_channels)."""
 
     config: VAEConfig
 
@@ -240,7 +240,8 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
     does not implement raises one error naming the key and the valid value."""
     name = config.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-        raise ValueError(f"config is for {name!r}, not 'AutoencoderKL' (the only class load_vae reads)")
+        raise ValueError(f"config is for {name!r}, not 'AutoencoderKL' (the one class load_vae "
+                         "reads)")
     levels = len(config.get("block_out_channels", VAEConfig.block_out_channels))
     supported = {"act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * levels,
                  "up_block_types": ["UpDecoderBlock2D"] * levels, "latents_mean": None,
@@ -251,7 +252,8 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
             raise ValueError(f"unsupported AutoencoderKL {key}={config[key]!r}; valid: {valid!r}")
     unknown = sorted(set(config) - set(_CONFIG_FIELDS) - _IGNORED)
     if unknown:
-        raise ValueError(f"unknown AutoencoderKL config key(s) {unknown}; valid: {list(_CONFIG_FIELDS)}")
+        raise ValueError(f"unknown AutoencoderKL config key(s) {unknown}; valid: "
+                         f"{list(_CONFIG_FIELDS)}")
     fields = {k: v for k, v in config.items() if k in _CONFIG_FIELDS}
     if "block_out_channels" in fields:
         fields["block_out_channels"] = tuple(fields["block_out_channels"])
@@ -261,7 +263,8 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
 
 
 def _flax_path(name: str, ndim: int) -> tuple[str, ...]:
-    # encoder.down_blocks.0.resnets.1.norm1.weight -> (encoder, down_blocks_0_resnets_1, norm1, scale)
+    # encoder.down_blocks.0.resnets.1.norm1.weight
+    #   -> (encoder, down_blocks_0_resnets_1, norm1, scale)
     *modules, leaf = name.split(".")
     modules = ".".join(modules)
     modules = re.sub(r"\.(\d+)", r"_\1", modules).split(".")
