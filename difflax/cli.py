@@ -4,6 +4,7 @@
     difflax sample --workdir DIR [--sampler edm_heun] [--steps 18] [--num 64]
     difflax evaluate --workdir DIR [--sampler edm_heun:18 deis_tab3:10] [--num 1000]
     difflax evaluate --workdir DIR --sampler deis_tab3 --steps 10
+    difflax encode --vae VAE_FOLDER --data mnist --out DIR [--resolution 32] [--chunk-size 1024]
 
 Bad input (an unknown config key or choice, an image size the model does not take, a
 checkpoint from another architecture) ends with one line naming the problem and the
@@ -56,7 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="samples per batch (default: the config's)")
     e.add_argument("--inception", help="FID: pytorch-fid's pt_inception-2015-12-05-*.pth (or .npz)")
     e.add_argument("--reference", help="FID: reference statistics .npz (mu, sigma)")
+    c = sub.add_parser("encode", help="encode an image dataset and its horizontal flips into "
+                       "VAE latents (resumable chunks)")
+    c.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (config.json + "
+                   "*.safetensors)")
+    c.add_argument("--data", required=True, help=f"one of {', '.join(ENCODE_DATASETS)}")
+    c.add_argument("--out", required=True, help="output directory (latents.json + chunk_*.npz)")
+    c.add_argument("--resolution", type=int, help="image size (default: the dataset's)")
+    c.add_argument("--split", default="train", help="MNIST split: train or test")
+    c.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
     return p
+
+
+# datasets `difflax encode` reads: name -> (resolution, split) -> (images, labels)
+ENCODE_DATASETS = {
+    "digits": lambda resolution, split: data.load_digits(resolution or 16),
+    "mnist": lambda resolution, split: data.load_mnist(split, resolution or 32),
+}
 
 
 def main(argv=None) -> int:
@@ -65,8 +82,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
     try:
         _initialize_distributed(args)
-        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.command](
-            args, overrides)
+        commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
+                    "encode": cmd_encode}
+        return commands[args.command](args, overrides)
     except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
         print(f"difflax: error: {error}", file=sys.stderr)
         return 2
@@ -184,6 +202,23 @@ def cmd_evaluate(args, overrides) -> int:
         with open(os.path.join(args.workdir, "eval.json"), "w") as f:
             json.dump(rows, f, indent=2)
     _print_table(rows)
+    return 0
+
+
+def cmd_encode(args, overrides) -> int:
+    from difflax import latents
+    from difflax.models import load_vae
+
+    if args.data not in ENCODE_DATASETS:
+        raise ValueError(f"unknown dataset {args.data!r} for encode; valid choices: "
+                         f"{', '.join(ENCODE_DATASETS)}")
+    images, labels = ENCODE_DATASETS[args.data](args.resolution, args.split)
+    vae, variables = load_vae(args.vae)
+    info = dict(dataset=args.data, split=args.split, resolution=images.shape[1],
+                vae_path=os.path.abspath(args.vae))
+    paths = latents.encode_dataset(vae, variables, images, labels, args.out,
+                                   chunk_size=args.chunk_size, info=info)
+    _print_table([{"images": len(images), "chunks": len(paths), "out": args.out}])
     return 0
 
 

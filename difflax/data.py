@@ -195,7 +195,8 @@ def dataset_spec(name: str, *, resolution: int | None = None,
     return DatasetSpec((h, w, c), features["label"].num_classes)
 
 
-def _local_rows(batch_size: int, process_index: int | None, process_count: int | None):
+def local_rows(batch_size: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
     """The rows of a global batch that this process feeds (multi-host data parallelism)."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -210,25 +211,38 @@ def _flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(mask[:, None, None, None], images[:, :, ::-1], images)
 
 
-def _array_batches(images, labels, batch_size, seed, start_step, random_flip, rows):
-    """Batch i holds elements i*B..(i+1)*B of the epoch-wise permuted data: it depends only
-    on (seed, i). Epoch e is permuted by numpy's generator seeded with (seed, e)."""
-    n = images.shape[0]
+def index_batches(num_examples: int, batch_size: int, *, seed: int = 0, start_step: int = 0,
+                  process_index: int | None = None, process_count: int | None = None):
+    """Infinite iterator of example indices, this process's rows of each global batch.
+
+    Batch i holds elements i*B..(i+1)*B of the epoch-wise permuted data: it depends only
+    on (seed, i). Epoch e is permuted by numpy's generator seeded with (seed, e). Every
+    dataset held in memory is batched by it, so starting at `start_step` resumes exactly.
+    """
+    rows = local_rows(batch_size, process_index, process_count)
     perms = {}
     step = start_step
     while True:
         flat = np.arange(step * batch_size, (step + 1) * batch_size)[rows]
         idx = np.empty_like(flat)
-        for e in np.unique(flat // n):
+        for e in np.unique(flat // num_examples):
             if e not in perms:
-                perms = {e: np.random.default_rng([seed, int(e)]).permutation(n)}
-            sel = flat // n == e
-            idx[sel] = perms[e][flat[sel] % n]
+                perms = {e: np.random.default_rng([seed, int(e)]).permutation(num_examples)}
+            sel = flat // num_examples == e
+            idx[sel] = perms[e][flat[sel] % num_examples]
+        yield idx
+        step += 1
+
+
+def _array_batches(images, labels, batch_size, seed, start_step, random_flip, pi, pc):
+    """(images, labels) batches over `index_batches`; flips from (seed, step, 1)."""
+    batches = index_batches(images.shape[0], batch_size, seed=seed, start_step=start_step,
+                            process_index=pi, process_count=pc)
+    for step, idx in enumerate(batches, start_step):
         x = images[idx]
         if random_flip:
             x = _flip(x, np.random.default_rng([seed, step, 1]))
         yield x, labels[idx]
-        step += 1
 
 
 def _gmm_batches(mixture, batch_size, seed, start_step, rows):
@@ -265,13 +279,15 @@ def batch_iterator(name: str, batch_size: int, *, seed: int = 0, start_step: int
     using before the end of the program (an open tf.data iterator can stall exit).
     """
     _check_name(name)
-    rows = _local_rows(batch_size, process_index, process_count)
+    rows = local_rows(batch_size, process_index, process_count)
     if name == "digits":
         images, labels = load_digits(16 if resolution is None else resolution)
-        return _array_batches(images, labels, batch_size, seed, start_step, random_flip, rows)
+        return _array_batches(images, labels, batch_size, seed, start_step, random_flip,
+                              process_index, process_count)
     if name == "mnist":
         images, labels = load_mnist(split, 32 if resolution is None else resolution)
-        return _array_batches(images, labels, batch_size, seed, start_step, random_flip, rows)
+        return _array_batches(images, labels, batch_size, seed, start_step, random_flip,
+                              process_index, process_count)
     if name == "gmm":
         return _gmm_batches(mixture or gmm(), batch_size, seed, start_step, rows)
     pi = jax.process_index() if process_index is None else process_index

@@ -1,8 +1,9 @@
-"""Pure Flax model definitions: EDM UNets, preconditioning, weight conversion."""
+"""Pure Flax model definitions: EDM UNets, preconditioning, SD's autoencoder, weight conversion."""
 from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.convert import config_from_edm, convert_state_dict, load_edm, read_edm_snapshot
 from difflax.models.gri_attention import GRIConfig, gri_attention
 from difflax.models.precond import PRECONDS, Denoiser
+from difflax.models.vae import AutoencoderKL, VAEConfig, load_vae
 from difflax.models.unet import (MODEL_TYPES, DhariwalUNet, FeatureNode, SkipConnection, SongUNet,
                                  UNetConfig, adm, ddpmpp, feature_nodes, make_unet, ncsnpp,
                                  nodes_to_compute, prunable_blocks, skip_connections)
@@ -12,5 +13,5 @@ __all__ = [
     "MODEL_TYPES", "PRECONDS", "Denoiser", "DhariwalUNet", "FeatureNode", "SkipConnection",
     "SongUNet", "UNetConfig", "adm", "config_from_edm", "convert_state_dict", "ddpmpp",
     "feature_nodes", "load_edm", "make_unet", "ncsnpp", "nodes_to_compute", "read_edm_snapshot",
-    "skip_connections",
+    "skip_connections", "AutoencoderKL", "VAEConfig", "load_vae",
 ]

@@ -21,9 +21,6 @@ the loss is `get_rectified_flow_loss_fn` over `pair_batches`.
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
 from typing import Callable
 
 import jax
@@ -32,7 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difflax import schedules
-from difflax.data import _array_batches
+from difflax.chunks import chunk_path, open_chunks, read_chunks, write_chunk
+from difflax.data import index_batches
 from difflax.samplers import make_grid, make_solver, solve
 from difflax.samplers.few_step import rf_grid, rf_schedule
 from difflax.training.parallel import (batch_sharded, host_to_global, make_mesh, pad_to_mesh,
@@ -114,10 +112,6 @@ def get_rectified_flow_sample_fn(denoiser, *, sampler: str = "rf_euler", steps: 
 # Pairs on disk.
 
 
-def _chunk_path(out_dir: str, i: int) -> str:
-    return os.path.join(out_dir, f"chunk_{i:05d}.npz")
-
-
 def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: int,
                    chunk_size: int, shape: tuple[int, ...], num_classes: int = 0, seed: int = 0,
                    info: dict | None = None, progress: bool = True) -> list[str]:
@@ -131,62 +125,27 @@ def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: 
     """
     meta = dict(num_pairs=num_pairs, chunk_size=chunk_size, shape=list(shape),
                 num_classes=num_classes, seed=seed, **(info or {}))
-    primary = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, "pairs.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(meta)):
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in json.loads(json.dumps(meta)).items()
-                    if old.get(k) != v]
-            raise ValueError(f"{out_dir} holds other pairs ({'; '.join(diff[:3])}); use a new "
-                             "directory")
-    elif primary:
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=2)
-    for stale in glob.glob(os.path.join(out_dir, "*.tmp.npz")):  # from a killed run
-        if primary:
-            os.remove(stale)
     num_chunks = -(-num_pairs // chunk_size)
-    paths = [_chunk_path(out_dir, i) for i in range(num_chunks)]
-    todo = [i for i in range(num_chunks) if not os.path.exists(paths[i])]
+    todo = open_chunks(out_dir, "pairs", meta, num_chunks)
     root = jax.random.key(seed)
-    for i in tqdm(todo, unit="chunk", desc="reflow pairs", disable=not (progress and primary)):
+    quiet = not (progress and jax.process_index() == 0)
+    for i in tqdm(todo, unit="chunk", desc="reflow pairs", disable=quiet):
         k_noise, k_label = jax.random.split(jax.random.fold_in(root, i))
         noise = jax.random.normal(k_noise, (chunk_size, *shape), jnp.float32)
         labels = (jax.random.randint(k_label, (chunk_size,), 0, num_classes) if num_classes
                   else jnp.zeros((chunk_size,), jnp.int32))
         samples = sample_fn(params, noise, labels)
         n = min(chunk_size, num_pairs - i * chunk_size)
-        if primary:
-            tmp = paths[i][:-len(".npz")] + ".tmp.npz"
-            np.savez(tmp, noise=np.asarray(noise)[:n], samples=np.asarray(samples)[:n],
-                     labels=np.asarray(labels)[:n].astype(np.int32))
-            os.replace(tmp, paths[i])
-    return paths
+        write_chunk(out_dir, i, noise=np.asarray(noise)[:n], samples=np.asarray(samples)[:n],
+                    labels=np.asarray(labels)[:n].astype(np.int32))
+    return [chunk_path(out_dir, i) for i in range(num_chunks)]
 
 
 def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
     """All pairs of `out_dir`: {"noise", "samples" (N, ...), "labels" (N,)}; every chunk must
     be present (run `generate_pairs` again to finish an interrupted set)."""
-    meta_path = os.path.join(out_dir, "pairs.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{out_dir} holds no Reflow pairs (no pairs.json); make them with "
-                                "difflax.training.reflow.generate_pairs")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    num_chunks = -(-meta["num_pairs"] // meta["chunk_size"])
-    missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(out_dir, i))]
-    if missing:
-        raise FileNotFoundError(f"{out_dir} lacks {len(missing)} of {num_chunks} chunks (e.g. "
-                                f"{missing[0]}); run generate_pairs again to finish them")
-    parts = {"noise": [], "samples": [], "labels": []}
-    for i in range(num_chunks):
-        with np.load(_chunk_path(out_dir, i)) as f:
-            for k in parts:
-                parts[k].append(f[k])
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return read_chunks(out_dir, "pairs", "num_pairs", ("noise", "samples", "labels"),
+                       "generate_pairs")[1]
 
 
 def pair_batches(pairs: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
@@ -197,10 +156,6 @@ def pair_batches(pairs: dict[str, np.ndarray], batch_size: int, *, seed: int = 0
     Batch i depends only on (seed, i): the same epoch-wise permutation as
     `difflax.data.batch_iterator`, so starting at `start_step` resumes a run exactly.
     """
-    from difflax.data import _local_rows
-
-    n = len(pairs["labels"])
-    rows = _local_rows(batch_size, process_index, process_count)
-    for idx, labels in _array_batches(np.arange(n), pairs["labels"], batch_size, seed,
-                                      start_step, False, rows):
-        yield pairs["samples"][idx], pairs["noise"][idx], labels
+    for idx in index_batches(len(pairs["labels"]), batch_size, seed=seed, start_step=start_step,
+                             process_index=process_index, process_count=process_count):
+        yield pairs["samples"][idx], pairs["noise"][idx], pairs["labels"][idx]
