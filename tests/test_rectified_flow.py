@@ -129,9 +129,10 @@ def test_denoiser_velocity_is_the_exact_rectified_flow_velocity():
     # E[x | x_t] on the RF path directly (alpha = 1 - t, sigma = t): no EDM variables at all
     x0 = jax.vmap(gm.posterior_mean)(x_t, 1 - t, t)
     np.testing.assert_allclose(v(x_t, t, None), (x_t - x0) / t[:, None], rtol=2e-4, atol=2e-4)
-    # the exact field's loss is the conditional variance, well below the zero model's
-    loss_exact = rectified_flow_loss(v, x, z, t)
-    loss_zero = rectified_flow_loss(lambda a, b, c: jnp.zeros_like(a), x, z, t)
+    # the exact field's mean-square loss is the conditional variance, well below the zero model's
+    loss_exact = rectified_flow_loss(v, x, z, t, premetric="l2_squared")
+    loss_zero = rectified_flow_loss(lambda a, b, c: jnp.zeros_like(a), x, z, t,
+                                    premetric="l2_squared")
     assert float(loss_exact) < 0.5 * float(loss_zero)
 
 
