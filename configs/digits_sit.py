@@ -16,7 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.data = dict(name="digits", resolution=16, holdout=180, seed=0)
     c.model = dict(patch_size=4, hidden_size=96, depth=4, num_heads=4, mlp_ratio=4.0,
-                   class_dropout_prob=0.1, snippet_dropout_prob=0.1, learn_sigma=False)
+                   class_dropout_prob=0.1, snippet_dropout_prob=0.4, learn_sigma=False)
     c.memory = dict(encoder_seed=1, kmeans_entries=0, svd_rank=0, sampling="uniform")
     c.transport = dict(interpolant="linear", prediction="velocity", loss_weight="")
     c.train = dict(steps=1600, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.0,

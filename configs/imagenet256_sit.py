@@ -19,7 +19,7 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.data = dict(name="imagenet256_latents", latents="", resolution=32, channels=4)
-    c.model = dict(preset="SiT-XL/2", class_dropout_prob=0.1, snippet_dropout_prob=0.1,
+    c.model = dict(preset="SiT-XL/2", class_dropout_prob=0.1, snippet_dropout_prob=0.4,
                    learn_sigma=True, num_classes=0, snippet_dim=768,
                    repa_depth=8, repa_dim=768, repa_hidden=2048)  # REPA on block 8, as GMem
     # REPA targets: per-patch DINOv2 features (N, 256, 768) in `memory.repa_targets` (.npz)

@@ -117,12 +117,15 @@ def to_difflax_model_fn(sit_fn, prediction: str):
     return (lambda x, s: sign * sit_fn(x, 1.0 - s)), SIT_PREDICTIONS[prediction]
 
 
-def get_sit_fn(model, variables, *, y=None, snippet=None, cfg_scale: float = 1.0):
+def get_sit_fn(model, variables, *, y=None, snippet=None, cfg_scale: float = 1.0,
+               cfg_channels: int | None = 3):
     """sit_fn(x, t) of a `difflax.models.SiT` with labels y (B,) and/or snippets (B, D).
 
     With cfg_scale != 1, classifier-free guidance (Ho & Salimans 2022; SiT Sec. 3):
-    out = out(null) + cfg_scale (out(cond) - out(null)), both halves in one batched call, on
-    all channels (willisma/SiT's `forward_with_cfg` guides only the first 3 channels).
+    out = out(null) + cfg_scale (out(cond) - out(null)) on the first `cfg_channels` channels
+    (last axis) and out(cond) on the others, both halves in one batched call. The default 3 is
+    willisma/SiT's `forward_with_cfg` (its samples keep the conditional half, so the 4th SD
+    latent channel is unguided); `cfg_channels=None` guides every channel (standard CFG).
     """
     def plain(x, t):
         return model.apply(variables, x, t, y, snippet)
@@ -137,7 +140,10 @@ def get_sit_fn(model, variables, *, y=None, snippet=None, cfg_scale: float = 1.0
         drop = jnp.arange(2 * b) >= b
         out = model.apply(variables, double(x), double(t), double(y), double(snippet), drop=drop)
         cond, null = out[:b], out[b:]
-        return null + cfg_scale * (cond - null)
+        guided = null + cfg_scale * (cond - null)
+        if cfg_channels is None:
+            return guided
+        return jnp.concatenate([guided[..., :cfg_channels], cond[..., cfg_channels:]], axis=-1)
 
     return guided
 
@@ -152,7 +158,8 @@ def sample_ode(sit_fn, noise, *, interpolant: str = "linear", prediction: str = 
     """Solves the probability-flow ODE from noise (t = t0) to data (t = t1); SiT Sec. 3.
 
     noise: (B, ...) standard normal; `steps` intervals of a uniform grid in t (SiT's
-    num_sampling_steps = steps + 1) for "euler" / "heun" (difflax `rf_euler` / `rf_heun`),
+    num_sampling_steps = steps + 1) for "euler" / "heun" (difflax `rf_euler` / `rf_heun`; Heun
+    with a full last step, 2 `steps` NFE, as SiT's torchdiffeq fixed-grid Heun),
     or adaptive "dopri5" / "tsit5" (difflax `reference_sample`, SiT's default). Starts from
     x = sigma(t0) noise, difflax's convention. Returns (samples, nfe); nfe is a Python int
     for the grid methods and the traced number of accepted adaptive steps otherwise.
@@ -167,8 +174,9 @@ def sample_ode(sit_fn, noise, *, interpolant: str = "linear", prediction: str = 
                                 t_max=1.0 - t0, t_min=1.0 - t1, solver=method, rtol=rtol,
                                 atol=atol)
     grid = 1.0 - np.linspace(t0, t1, steps + 1)
+    options = {"final_correction": True} if method == "heun" else {}
     return sample(model_fn, noise, schedule=schedule, sampler=f"rf_{method}", grid=grid,
-                  prediction=kind)
+                  prediction=kind, **options)
 
 
 # ----------------------------------------------------------------------------

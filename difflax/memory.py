@@ -7,9 +7,11 @@ of its class label; new images are drawn by picking snippets from the bank (or e
 images, or interpolating snippets, Sec. 4) and running the sampler.
 
 A `MemoryBank` is a pytree: `entries` (N, R) are the snippets themselves (R = D) or, for a
-low-rank bank, their coefficients in an orthonormal `basis` (R, D) (GMem's SVD
-compression, `utils/svd_utils.py`); `frequencies` (N,) count the training images behind each entry (1 each before
-k-means compression); `assignment` (M,) maps training image i to its entry, so training looks
+low-rank bank, their coefficients in an orthonormal `basis` (R, D) around the snippets'
+`mean` (D,) (GMem's SVD compression, `utils/svd_utils.py` `DMDMemoryBank`: centred, then
+truncated); `frequencies` (N,) count the training images behind each entry (1 each before
+k-means compression; k-means compression is difflax's addition, GMem's code has full and SVD
+banks only); `assignment` (M,) maps training image i to its entry, so training looks
 up f_i = bank.lookup(assignment[i]). Any encoder works: pass `encoder_fn(images) -> (B, D)`
 (e.g. DINOv2 class tokens computed elsewhere); for the digits, `digits_snippet_encoder`.
 """
@@ -33,12 +35,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 @flax.struct.dataclass
 class MemoryBank:
-    """entries (N, R), frequencies (N,) float32, assignment (M,) int32, basis (R, D) or None."""
+    """entries (N, R), frequencies (N,) float32, assignment (M,) int32, basis (R, D) and
+    mean (D,) or None."""
 
     entries: jax.Array
     frequencies: jax.Array
     assignment: jax.Array
     basis: jax.Array | None = None
+    mean: jax.Array | None = None
 
     @property
     def size(self) -> int:
@@ -49,9 +53,10 @@ class MemoryBank:
         return (self.entries if self.basis is None else self.basis).shape[-1]
 
     def lookup(self, idx) -> jax.Array:
-        """L2-normalised snippets (..., D) of the entries `idx` (...)."""
+        """Snippets (..., D) of the entries `idx` (...): the unit snippets, or for a low-rank
+        bank their reconstruction e @ basis + mean, not re-normalised (GMem's `get`)."""
         e = self.entries[idx]
-        return l2_normalize(e if self.basis is None else e @ self.basis)
+        return l2_normalize(e) if self.basis is None else e @ self.basis + self.mean
 
     def snippets_of(self, image_idx) -> jax.Array:
         """Snippets (..., D) of training images `image_idx` (...) (via `assignment`)."""
@@ -77,13 +82,14 @@ def build_memory_bank(encoder_fn: Callable[[jax.Array], jax.Array], images, *,
 
 
 def save_memory_bank(path: str | os.PathLike, bank: MemoryBank) -> None:
-    """Writes the bank to an .npz (entries, frequencies, assignment, optional basis)."""
+    """Writes the bank to an .npz (entries, frequencies, assignment, optional basis, mean)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arrays = {k: np.asarray(v) for k, v in (("entries", bank.entries),
                                             ("frequencies", bank.frequencies),
                                             ("assignment", bank.assignment),
-                                            ("basis", bank.basis)) if v is not None}
+                                            ("basis", bank.basis), ("mean", bank.mean))
+              if v is not None}
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -99,7 +105,8 @@ def load_memory_bank(path: str | os.PathLike) -> MemoryBank:
         return MemoryBank(entries=jnp.asarray(f["entries"]),
                           frequencies=jnp.asarray(f["frequencies"]),
                           assignment=jnp.asarray(f["assignment"]),
-                          basis=jnp.asarray(f["basis"]) if "basis" in f.files else None)
+                          basis=jnp.asarray(f["basis"]) if "basis" in f.files else None,
+                          mean=jnp.asarray(f["mean"]) if "mean" in f.files else None)
 
 
 # ----------------------------------------------------------------------------
@@ -139,16 +146,19 @@ def kmeans_compress(bank: MemoryBank, num_entries: int, *, key: jax.Array,
 
 
 def svd_compress(bank: MemoryBank, rank: int) -> MemoryBank:
-    """Keeps the snippets' best rank-`rank` subspace: entries become coefficients (N, rank) in
-    an orthonormal basis (rank, D) from the SVD of the snippet matrix; `lookup` reconstructs
-    and re-normalises. Storage drops from N D to (N + D) rank numbers."""
+    """GMem's SVD compression (`utils/svd_utils.py` `DMDMemoryBank`): the snippets minus their
+    mean m, x - m = U S V^T, truncated to `rank`; entries become the coefficients (N, rank) of
+    x - m in the orthonormal basis V_rank^T (rank, D), and `lookup` gives e V^T + m, GMem's
+    C M^T + mean (its C = U sqrt(S), M = V sqrt(S) split the same product). Storage drops from
+    N D to (N + D) rank + D numbers."""
     x = bank.lookup(jnp.arange(bank.size))
     if not 0 < rank <= min(x.shape):
         raise ValueError(f"rank must be in [1, {min(x.shape)}], got {rank}")
-    _, _, vt = jnp.linalg.svd(x, full_matrices=False)
+    mean = jnp.mean(x, axis=0)
+    _, _, vt = jnp.linalg.svd(x - mean, full_matrices=False)
     basis = vt[:rank]
-    return MemoryBank(entries=x @ basis.T, frequencies=bank.frequencies,
-                      assignment=bank.assignment, basis=basis)
+    return MemoryBank(entries=(x - mean) @ basis.T, frequencies=bank.frequencies,
+                      assignment=bank.assignment, basis=basis, mean=mean)
 
 
 def shard_memory_bank(bank: MemoryBank, mesh) -> MemoryBank:
@@ -162,7 +172,8 @@ def shard_memory_bank(bank: MemoryBank, mesh) -> MemoryBank:
     rows, repl = batch_sharded(mesh), replicated(mesh)
     return MemoryBank(entries=jax.device_put(entries, rows), frequencies=jax.device_put(freqs, rows),
                       assignment=jax.device_put(bank.assignment, repl),
-                      basis=None if bank.basis is None else jax.device_put(bank.basis, repl))
+                      basis=None if bank.basis is None else jax.device_put(bank.basis, repl),
+                      mean=None if bank.mean is None else jax.device_put(bank.mean, repl))
 
 
 # ----------------------------------------------------------------------------
@@ -203,6 +214,34 @@ def slerp(a: jax.Array, b: jax.Array, w) -> jax.Array:
     safe = jnp.where(sin > 1e-6, sin, 1.0)
     out = (jnp.sin((1 - w) * theta) * a + jnp.sin(w * theta) * b) / safe
     return jnp.where(sin > 1e-6, out, straight)
+
+
+INTERPOLATIONS = ("linear", "spherical", "concat", "mask")
+
+
+def interpolate_snippets(a: jax.Array, b: jax.Array, w, *, method: str = "spherical",
+                         key: jax.Array | None = None) -> jax.Array:
+    """GMem's snippet interpolations (`utils/pipeline.py` `InterpolationPipeline`), each result
+    re-normalised to the sphere as there. a, b (D,) or (N, D); w as in `lerp`.
+
+    "linear" `lerp`; "spherical" `slerp` (GMem's default in `interpolate_generation`);
+    "concat": the first D // 2 features of a and the rest of b (w unused; its pipeline's
+    default); "mask": each feature from a or b with probability 1/2, drawn from `key` (w
+    unused). GMem splits and masks along the first axis of the tensors it gets, single (D,)
+    snippets in its pipeline; here always along the feature axis.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {method!r}; valid choices: {INTERPOLATIONS}")
+    if method == "linear":
+        return lerp(a, b, w)
+    if method == "spherical":
+        return slerp(a, b, w)
+    if method == "concat":
+        half = a.shape[-1] // 2
+        return l2_normalize(jnp.concatenate([a[..., :half], b[..., half:]], axis=-1))
+    if key is None:
+        raise ValueError("the 'mask' interpolation needs key=")
+    return l2_normalize(jnp.where(jax.random.bernoulli(key, 0.5, a.shape), a, b))
 
 
 # ----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from difflax.training.reflow import (denoiser_model_fn, generate_pairs,  # noqa:
 from difflax.workdir import load_run, parse_sampler, sampler_options  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "rectified_flow")
-VARIANTS = [("2-RF: uniform + L2 (baseline)", "uniform_l2", dict(time_dist="uniform", premetric="l2")),
+VARIANTS = [("2-RF: uniform + L2 (baseline)", "uniform_l2", dict(time_dist="uniform", premetric="l2_squared")),
             ("2-RF++: U-shaped + pseudo-Huber", "ushaped_huber",
              dict(time_dist="u_shaped", premetric="pseudo_huber")),
             ("2-RF++: U-shaped + LPIPS-Huber", "ushaped_lpips_huber",

@@ -8,7 +8,7 @@ from difflax import schedules
 from difflax.accel import (deepcache_plan, deepcache_refresh_steps, denoiser_run_fn,
                            encoder_nodes, encoder_propagation_plan, faster_diffusion_key_steps,
                            full_plan, inheritance_nodes, inheritance_plan, plan_cost,
-                           sample_with_plan)
+                           quad_center_steps, sample_with_plan)
 from difflax.accel.feature_reuse import _tables
 from difflax.models import Denoiser, ddpmpp, feature_nodes
 from difflax.samplers import sample
@@ -97,6 +97,13 @@ def test_plan_cost_counts_the_papers_schedule():
     plan = encoder_propagation_plan(NET, 50)
     assert faster_diffusion_key_steps(50) == (0, 1, 2, 3, 5, 10, 15, 25, 35)
     assert faster_diffusion_key_steps(20) == (0, 1, 2, 3, 5, 10, 15)
+    # the code's "100ls" / "75ls": i < 10 or i % 5 == 0 or i > 85 (65)
+    assert faster_diffusion_key_steps(100) == tuple(range(10)) + tuple(range(10, 86, 5)) + tuple(
+        range(86, 100))
+    assert faster_diffusion_key_steps(75) == tuple(range(10)) + (10, 15, 20, 25, 30, 35, 40, 45,
+                                                                  50, 55, 60, 65) + tuple(range(66, 75))
+    with pytest.raises(ValueError, match="key steps for 20, 50, 75 or 100 steps, not 30"):
+        encoder_propagation_plan(NET, 30)
     cost = plan_cost(NET, plan, 1)
     assert (cost.full, cost.partial, cost.free) == (9, 41, 0)
     decoder = {n.name for n in feature_nodes(NET) if n.kind in ("decoder", "output")}
@@ -114,11 +121,6 @@ def test_plan_cost_counts_the_papers_schedule():
 
 def test_schedules_and_granularities():
     assert deepcache_refresh_steps(7, interval=3) == (True, False, False, True, False, False, True)
-    nonuniform = deepcache_refresh_steps(50, power=1.4, center=15, num_full=10)
-    full = [i for i, r in enumerate(nonuniform) if r]
-    assert full[0] == 0 and 5 <= len(full) <= 11 and any(12 <= i <= 18 for i in full)
-    gaps = np.diff(full)
-    assert gaps.min() < gaps.max()  # denser near the centre
     assert inheritance_nodes(NET, "block", ["dec.4x4"]) == {
         "dec.4x4_in0", "dec.4x4_in1", "dec.4x4_block0", "dec.4x4_block1"}
     assert inheritance_nodes(NET, "unit", ["dec.4x4_in0"]) == {"dec.4x4_in0.attn"}
@@ -132,12 +134,87 @@ def test_schedules_and_granularities():
         inheritance_nodes(NET, "block", ["dec.2x2"])
 
 
-def test_noise_injection_in_the_later_half():
-    vp = schedules.vp_linear()
-    plan = encoder_propagation_plan(NET, 10, parallel=True, noise_injection=0.003)
-    grid = np.linspace(vp.t_max, vp.t_min, 11)
+def _quad_center_by_the_authors(total, n, center, pow):
+    """DeepCache's sample_from_quad_center, transcribed point by point with Python's own
+    (complex) powers: (-center) ** (1 / pow) is complex for center > 0."""
+    while pow > 1:
+        a, b = (-center) ** (1 / pow), (total - center) ** (1 / pow)
+        xs = [a + (b - a) * k / n for k in range(n + 1)]
+        ints = sorted({int(complex(x ** pow).real) for x in xs})
+        indices = [0] + [v + center for v in ints[1:-1]]
+        if len(indices) == n:
+            return indices
+        pow -= 0.02
+    raise ValueError
+
+
+def _full_steps(refresh):
+    return [i for i, r in enumerate(refresh) if r]
+
+
+def test_deepcache_non_uniform_schedule_is_the_authors():
+    # center 0 by hand: 10 steps, interval 2 -> 5 full steps; 10 (k/5)^p for k = 0..5.
+    # p = 1.6: 0, 0.76, 2.31, 4.42, 6.998, 10 -> ints {0, 2, 4, 6, 10}, inner 2 4 6 ->
+    # [0, 2, 4, 6] has 4 < 5 entries; p lowered by 0.02 until 10 * 0.2^p >= 1, at
+    # p = 1.42 (0.2^1.42 = 0.1017; 0.2^1.44 = 0.0985): 1.02, 2.72, 4.84, 7.28 -> [0, 1, 2, 4, 7]
+    assert _full_steps(deepcache_refresh_steps(10, interval=2, power=1.6, center=0)) == [0, 1, 2, 4, 7]
+    steps, p = quad_center_steps(10, 5, 0, 1.6)
+    assert steps == [0, 1, 2, 4, 7] and abs(p - 1.42) < 1e-9
+    # p = 1.2 succeeds at once: 10 (k/5)^1.2 = 0, 1.45, 3.33, 5.41, 7.65, 10 -> [0, 1, 3, 5, 7]
+    assert _full_steps(deepcache_refresh_steps(10, interval=2, power=1.2, center=0)) == [0, 1, 3, 5, 7]
+    # centre > 0: the complex first point, as the authors' code computes it
+    for steps, interval, center, power in ((50, 3, 15, 1.4), (50, 5, 15, 1.4), (20, 4, 5, 1.2),
+                                           (100, 10, 40, 1.3)):
+        expected = _quad_center_by_the_authors(steps, -(-steps // interval), center, power)
+        full = _full_steps(deepcache_refresh_steps(steps, interval=interval, power=power, center=center))
+        assert full == sorted(set(expected)), (steps, interval, center, power)
+    assert _full_steps(deepcache_refresh_steps(50, interval=5, power=1.4, center=15)) == [
+        0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+    with pytest.raises(ValueError, match="no power in"):
+        deepcache_refresh_steps(10, interval=2, power=1.0, center=0)
+    with pytest.raises(ValueError, match="needs both power= and center="):
+        deepcache_refresh_steps(10, interval=2, power=1.2)
+
+
+def test_noise_injection_where_t_over_T_is_below_tau():
+    vp = schedules.vp_linear()  # T = t_max = 1; alpha^2 + sigma^2 = 1
+    plan = encoder_propagation_plan(NET, 20, parallel=True, noise_injection=0.003)
+    grid = np.linspace(vp.t_max, vp.t_min, 21)  # step starts 1, 0.95, ..., 0.05
     _, _, _, injection = _tables(plan, vp, grid)
-    np.testing.assert_allclose(injection, [0] * 5 + [0.003] * 5, rtol=1e-6)  # alpha^2 + sigma^2 = 1
+    np.testing.assert_allclose(injection, [0] * 11 + [0.003] * 9, rtol=1e-6)  # t = 0.5 is not < 0.5
+    tau = encoder_propagation_plan(NET, 20, noise_injection=0.003, tau=0.8)
+    np.testing.assert_allclose(_tables(tau, vp, grid)[3], [0] * 5 + [0.003] * 15, rtol=1e-6)
+    sd = schedules.vp_discrete("scaled_linear")  # Stable Diffusion's DDIM-50 timesteps, T = 1000
+    ts = np.append(np.arange(0, 1000, 20)[::-1] + 1, 0.0)  # 981, 961, ..., 1 then 0
+    _, _, _, injection = _tables(encoder_propagation_plan(NET, 50, noise_injection=0.003), sd, ts)
+    np.testing.assert_array_equal(injection > 0, ts[:-1] / 1000 < 0.5)
+    assert (injection > 0).sum() == 25
+
+
+def test_parallel_injection_comes_after_the_chunk_model_call(model):
+    """Refreshing every step, DDIM on EDM's schedule: x_{i+1} = D + (s_{i+1}/s_i)(y - D),
+    y = x_i + c_i x_T. Sequential: D = D(y). Parallel: the network F sees x_i, the
+    preconditioning's skip term the state y: D = c_skip y + c_out F(c_in x_i) = D(x_i) +
+    c_skip (y - x_i), c_skip = 0.25 / (sigma^2 + 0.25)."""
+    denoiser, v, noise, labels = model
+    grid = np.asarray(schedules.time_grid(SCHEDULE, STEPS, "edm"))
+    scale = np.sqrt(1 + grid[:-1] ** 2)
+    c = np.where(grid[:-1] / SCHEDULE.t_max < 0.5, 0.3 * scale / scale[0], 0.0)
+    d = jax.jit(lambda x, s: denoiser.apply(v, x, jnp.full((2,), s), labels))
+    expected, x_T = {}, grid[0] * noise
+    for parallel in (True, False):
+        x = x_T
+        for i in range(STEPS):
+            injected = x + c[i] * x_T
+            den = d(injected, grid[i])
+            if parallel:
+                den = d(x, grid[i]) + 0.25 / (grid[i] ** 2 + 0.25) * (injected - x)
+            x = den + (grid[i + 1] / grid[i]) * (injected - den)
+        expected[parallel] = x
+    assert float(jnp.abs(expected[True] - expected[False]).max()) > 1e-3  # the order matters
+    for parallel in (True, False):
+        plan = encoder_propagation_plan(NET, STEPS, every=1, parallel=parallel, noise_injection=0.3)
+        np.testing.assert_allclose(_with_plan(model, plan, "ddim"), expected[parallel], atol=3e-5)
 
 
 def test_plans_that_cannot_apply_say_so(model):
@@ -147,10 +224,10 @@ def test_plans_that_cannot_apply_say_so(model):
         run, noise, plan=plan, config=NET, schedule=SCHEDULE, sampler=sampler, steps=steps,
         prediction="x0", key=jax.random.key(0))
     with pytest.raises(ValueError, match="parallel decoding needs one model call per step"):
-        call(encoder_propagation_plan(NET, STEPS, parallel=True), "edm_heun")
+        call(encoder_propagation_plan(NET, STEPS, key_steps=(0, 3), parallel=True), "edm_heun")
     with pytest.raises(ValueError, match="cannot run with a feature cache"):
-        call(encoder_propagation_plan(NET, STEPS), "euler_maruyama")
+        call(encoder_propagation_plan(NET, STEPS, key_steps=(0, 3)), "euler_maruyama")
     with pytest.raises(ValueError, match="has 8 steps, the grid 5"):
-        call(encoder_propagation_plan(NET, STEPS), "ddim", steps=5)
+        call(encoder_propagation_plan(NET, STEPS, key_steps=(0, 3)), "ddim", steps=5)
     with pytest.raises(ValueError, match="step 0 must refresh"):
         encoder_propagation_plan(NET, STEPS, key_steps=(2, 4))

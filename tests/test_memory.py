@@ -6,7 +6,7 @@ import pytest
 
 from difflax.memory import (MemoryBank, build_memory_bank, kmeans_compress, lerp, load_memory_bank,
                             sample_entries, sample_snippets, save_memory_bank, shard_memory_bank,
-                            slerp, svd_compress)
+                            slerp, svd_compress, interpolate_snippets)
 from difflax.training import make_mesh
 
 RNG = np.random.default_rng(0)
@@ -55,6 +55,43 @@ def test_kmeans_finds_the_clusters_with_their_frequencies():
     np.testing.assert_allclose(np.asarray(small.frequencies)[match], [30, 20, 10])
     np.testing.assert_array_equal(np.asarray(small.assignment), match[labels])  # images re-pointed
     np.testing.assert_allclose(small.lookup(match), centers, atol=0.05)
+
+
+def test_svd_is_gmems_centred_truncation():
+    """GMem's DMDMemoryBank by hand: m = mean, x - m = U S V^T, C = U_k sqrt(S_k), M = V_k
+    sqrt(S_k), get(i) = C_i M^T + m (not re-normalised)."""
+    x = RNG.normal(size=(30, 6)) + 2.0  # far from centred
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    bank = MemoryBank(entries=jnp.asarray(x, jnp.float32), frequencies=jnp.ones(30),
+                      assignment=jnp.arange(30))
+    m = x.mean(0)
+    u, sv, vt = np.linalg.svd(x - m, full_matrices=False)
+    c, mm = u[:, :2] * np.sqrt(sv[:2]), vt[:2].T * np.sqrt(sv[:2])
+    low = svd_compress(bank, 2)
+    np.testing.assert_allclose(low.lookup(jnp.arange(30)), c @ mm.T + m, atol=1e-5)
+    np.testing.assert_allclose(low.mean, m, atol=1e-6)
+    uncentred = np.linalg.svd(x, full_matrices=False)
+    plain = (x @ uncentred[2][:2].T) @ uncentred[2][:2]
+    assert np.abs(plain - (c @ mm.T + m)).max() > 1e-2  # centring changes the answer
+
+
+def test_gmem_interpolations():
+    a, b = jnp.array([1.0, 0.0, 0.0, 0.0]), jnp.array([0.0, 0.0, 0.6, 0.8])
+    np.testing.assert_allclose(interpolate_snippets(a, b, 0.5, method="linear"),
+                               np.array([0.5, 0, 0.3, 0.4]) / np.sqrt(0.5), atol=1e-6)
+    np.testing.assert_allclose(interpolate_snippets(a, b, 0.5, method="spherical"),
+                               slerp(a, b, 0.5), atol=1e-6)
+    # concat: a's first half, b's second half, normalised: (1, 0, 0.6, 0.8) / sqrt(2)
+    np.testing.assert_allclose(interpolate_snippets(a, b, 0.3, method="concat"),
+                               np.array([1, 0, 0.6, 0.8]) / np.sqrt(2), atol=1e-6)
+    big_a, big_b = jnp.ones(1000), -jnp.ones(1000)
+    mixed = np.asarray(interpolate_snippets(big_a, big_b, 0.0, method="mask",
+                                            key=jax.random.key(0))) * np.sqrt(1000)
+    assert set(np.round(mixed, 5)) == {-1.0, 1.0} and abs(np.mean(mixed > 0) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="valid choices"):
+        interpolate_snippets(a, b, 0.5, method="cubic")
+    with pytest.raises(ValueError, match="needs key"):
+        interpolate_snippets(a, b, 0.5, method="mask")
 
 
 def test_svd_basis_reconstructs_snippets_in_its_subspace():

@@ -251,6 +251,11 @@ def test_bad_architecture_choices_name_the_valid_ones():
         UNetConfig(img_resolution=18, channel_mult=(1, 2, 2))
     with pytest.raises(ValueError, match="valid"):
         load_edm(DDPMPP, model_type="SongUNet", img_resolution=16, bogus=1)
+    narrow = ddpmpp(img_resolution=8, in_channels=1, out_channels=1, model_channels=2,
+                    channel_mult=(1,), attn_resolutions=())  # EDM: min(32, 2 // 4) = 0 groups
+    with pytest.raises(ValueError, match="GroupNorm over 2 channels"):
+        jax.eval_shape(Denoiser(net=narrow).init, jax.random.key(0), jnp.ones((1, 8, 8, 1)),
+                       jnp.ones(1))
 
 
 def test_weights_of_another_architecture_are_a_clear_error():
@@ -267,3 +272,27 @@ def test_wrong_number_of_skip_scales():
     v = jax.eval_shape(denoiser.init, jax.random.key(0), x, 1.0)
     with pytest.raises(ValueError, match="skip connections"):
         jax.eval_shape(lambda v: denoiser.apply(v, x, 1.0, skip_scales=jnp.ones(2)), v)
+
+
+# ----------------------------------------------------------------------------
+# EDM's constructor arguments at their limits (tests/data/edm_variants.npz, written by EDM's
+# own networks.py: tests/data/make_edm_variants.py).
+
+VARIANTS = pathlib.Path(__file__).resolve().parent / "data" / "edm_variants.npz"
+VARIANT_NAMES = ["ncsnpp_aug", "skip_encoder", "no_blocks_one_level", "adm_aug", "adm_narrow"]
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_edm_arguments_at_their_limits_give_edms_output(name, tmp_path):
+    with np.load(VARIANTS) as f:
+        data = {k[len(name) + 1:]: f[k] for k in f.files if k.startswith(name + "/")}
+    cfg = json.loads(str(data["config_json"]))
+    params = {k: v.astype(np.float32) for k, v in data.items() if k.startswith("param/")}
+    np.savez(tmp_path / "w.npz", **params)
+    denoiser, variables = load_edm(tmp_path / "w.npz", **cfg)
+    x = jnp.asarray(data["input/x_nchw"]).transpose(0, 2, 3, 1)
+    out = jax.jit(lambda v, x, s, c, a: denoiser.apply(v, x, s, c, augment_labels=a))(
+        variables, x, data["input/sigma"], data.get("input/class_labels"),
+        data.get("input/augment_labels"))
+    ref = data["output/D_nchw"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)  # max error here ~2e-7

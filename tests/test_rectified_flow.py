@@ -10,7 +10,7 @@ from scipy import stats
 
 from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
                                              huber_constant, interpolate, pseudo_huber,
-                                             rectified_flow_loss, squared_l2,
+                                             rectified_flow_loss, rms_l2, squared_l2,
                                              velocity_from_denoiser)
 
 DISTS = [TimeDistribution("uniform"), TimeDistribution("u_shaped", a=4.0),
@@ -62,6 +62,7 @@ def test_premetrics_against_hand_computed_values():
     pred = np.array([[[[1.0], [2.0]], [[0.0], [-1.0]]]], np.float32)   # (1, 2, 2, 1), d = 4
     target = np.zeros_like(pred)
     np.testing.assert_allclose(squared_l2(pred, target), [6.0 / 4], rtol=1e-6)
+    np.testing.assert_allclose(rms_l2(pred, target), [math.sqrt(6.0 / 4)], rtol=1e-6)
     assert huber_constant(4, "d") == pytest.approx(0.00216)
     assert huber_constant(4, "sqrt_d") == pytest.approx(0.00108)
     c = 0.00216
@@ -79,8 +80,13 @@ def test_rectified_flow_loss_hand_computed():
     # a velocity model v(x_t, t) = 2 x_t: errors against z - x = [[-1, 3], [-1.5, 1]]
     v = lambda x_t, t, c: 2 * x_t
     err = np.array([[1.5 + 1, -0.5 - 3], [-0.5 + 1.5, 1.0 - 1]])
-    want_l2 = np.mean(np.mean(err**2, axis=1))
+    # rfpp's "l2": the RMS of each example's errors; "l2-squared": their mean square
+    want_l2 = np.mean(np.sqrt(np.mean(err**2, axis=1)))  # (sqrt(9.25) + sqrt(0.5)) / 2
     np.testing.assert_allclose(rectified_flow_loss(v, x, z, t, premetric="l2"), want_l2, rtol=1e-6)
+    np.testing.assert_allclose(want_l2, (math.sqrt(9.25) + math.sqrt(0.5)) / 2)
+    want_sq = np.mean(np.mean(err**2, axis=1))
+    np.testing.assert_allclose(rectified_flow_loss(v, x, z, t, premetric="l2_squared"), want_sq,
+                               rtol=1e-6)
     c = 0.00054 * 2
     want_h = np.mean((np.sqrt(np.sum(err**2, 1) + c**2) - c) / 2)
     np.testing.assert_allclose(rectified_flow_loss(v, x, z, t, premetric="pseudo_huber"), want_h,
@@ -123,9 +129,10 @@ def test_denoiser_velocity_is_the_exact_rectified_flow_velocity():
     # E[x | x_t] on the RF path directly (alpha = 1 - t, sigma = t): no EDM variables at all
     x0 = jax.vmap(gm.posterior_mean)(x_t, 1 - t, t)
     np.testing.assert_allclose(v(x_t, t, None), (x_t - x0) / t[:, None], rtol=2e-4, atol=2e-4)
-    # the exact field's loss is the conditional variance, well below the zero model's
-    loss_exact = rectified_flow_loss(v, x, z, t)
-    loss_zero = rectified_flow_loss(lambda a, b, c: jnp.zeros_like(a), x, z, t)
+    # the exact field's mean-square loss is the conditional variance, well below the zero model's
+    loss_exact = rectified_flow_loss(v, x, z, t, premetric="l2_squared")
+    loss_zero = rectified_flow_loss(lambda a, b, c: jnp.zeros_like(a), x, z, t,
+                                    premetric="l2_squared")
     assert float(loss_exact) < 0.5 * float(loss_zero)
 
 

@@ -27,7 +27,8 @@ from difflax.samplers.flow import rf_euler
 from difflax.training import TrainConfig, make_mesh, train
 from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
                                              velocity_from_denoiser)
-from difflax.training.reflow import (denoiser_model_fn, generate_pairs, get_sharded_sample_fn,
+from difflax.training.reflow import (denoiser_model_fn, generate_pairs,
+                                     get_rectified_flow_sample_fn, get_sharded_sample_fn,
                                      load_pairs, pair_batches)
 
 GM = data.gmm(dim=4, num_components=3, seed=1, spread=2.0)
@@ -123,6 +124,39 @@ def test_pairs_are_teacher_samples_and_device_count_does_not_matter(tmp_path):
     with pytest_raises(ValueError, "other pairs"):
         generate_pairs(teacher_sample_fn(), {}, str(tmp_path / "four"), num_pairs=8,
                        chunk_size=CHUNK, shape=(4,))
+
+
+def test_pairs_clipped_as_rfpp_stores_them(tmp_path):
+    fn = teacher_sample_fn()
+    generate_pairs(fn, {}, str(tmp_path / "clip"), num_pairs=8, chunk_size=8, shape=(4,),
+                   progress=False, clip=True)
+    pairs = load_pairs(str(tmp_path / "clip"))
+    raw = np.asarray(fn({}, jnp.asarray(pairs["noise"]), jnp.zeros(8, int)))
+    assert np.abs(raw).max() > 1.0  # the mixture's samples leave [-1, 1]: clipping is real
+    np.testing.assert_allclose(pairs["samples"], np.clip(raw, -1.0, 1.0), atol=1e-6)
+    with open(tmp_path / "clip" / "pairs.json") as f:
+        assert json.load(f)["clip"] is True
+
+
+def test_custom_t_steps_grid_as_rfpp():
+    np.testing.assert_array_equal(rf_grid(t_steps=(1.0, 0.75, 0.5, 0.25)),
+                                  [1 - 1e-5, 0.75, 0.5, 0.25, 0.0])
+    np.testing.assert_array_equal(rf_grid(t_steps=[0.9]), [1 - 1e-5, 0.0])
+    with pytest_raises(ValueError, "decreasing times"):
+        rf_grid(t_steps=(1.0, 0.5, 0.75))
+    with pytest_raises(ValueError, "not both"):
+        rf_grid(2, t_steps=(1.0, 0.5))
+    # Euler on it by hand: v = (x - x_hat) / t, x_{i+1} = x_i + (t_{i+1} - t_i) v
+    model_fn = denoiser_model_fn(ExactDenoiser(), rectified_flow=True)
+    z = jax.random.normal(jax.random.key(5), (8, 4))
+    grid = rf_grid(t_steps=(1.0, 0.6, 0.2))
+    x = grid[0] * z
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        v = (x - model_fn({}, x, jnp.full((8,), t0), None)) / t0
+        x = x + (t1 - t0) * v
+    fn, nfe = get_rectified_flow_sample_fn(ExactDenoiser(), sampler="rf_euler", t_steps=(1.0, 0.6, 0.2))
+    assert nfe == 3
+    np.testing.assert_allclose(fn({}, z, jnp.zeros(8, int)), x, atol=1e-5)
 
 
 def pytest_raises(error, match):

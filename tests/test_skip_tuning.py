@@ -7,7 +7,7 @@ import pytest
 from difflax import sample, schedules
 from difflax.accel import (denoising_loss_by_sigma, evaluate_settings, get_sweep_fn,
                            linear_skip_scales, per_resolution_skip_scales, per_skip_scales,
-                           search, stack_skip_scales)
+                           search, stack_skip_scales, time_dependent_skip_scales)
 from difflax.metrics import FrechetMetric, mean_cov
 from difflax.models import Denoiser, ddpmpp, skip_connections
 
@@ -72,6 +72,52 @@ def test_vmapped_sweep_equals_one_at_a_time(tiny):
                                                 prediction="x0")[0])(noise), -1, 1)
         np.testing.assert_allclose(out[i], one, atol=1e-5)
     assert float(jnp.abs(out[1] - out[0]).max()) > 1e-3
+
+
+def test_time_dependent_scales_by_hand():
+    s = jnp.array([1.0, 0.9, 0.8, 0.7])
+    at = lambda sigma, profile="constant": np.asarray(time_dependent_skip_scales(
+        s, sigma, window=(1.0, 5.0), profile=profile))
+    np.testing.assert_array_equal(at(0.5), [1, 1, 1, 1])  # outside the window: plain
+    np.testing.assert_array_equal(at(6.0, "decreasing"), [1, 1, 1, 1])
+    np.testing.assert_array_equal(at(3.0), s)  # inside: the setting itself, exactly
+    # sigma = 2: decreasing w = (5 - 2) / 4 = 0.75, increasing w = 0.25; rho -> 1 - w (1 - rho)
+    np.testing.assert_allclose(at(2.0, "decreasing"), [1, 0.925, 0.85, 0.775], rtol=1e-6)
+    np.testing.assert_allclose(at(2.0, "increasing"), [1, 0.975, 0.95, 0.925], rtol=1e-6)
+    np.testing.assert_allclose(at(5.0, "decreasing"), [1, 1, 1, 1], rtol=1e-6)
+    np.testing.assert_allclose(at(1.0, "decreasing"), s, rtol=1e-6)
+    chan = time_dependent_skip_scales((1.0, jnp.array([0.5, 0.7])), 3.0, window=(1.0, 5.0),
+                                      profile="increasing")  # w = 0.5, per-channel entries too
+    np.testing.assert_allclose(chan[1], [0.75, 0.85], rtol=1e-6)
+    with pytest.raises(ValueError, match="valid choices"):
+        time_dependent_skip_scales(s, 1.0, profile="cosine")
+    with pytest.raises(ValueError, match="finite for 'decreasing'"):
+        time_dependent_skip_scales(s, 1.0, profile="decreasing")
+    with pytest.warns(UserWarning, match="range is rho < 1"):
+        linear_skip_scales(NET, 1.0, 1.2)
+
+
+def test_windowed_sweep_applies_the_setting_only_inside(tiny):
+    """EDM grid 80, 9.72, 0.470, 0.002 (3 DEIS steps): window (1, 20) holds only the second
+    model call; the reference switches between the plain and the tuned model by sigma."""
+    den, variables, _, labels = tiny
+    tuned = linear_skip_scales(NET, 1.0, 0.6)
+    sweep, _ = get_sweep_fn(den, sampler="deis_tab", steps=3, order=2, window=(1.0, 20.0))
+    key = jax.random.key(4)
+    out = sweep(variables, stack_skip_scales([jnp.ones(4), tuned]), key, labels)
+    noise = jax.random.normal(key, (4, 8, 8, 1))
+
+    def model_fn(x, t):
+        inside = (t >= 1.0) & (t <= 20.0)
+        return jnp.where(inside[:, None, None, None],
+                         den.apply(variables, x, t, labels, skip_scales=tuned),
+                         den.apply(variables, x, t, labels))
+
+    ref = jnp.clip(jax.jit(lambda n: sample(model_fn, n, schedule=schedules.edm(0.002, 80.0),
+                                            sampler="deis_tab", steps=3, order=2,
+                                            prediction="x0")[0])(noise), -1, 1)
+    np.testing.assert_allclose(out[1], ref, atol=1e-5)
+    assert float(jnp.abs(out[1] - out[0]).max()) > 1e-3  # the window's one call matters
 
 
 def test_search_picks_the_setting_that_matches_the_reference(tiny):

@@ -15,10 +15,12 @@ from difflax.accel.feature_reuse import (FASTER_DIFFUSION_KEY_STEPS, FeaturePlan
                                          denoiser_run_fn, encoder_nodes,
                                          encoder_propagation_plan, faster_diffusion_key_steps,
                                          full_plan, inheritance_nodes, inheritance_plan,
-                                         node_flops, plan_cost, sample_with_plan)
+                                         node_flops, plan_cost, quad_center_steps,
+                                         sample_with_plan)
 from difflax.accel.skip_tuning import (denoising_loss_by_sigma, evaluate_settings, get_sweep_fn,
                                        linear_skip_scales, per_resolution_skip_scales,
-                                       per_skip_scales, search, stack_skip_scales)
+                                       per_skip_scales, search, stack_skip_scales,
+                                       time_dependent_skip_scales)
 
 __all__ = [
     "MultiUNetDenoiser", "count_params", "denoiser_flops", "get_multi_unet_fn", "inherit_params",
@@ -27,6 +29,6 @@ __all__ = [
     "deepcache_refresh_steps", "denoiser_run_fn", "denoising_loss_by_sigma", "encoder_nodes",
     "encoder_propagation_plan", "evaluate_settings", "faster_diffusion_key_steps", "full_plan",
     "get_sweep_fn", "inheritance_nodes", "inheritance_plan", "linear_skip_scales", "node_flops",
-    "per_resolution_skip_scales", "per_skip_scales", "plan_cost", "sample_with_plan", "search",
-    "stack_skip_scales",
+    "per_resolution_skip_scales", "per_skip_scales", "plan_cost", "quad_center_steps", "sample_with_plan", "search",
+    "stack_skip_scales", "time_dependent_skip_scales",
 ]

@@ -10,16 +10,19 @@ from the cache, and the UNet computes only what still depends on fresh input.
   Models", code hutaiHang/Faster-Diffusion), Sec. 3.2-3.3: *encoder propagation* caches
   every skip tensor (the first convolution's output included) and the middle (bottleneck)
   output at key steps, 0, 1, 2, 3, 5, 10, 15, 25, 35 for DDIM with 50 steps, the same list
-  cut to 0..15 for DPM-Solver with 20 (`faster_diffusion_key_steps`); non-key steps run the
-  decoder only. *Parallel decoding*: a key step and the non-key steps up to the next key step
-  form one UNet call, the decoder running once on the features tiled k times with the k
-  steps' time embeddings (batch k x B); the sampler then updates with the k outputs one after
-  another. *Prior noise injection*: z_t <- z_t + alpha z_T, alpha = 0.003, in the later half
-  of the steps (the code adds it before each model call once t < T/2).
+  cut to 0..15 for DPM-Solver with 20, the code's rules for 75 and 100 steps, and no default
+  for other step counts (`faster_diffusion_key_steps`); non-key steps run the decoder only.
+  *Parallel decoding*: a key step and the non-key steps up to the next key step form one UNet
+  call, the decoder running once on the features tiled k times with the k steps' time
+  embeddings (batch k x B); the sampler then updates with the k outputs one after another.
+  *Prior noise injection*: z_t <- z_t + alpha z_T, alpha = 0.003, at steps with t / T < tau
+  = 0.5 (the code: before each model call; in parallel mode after the chunk's batched call,
+  before each of its updates).
 - DeepCache (Ma et al. 2024, code horseee/DeepCache): cache the deep branch, the decoder
   state entering the block that concatenates skip branch m (counted from the top), at full
   steps; the other steps recompute only the shallow encoder blocks (down to skip m) and the
-  shallow decoder. Full steps every N, or non-uniform (`deepcache_plan`).
+  shallow decoder. Full steps every N, or the code's non-uniform `sample_from_quad_center`
+  (`deepcache_refresh_steps`, `quad_center_steps`); branch numbering in `deepcache_branch_node`.
 - A-SDM feature inheritance (no public code; our reading of the paper's text): a step
   inherits some features from the previous step instead of computing them, at *block*
   granularity (a whole resolution level of the encoder or the decoder), *layer* granularity
@@ -48,6 +51,7 @@ from difflax.models import Denoiser, feature_nodes, nodes_to_compute
 from difflax.models.unet import UNetConfig, check_node_names
 from difflax.samplers import make_grid, make_solver, solve
 from difflax.samplers.term import AbstractGridSolver, DiffusionTerm, unwrap
+from difflax.schedules import VPDiscrete
 
 FASTER_DIFFUSION_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 GRANULARITIES = ("block", "layer", "unit")
@@ -64,7 +68,8 @@ class FeaturePlan:
     refresh: (steps,) bools, True where the step recomputes and stores `nodes` (step 0 must);
     parallel: decode the non-refresh steps after each refresh step together with it, in one
     batched decoder call (needs the whole encoder + middle cached and one model call a step);
-    noise_injection: Faster Diffusion's alpha, added in the later half of the steps.
+    noise_injection: Faster Diffusion's alpha, added at the steps whose time has t / T <
+    `injection_tau` (T the schedule's horizon, see `sample_with_plan`).
     An empty `nodes` is the plain model: every call computes everything.
     """
 
@@ -72,6 +77,7 @@ class FeaturePlan:
     refresh: tuple
     parallel: bool = False
     noise_injection: float = 0.0
+    injection_tau: float = 0.5
     name: str = "plan"
 
     def __post_init__(self):
@@ -96,9 +102,20 @@ def full_plan(steps: int) -> FeaturePlan:
 
 
 def faster_diffusion_key_steps(steps: int) -> tuple[int, ...]:
-    """The paper's key steps, 0 1 2 3 5 10 15 25 35 (50 DDIM steps), cut to those < `steps`
-    (which gives its DPM-Solver 20-step list 0 1 2 3 5 10 15)."""
-    return tuple(k for k in FASTER_DIFFUSION_KEY_STEPS if k < steps)
+    """The key steps of Faster Diffusion's code (hutaiHang/Faster-Diffusion, `utils_sd.py`).
+
+    50 steps: 0 1 2 3 5 10 15 25 35 (its default rule "50ls", Sec. 4 DDIM); 20 steps: the same
+    rule, 0 1 2 3 5 10 15 (DPM-Solver); 100 / 75 steps: its "100ls" / "75ls" rules, step i is
+    a key step if i < 10, i % 5 == 0, or i > 85 (100) / i > 65 (75). Other step counts have
+    no rule in the code: pass `key_steps=` or `every=` to `encoder_propagation_plan`.
+    """
+    if steps in (20, 50):
+        return tuple(k for k in FASTER_DIFFUSION_KEY_STEPS if k < steps)
+    if steps in (75, 100):
+        last = 65 if steps == 75 else 85
+        return tuple(i for i in range(steps) if i < 10 or i % 5 == 0 or i > last)
+    raise ValueError(f"Faster Diffusion's code has key steps for 20, 50, 75 or 100 steps, not "
+                     f"{steps}; pass key_steps= or every=")
 
 
 def encoder_nodes(config: UNetConfig) -> frozenset:
@@ -108,12 +125,13 @@ def encoder_nodes(config: UNetConfig) -> frozenset:
 
 def encoder_propagation_plan(config: UNetConfig, steps: int, *, key_steps: Sequence[int] | None = None,
                              every: int | None = None, parallel: bool = False,
-                             noise_injection: float = 0.0) -> FeaturePlan:
+                             noise_injection: float = 0.0, tau: float = 0.5) -> FeaturePlan:
     """Faster Diffusion: encoder + middle at key steps only, the decoder at every step.
 
     Key steps: `key_steps`, or every `every`-th step (the paper's uniform ablation), or by
     default `faster_diffusion_key_steps(steps)`. `parallel=True` decodes each key step's
-    chunk in one batched call; `noise_injection=0.003` is the paper's prior noise injection.
+    chunk in one batched call; `noise_injection=0.003` is the paper's prior noise injection
+    (Sec. 3.4), added at steps with t / T < `tau` (its code: t / 1000 < 0.5).
     """
     if key_steps is not None and every is not None:
         raise ValueError("pass key_steps= or every=, not both")
@@ -124,12 +142,20 @@ def encoder_propagation_plan(config: UNetConfig, steps: int, *, key_steps: Seque
         raise ValueError(f"key steps {sorted(keys - set(range(steps)))} are outside 0..{steps - 1}")
     name = "encoder propagation" + (" + parallel" if parallel else "")
     return FeaturePlan(encoder_nodes(config), tuple(i in keys for i in range(steps)),
-                       parallel=parallel, noise_injection=noise_injection, name=name)
+                       parallel=parallel, noise_injection=noise_injection, injection_tau=tau,
+                       name=name)
 
 
 def deepcache_branch_node(config: UNetConfig, branch: int) -> str:
     """The decoder node whose output enters the block that concatenates skip `branch`
-    (0 = the top, full-resolution skip): DeepCache's cached deep-branch feature."""
+    (0 = the top, full-resolution skip: the input convolution's output): DeepCache's cached
+    deep-branch feature.
+
+    DeepCache's DDPM experiments (horseee/DeepCache, experiments/ddpm, `--branch b`) leave the
+    input convolution out of the count: their branch b is difflax's branch b + 1 (their
+    CIFAR / LSUN runs use b = 2, difflax's branch 3). With two residual blocks a level their
+    code reads b as level b // 3, item b % 3 (items 0, 1 the blocks, 2 the downsampling).
+    """
     nodes = feature_nodes(config)
     n_skips = sum(n.kind == "encoder" for n in nodes)
     if not 0 <= branch < n_skips:
@@ -139,29 +165,50 @@ def deepcache_branch_node(config: UNetConfig, branch: int) -> str:
     return nodes[consumer - 1].name
 
 
-def deepcache_refresh_steps(steps: int, *, interval: int | None = None, power: float | None = None,
-                            center: float | None = None, num_full: int | None = None) -> tuple:
-    """DeepCache's full steps: every `interval`-th step, or non-uniform ones.
+def quad_center_steps(steps: int, num_full: int, center: int, power: float) -> tuple[list, float]:
+    """DeepCache's `sample_from_quad_center` (horseee/DeepCache, sd/pipeline_stable_diffusion.py).
 
-    Non-uniform (our reading of the paper's formula unique_int(l^p + c), l evenly spaced):
-    `num_full` values of l evenly spaced in [-c^(1/p), (steps - 1 - c)^(1/p)], mapped to
-    sign(l) |l|^p + c and rounded, so full steps crowd around step c; step 0 is always full.
+    num_full + 1 points evenly spaced from (-center)^(1/p) to (steps - center)^(1/p), raised to
+    the power p and truncated to integers, their distinct values without the smallest and the
+    largest, shifted by `center`, after step 0. For center > 0 the first point is Python's
+    complex power of a negative number, and the integers are the real parts' truncations, as
+    in the authors' code. p starts at `power` and is lowered by 0.02 until the list has
+    `num_full` entries. Returns (full steps, p used); an error if p reaches 1.
     """
-    if (interval is None) == (power is None):
-        raise ValueError("pass interval= (uniform) or power=, center=, num_full= (non-uniform)")
-    if interval is not None:
-        return tuple(i % int(interval) == 0 for i in range(steps))
-    if center is None or num_full is None:
-        raise ValueError("the non-uniform schedule needs power=, center= and num_full=")
-    lo, hi = -center ** (1 / power), (steps - 1 - center) ** (1 / power)
-    ls = np.linspace(lo, hi, num_full)
-    full = set(np.clip(np.rint(np.sign(ls) * np.abs(ls) ** power + center), 0, steps - 1).astype(int))
-    return tuple(i == 0 or i in full for i in range(steps))
+    p = float(power)
+    while p > 1:
+        ends = (-float(center)) ** (1 / p), (steps - float(center)) ** (1 / p)
+        points = np.linspace(ends[0], ends[1], num_full + 1) ** p
+        full = [0] + [int(v) + center for v in np.unique(np.real(points).astype(np.int32))[1:-1]]
+        if len(full) == num_full:
+            return full, p
+        p -= 0.02
+    raise ValueError(f"no power in (1, {power}] gives {num_full} full steps of {steps} around "
+                     f"center {center}; lower center or raise interval")
+
+
+def deepcache_refresh_steps(steps: int, *, interval: int, power: float | None = None,
+                            center: int | None = None) -> tuple:
+    """DeepCache's full steps as its code chooses them (`cache_interval`, `uniform`, `pow`,
+    `center` of its pipelines): every `interval`-th step (uniform, its default), or with
+    `power` and `center` the non-uniform `quad_center_steps(steps, ceil(steps / interval),
+    center, power)` (the paper's Sec. 3.3 non-uniform 1:N strategy). (steps,) bools."""
+    if int(interval) < 1:
+        raise ValueError(f"interval must be a positive integer, got {interval}")
+    if (power is None) != (center is None):
+        raise ValueError("the non-uniform schedule needs both power= and center=")
+    if power is None or interval == 1:
+        full = range(0, steps, int(interval))
+    else:
+        if not 0 <= center < steps:
+            raise ValueError(f"center must be a step in 0..{steps - 1}, got {center}")
+        full, _ = quad_center_steps(steps, -(-steps // int(interval)), center, power)
+    return tuple(i in full for i in range(steps))
 
 
 def deepcache_plan(config: UNetConfig, steps: int, *, branch: int = 0, **schedule) -> FeaturePlan:
     """DeepCache: cache the deep branch below skip `branch`; `schedule` as in
-    `deepcache_refresh_steps` (interval=N, or power=, center=, num_full=)."""
+    `deepcache_refresh_steps` (interval=N, and power=, center= for the non-uniform one)."""
     return FeaturePlan(frozenset({deepcache_branch_node(config, branch)}),
                        deepcache_refresh_steps(steps, **schedule), name=f"DeepCache branch {branch}")
 
@@ -378,10 +425,12 @@ class FeatureReuseSolver(AbstractGridSolver):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         i, (inner_state, cache, x_T) = solver_state
         term = unwrap(terms)
+        x_model = y0  # parallel decoding: the chunk's model call sees the state before injection
         if self.inject:
             y0 = y0 + self.injection[i].astype(y0.dtype) * x_T
         if self.nodes:
-            cache = jax.lax.cond(self.refresh[i], lambda c: self._refresh(i, y0, c),
+            x_model = x_model if self.chunk_sizes else y0
+            cache = jax.lax.cond(self.refresh[i], lambda c: self._refresh(i, x_model, c),
                                  lambda c: c, cache)
         step_cache, reuse, first = cache, self.nodes, self.refresh[i]
         if self.chunk_sizes:  # every call reads its F from the batched decode
@@ -402,9 +451,10 @@ def _tables(plan: FeaturePlan, schedule, grid):
         position[start:start + length] = np.arange(length)
         if plan.parallel:
             chunk_kind[start] = sizes.index(length) + 1
-    g = np.asarray(grid, np.float64)
-    scale = np.sqrt(np.asarray(schedule.alpha(g[:-1])) ** 2 + np.asarray(schedule.sigma(g[:-1])) ** 2)
-    injection = np.where(np.arange(n) >= n / 2, plan.noise_injection * scale / scale[0], 0.0)
+    g = np.asarray(grid, np.float64)[:-1]
+    scale = np.sqrt(np.asarray(schedule.alpha(g)) ** 2 + np.asarray(schedule.sigma(g)) ** 2)
+    horizon = schedule.t_max + 1 if isinstance(schedule, VPDiscrete) else schedule.t_max
+    injection = np.where(g / horizon < plan.injection_tau, plan.noise_injection * scale / scale[0], 0.0)
     return tuple(sizes), chunk_kind, position, injection
 
 
@@ -416,7 +466,13 @@ def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config: UNetCon
     run_fn: the model with its cache (`denoiser_run_fn`), in the schedule's time;
     config: the UNet's config (node names are checked against it). Prior noise injection
     adds alpha z_T to the state, z_T the initial state in variance-preserving units (x_T
-    scaled by sqrt(alpha^2 + sigma^2) of the current step over that of the first).
+    scaled by sqrt(alpha^2 + sigma^2) of the current step over that of the first), at the
+    steps whose start time t has t / T < tau, T the schedule's horizon: the number of training
+    steps N of `vp_discrete` (t is the step index, as Faster Diffusion's t / 1000), else t_max
+    (on EDM's schedule, where t = sigma, that is sigma < tau sigma_max). As in the authors'
+    code it comes before the step's model call, but with parallel decoding after the chunk's
+    batched call (their `register_parallel_pipeline`): the network sees the state without it
+    (a preconditioned denoiser's c_skip x term takes the injected state, as for any reused F).
 
     Returns (samples, PlanCost). Works under `jax.jit`.
     """

@@ -18,6 +18,13 @@ Conventions in difflax (`difflax.models.skip_connections` lists the skips):
 - the bottleneck (middle blocks -> decoder) path is not a skip and is never scaled: all
   ones reproduces the plain model exactly, and rho < 1 weakens the shortcuts only.
 
+Time-dependent Skip-Tuning (Sec. 5.2): `time_dependent_skip_scales` applies a setting only
+for noise levels sigma in a window, at full strength ("constant") or ramped linearly in sigma
+across the window ("decreasing": rho falls from 1 at the window's top to the setting at its
+bottom, as sampling proceeds; "increasing": the reverse). The window is the paper's; the
+linear-in-sigma form of the ramps is difflax's reading of the paper's text (no public code).
+The paper tunes rho < 1; larger values are allowed, with a warning.
+
 A `skip_scales` value is an (n,) array (one scalar per skip) or a tuple of n entries, each a
 scalar or a (C_i,) per-channel array; a stack of settings (`stack_skip_scales`) has a
 leading axis K and is what `get_sweep_fn` vmaps over.
@@ -25,6 +32,9 @@ leading axis K and is what `get_sweep_fn` vmaps over.
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
+
+import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +45,7 @@ from difflax.models import skip_connections
 from difflax.samplers import make_grid, make_solver, sample
 
 __all__ = ["linear_skip_scales", "per_resolution_skip_scales", "per_skip_scales",
-           "stack_skip_scales", "get_sweep_fn", "evaluate_settings", "search",
+           "stack_skip_scales", "time_dependent_skip_scales", "get_sweep_fn", "evaluate_settings", "search",
            "denoising_loss_by_sigma"]
 
 
@@ -49,8 +59,12 @@ def _skips(config):
 def linear_skip_scales(config, rho_top: float, rho_bottom: float) -> jax.Array:
     """(n,) float32: rho_i = rho_top + (rho_bottom - rho_top) i / (n - 1), top (i = 0) first.
 
-    The paper's linear interpolation (Sec. 3), over the skips' indices.
+    The paper's linear interpolation (Sec. 3), over the skips' indices. The paper's range is
+    rho < 1 (weaker shortcuts); values above 1 warn but are allowed.
     """
+    if max(rho_top, rho_bottom) > 1:
+        warnings.warn(f"rho_top={rho_top}, rho_bottom={rho_bottom}: Skip-Tuning's range is "
+                      "rho < 1 (Sec. 4); rho > 1 strengthens the skips", stacklevel=2)
     n = len(_skips(config))
     frac = np.arange(n) / max(n - 1, 1)
     return jnp.asarray(rho_top + (rho_bottom - rho_top) * frac, jnp.float32)
@@ -96,11 +110,40 @@ def stack_skip_scales(settings: Sequence) -> object:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *settings)
 
 
+TIME_PROFILES = ("constant", "decreasing", "increasing")
+
+
+def time_dependent_skip_scales(skip_scales, sigma, *, window=(0.0, math.inf),
+                               profile: str = "constant"):
+    """The skip scales a model call at noise level `sigma` (a scalar) uses (Sec. 5.2).
+
+    With strength w(sigma), every scale rho becomes w rho + (1 - w) (w = 1 gives the setting
+    exactly, w = 0 all ones). Outside window = (lo, hi), lo <= sigma <= hi, w = 0. Inside:
+    "constant" w = 1; "decreasing" w = (hi - sigma) / (hi - lo), so rho decreases from 1 to the
+    setting as sampling goes from hi down to lo; "increasing" w = (sigma - lo) / (hi - lo).
+    The ramps need a finite window. Works under `jit`; `sigma` may be traced.
+    """
+    if profile not in TIME_PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid choices: {TIME_PROFILES}")
+    lo, hi = window
+    if not lo < hi or (profile != "constant" and not math.isfinite(hi)):
+        raise ValueError(f"window must be (lo, hi) with lo < hi (finite for {profile!r}), "
+                         f"got {window}")
+    sigma = jnp.asarray(sigma, jnp.float32)
+    inside = (sigma >= lo) & (sigma <= hi)
+    if profile == "constant":
+        w = jnp.float32(1.0)
+    else:
+        w = (hi - sigma if profile == "decreasing" else sigma - lo) / (hi - lo)
+    w = jnp.where(inside, w, 0.0)
+    return jax.tree.map(lambda s: w * s + (1 - w), skip_scales)
+
+
 # ----------------------------------------------------------------------------
 # Sweeps and search (Sec. 4).
 
 def get_sweep_fn(denoiser, *, sampler: str, steps: int, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, **options):
+                 sigma_max: float = 80.0, window=None, profile: str = "constant", **options):
     """Returns (sweep, nfe): sampling under K skip settings in one compiled call.
 
     `sweep(variables, skip_scales, key, labels)` with skip_scales stacked (K, ...) and
@@ -108,7 +151,9 @@ def get_sweep_fn(denoiser, *, sampler: str, steps: int, sigma_min: float = 0.002
     [-1, 1]; every setting starts from the same noise (drawn from `key`), so settings
     differ only by their scales. The
     denoiser D(x; sigma) is an x0-prediction on the EDM schedule (time = sigma); `options`
-    go to the sampler (e.g. order=3 for "deis_tab").
+    go to the sampler (e.g. order=3 for "deis_tab"). With `window` (and `profile`) each
+    model call uses `time_dependent_skip_scales` at its sigma (Sec. 5.2); the samplers give
+    one time to the whole batch.
     """
     net = denoiser.net
     schedule = sch.edm(sigma_min, sigma_max)
@@ -122,7 +167,11 @@ def get_sweep_fn(denoiser, *, sampler: str, steps: int, sigma_min: float = 0.002
         labels = labels if net.label_dim else None
 
         def one(scales):
-            model_fn = lambda x, t: denoiser.apply(variables, x, t, labels, skip_scales=scales)
+            def model_fn(x, t):
+                at_t = scales if window is None else time_dependent_skip_scales(
+                    scales, jnp.ravel(t)[0], window=window, profile=profile)
+                return denoiser.apply(variables, x, t, labels, skip_scales=at_t)
+
             return sample(model_fn, noise, schedule=schedule, sampler=sampler, steps=steps,
                           prediction="x0", **options)[0]
 

@@ -168,6 +168,10 @@ class GroupNorm(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         g = min(self.num_groups, c // self.min_channels_per_group)
+        if g == 0 or c % g:
+            raise ValueError(f"GroupNorm over {c} channels: EDM's min({self.num_groups}, C // "
+                             f"{self.min_channels_per_group}) = {g} groups must divide C (EDM's "
+                             "code fails here too); choose channel counts that allow it")
         weight = self.param("weight", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         dtype = x.dtype
@@ -278,6 +282,10 @@ class UNetBlock(nn.Module):
     def _attend(self, x):
         b, h, w, c = x.shape
         heads = self.num_heads if self.num_heads is not None else c // self.channels_per_head
+        if heads == 0 or c % heads:
+            raise ValueError(f"attention over {c} channels with {heads} heads (channels_per_head="
+                             f"{self.channels_per_head}): the heads must divide the channels (EDM's "
+                             "code fails here too)")
         qkv = Conv2d(3 * c, 1, init=self.init_attn or self.init, name="qkv")(
             GroupNorm(eps=self.eps, name="norm2")(x))
         # EDM's channel layout of qkv is (head, channel, {q, k, v}).

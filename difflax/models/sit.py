@@ -9,9 +9,13 @@ PyTorch module names (`blocks_0/attn/qkv` here is `blocks.0.attn.qkv` there), so
 `convert_sit_state_dict` maps a state dict by name. Images are NHWC.
 
 GMem (Tang et al. 2024, "Generative Modeling with Explicit Memory", code LINs-lab/GMem
-`models/sit.py`) conditions the same network on a memory snippet: a vector of `snippet_dim`
-projected by a linear layer and added to the time embedding (with or instead of the label),
-dropped to zero with probability `snippet_dropout_prob` in training for guidance.
+`models/feature_embedder.py`, `models/lightningdit.py`) conditions the same network on a
+memory snippet: a vector of `snippet_dim` projected by a linear layer (with bias) and added to
+the time embedding (with or instead of the label). In training the snippet goes through
+element-wise dropout first (each feature zeroed with probability `snippet_dropout_prob`, 0.4
+in GMem's code, the rest scaled by 1 / (1 - p): `nn.Dropout`); the null condition of
+guidance is the zero snippet through the projection, i.e. its bias (GMem's `c_null =
+zeros_like(c)`).
 
 SiT's interpolants and samplers are in `difflax.interpolants`, its loss in
 `difflax.training.interpolant_loss`.
@@ -66,7 +70,7 @@ class SiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     snippet_dim: int = 0
-    snippet_dropout_prob: float = 0.1
+    snippet_dropout_prob: float = 0.4
     repa_depth: int = 0
     repa_dim: int = 0
     repa_hidden: int = 2048
@@ -142,6 +146,13 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
 
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
+
+
+def snippet_dropout(key, snippet, rate: float):
+    """GMem's element-wise snippet dropout (torch `nn.Dropout`): each feature of snippet (B, D)
+    is zeroed with probability `rate`, the others divided by 1 - rate."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, snippet.shape)
+    return jnp.where(keep, snippet / (1.0 - rate), 0.0)
 
 
 def _dense(features, name, zero=False, std=None):
@@ -237,7 +248,8 @@ class SiT(nn.Module):
         null); snippet: (B, snippet_dim) memory snippets (None: the null snippet, zero);
       drop: (B,) bool, True replaces that sample's label and snippet by the null condition
         (the unconditional half of classifier-free guidance);
-      train: labels and snippets are dropped at random (rng stream "dropout").
+      train: labels are dropped at random per sample, snippets element-wise
+        (`snippet_dropout`; rng stream "dropout").
     Returns (B, H, W, in_channels): the first in_channels of the output (the velocity,
     noise or score the model was trained for); with `return_repa`, also the REPA
     projection (B, T, repa_dim) of the tokens after block `repa_depth`. `pos_embed` is a parameter held fixed by a
@@ -267,18 +279,14 @@ class SiT(nn.Module):
                 y = jnp.where(drop, null, y)
             c = c + table(y)
         if cfg.snippet_dim:
-            if snippet is None:
-                keep = jnp.zeros((b,), bool)
-                snippet = jnp.zeros((b, cfg.snippet_dim), jnp.float32)
-            else:
-                keep = jnp.ones((b,), bool)
+            snippet = (jnp.zeros((b, cfg.snippet_dim), jnp.float32) if snippet is None
+                       else jnp.asarray(snippet, jnp.float32))
+            if drop is not None:  # the null condition: the zero snippet
+                snippet = jnp.where(drop[:, None], 0.0, snippet)
             if train and cfg.snippet_dropout_prob > 0:
-                keep &= ~jax.random.bernoulli(jax.random.fold_in(key, 1),
-                                              cfg.snippet_dropout_prob, (b,))
-            if drop is not None:
-                keep &= ~drop
-            emb = _dense(cfg.hidden_size, "snippet_embedder")(jnp.asarray(snippet, jnp.float32))
-            c = c + jnp.where(keep[:, None], emb, 0.0)
+                snippet = snippet_dropout(jax.random.fold_in(key, 1), snippet,
+                                          cfg.snippet_dropout_prob)
+            c = c + _dense(cfg.hidden_size, "snippet_embedder")(snippet)
         elif snippet is not None:
             raise ValueError("snippet given but this SiT has snippet_dim = 0")
         return c

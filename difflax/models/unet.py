@@ -128,7 +128,8 @@ def _surgery(cfg, name: str, attention: bool) -> dict:
     residual = "full"
     if name in cfg.drop_blocks:
         residual = "condconv" if cfg.condconv_experts else "none"
-    return dict(attention=attention and name not in cfg.drop_attention, residual=residual,
+    attends = any(n.name == name and n.attention for n in feature_nodes(cfg))
+    return dict(attention=attention and attends and name not in cfg.drop_attention, residual=residual,
                 condconv_experts=cfg.condconv_experts or 1, gri=gri_config(cfg))
 
 
@@ -206,26 +207,35 @@ class FeatureNode(NamedTuple):
     attention: bool
 
 
+def _attends(config: UNetConfig, attention: bool, channels: int) -> bool:
+    """EDM's UNetBlock attends with num_heads = 1 (SongUNet) or channels // 64 (ADM), and
+    has no attention unit at all where that is 0 (an ADM level under 64 channels)."""
+    return attention and (config.model_type == "SongUNet" or channels // 64 > 0)
+
+
 def feature_nodes(config: UNetConfig) -> tuple[FeatureNode, ...]:
     """The forward pass's nodes in execution order (see `FeatureNode`)."""
     nodes, prev = [], "input"
     for skip in skip_connections(config):
-        attn = "_block" in skip.name and skip.resolution in config.attn_resolutions
+        attn = _attends(config, "_block" in skip.name and skip.resolution in config.attn_resolutions,
+                        skip.channels)
         nodes.append(FeatureNode("enc." + skip.name, "encoder", skip.resolution, (prev,), attn))
         prev = nodes[-1].name
     pending = [n.name for n in nodes]
     levels = len(config.channel_mult)
     for level in reversed(range(levels)):
         res = config.img_resolution >> level
+        channels = config.model_channels * config.channel_mult[level]
         if level == levels - 1:
-            nodes.append(FeatureNode(f"dec.{res}x{res}_in0", "middle", res, (prev,), True))
+            nodes.append(FeatureNode(f"dec.{res}x{res}_in0", "middle", res, (prev,),
+                                     _attends(config, True, channels)))
             nodes.append(FeatureNode(f"dec.{res}x{res}_in1", "middle", res, (nodes[-1].name,), False))
         else:
             nodes.append(FeatureNode(f"dec.{res}x{res}_up", "decoder", res, (prev,), False))
         prev = nodes[-1].name
         for idx in range(config.num_blocks + 1):
-            attn = res in config.attn_resolutions and (
-                idx == config.num_blocks or config.model_type == "DhariwalUNet")
+            attn = _attends(config, res in config.attn_resolutions and (
+                idx == config.num_blocks or config.model_type == "DhariwalUNet"), channels)
             nodes.append(FeatureNode(f"dec.{res}x{res}_block{idx}", "decoder", res,
                                      (prev, pending.pop()), attn))
             prev = nodes[-1].name
@@ -411,8 +421,8 @@ class SongUNet(_CachedUNet):
         if cfg.label_dim:
             labels = _drop_labels(self, class_labels, cfg.label_dropout, train)
             emb = emb + self.map_label(labels * math.sqrt(cfg.label_dim))
-        if cfg.augment_dim and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+        if cfg.augment_dim:
+            emb = emb + _augment(self, augment_labels, emb.shape[0])
         return nn.silu(self.map_layer1(nn.silu(self.map_layer0(emb))))
 
     def input_state(self, x):
@@ -450,6 +460,15 @@ class SongUNet(_CachedUNet):
             tmp = self.dec[f"{res}_aux_conv"](nn.silu(self.dec[f"{res}_aux_norm"](h)))
             aux = tmp if aux is None else tmp + aux
         return (h, aux), attention
+
+def _augment(module, augment_labels, batch):
+    """EDM's augmentation-label term, map_augment(labels), bias-free; without labels EDM
+    skips it: here the zero labels give exactly 0 and keep `map_augment` in the parameters
+    (Flax creates a layer's parameters only when it is called)."""
+    if augment_labels is None:
+        augment_labels = jnp.zeros((batch, module.config.augment_dim), jnp.float32)
+    return module.map_augment(augment_labels)
+
 
 def _drop_labels(module, class_labels, rate, train):
     """Classifier-free-guidance label dropout: zero each sample's label with probability `rate`."""
@@ -516,8 +535,8 @@ class DhariwalUNet(_CachedUNet):
         """Noise (+ augment, label) embedding, (B,) -> (B, emb_channels)."""
         cfg = self.config
         emb = positional_embedding(noise_labels, cfg.model_channels)
-        if cfg.augment_dim and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+        if cfg.augment_dim:
+            emb = emb + _augment(self, augment_labels, emb.shape[0])
         emb = self.map_layer1(nn.silu(self.map_layer0(emb)))
         if cfg.label_dim:
             emb = emb + self.map_label(_drop_labels(self, class_labels, cfg.label_dropout, train))

@@ -12,7 +12,8 @@
   trajectory of the flow on a grid, S = sum_i dt_i ||v_i - (x_T - x_0) / T||^2 / T per example
   (mean over elements), v_i = (x_i - x_{i+1}) / dt_i; 0 for a straight flow.
 - `rf_grid(steps)`: rfpp's uniform grid, starting at t = 1 - 1e-5 (where x_t = t z, and the
-  EDM re-expression sees sigma = t / (1 - t) = 1e5), ending at 0.
+  EDM re-expression sees sigma = t / (1 - t) = 1e5), ending at 0; `rf_grid(t_steps=...)`
+  rfpp's custom grid (`generate.py --t_steps 1,0.75,0.5,0.25`).
 """
 from __future__ import annotations
 
@@ -53,9 +54,18 @@ def rf_schedule(t_max: float = T_MAX) -> schedules.RectifiedFlow:
     return schedules.rectified_flow(t_min=0.0, t_max=t_max)
 
 
-def rf_grid(steps: int, t_max: float = T_MAX) -> np.ndarray:
-    """rfpp's grid: `steps` uniform intervals from t_max down to 0, float64 (steps + 1,)."""
-    return schedules.time_grid(rf_schedule(t_max), steps, "uniform")
+def rf_grid(steps: int | None = None, t_max: float = T_MAX, *, t_steps=None) -> np.ndarray:
+    """rfpp's grid, float64: `steps` uniform intervals from t_max down to 0 (steps + 1,), or
+    its custom `t_steps` (decreasing times in (0, 1], the first replaced by t_max, then 0
+    appended, as rfpp's `--t_steps`): (len(t_steps) + 1,)."""
+    if (steps is None) == (t_steps is None):
+        raise ValueError("pass steps= or t_steps=, not both")
+    if steps is not None:
+        return schedules.time_grid(rf_schedule(t_max), steps, "uniform")
+    t = np.asarray(t_steps, np.float64)
+    if t.ndim != 1 or len(t) < 1 or np.any(t <= 0) or np.any(t > 1) or np.any(np.diff(t) >= 0):
+        raise ValueError(f"t_steps must be decreasing times in (0, 1], got {t_steps}")
+    return np.concatenate([[t_max], t[1:], [0.0]])
 
 
 def euler_trajectory(model_fn, noise, *, schedule, grid, prediction="velocity") -> jax.Array:

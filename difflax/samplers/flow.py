@@ -1,7 +1,9 @@
 """Rectified-flow samplers: Euler and Heun on the velocity dx/dt in the schedule's own time
 (Liu et al. 2023; Heun as used by Lee et al. 2024, "Improving the Training of Rectified
 Flows"). For the rectified-flow schedule Euler coincides with DDIM. Heun skips its correction
-on a final step to sigma = 0 (2N - 1 NFE there), as EDM does.
+on a final step to sigma = 0 (2N - 1 NFE there), as EDM does and rfpp's `generate.py`; with
+`final_correction=True` every step is a full Heun step (2N NFE), as torchdiffeq's fixed-grid
+Heun that SiT's ODE sampler uses.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def rf_euler(schedule, grid):
     return FlowEuler(times=jnp.asarray(grid)), len(grid) - 1
 
 
-def rf_heun(schedule, grid):
+def rf_heun(schedule, grid, *, final_correction: bool = False):
     to_zero = np.asarray(schedule.sigma(np.asarray(grid[1:]))) == 0
+    to_zero = to_zero & (not final_correction)
     solver = FlowHeun(times=jnp.asarray(grid), to_zero=jnp.asarray(to_zero))
     return solver, 2 * (len(grid) - 1) - int(to_zero.sum())

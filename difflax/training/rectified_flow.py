@@ -20,7 +20,10 @@ onto [t_min, t_max] = [1e-5, 1 - 1e-5] as rfpp's `t_dist.sample_t` does):
 
 Premetrics m(pred, target), one value per example, shape (B,):
 
-- "l2": squared L2 averaged over the example's d elements (rfpp's `l2-squared`).
+- "l2": the root mean square of the example's d errors, sqrt(||pred - target||^2 / d)
+  (rfpp's `loss_type='l2'`, its default).
+- "l2_squared": the mean square, ||pred - target||^2 / d (rfpp's `l2-squared`; Liu et al.'s
+  rectified-flow loss).
 - "pseudo_huber": (sqrt(||pred - target||^2 + c^2) - c) / d. rfpp's code (`train.py`,
   `loss_type='huber'`) uses c = 0.00054 d on the *summed* squares and divides by d; the
   improved-consistency-training constant (Song & Dhariwal 2023, Sec. 3.3) is
@@ -42,7 +45,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "u_shaped")
-PREMETRICS = ("l2", "pseudo_huber", "lpips", "lpips_huber")
+PREMETRICS = ("l2", "l2_squared", "pseudo_huber", "lpips", "lpips_huber")
 HUBER_C = 0.00054
 
 # v(x_t (B, ...), t (B,), class_labels (B, L) or None) -> velocity (B, ...)
@@ -140,6 +143,11 @@ def squared_l2(pred: jax.Array, target: jax.Array) -> jax.Array:
     return _per_example_sum((pred - target) ** 2) / d
 
 
+def rms_l2(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """sqrt of `squared_l2`, the root mean square error of each example: (B, ...) -> (B,)."""
+    return jnp.sqrt(squared_l2(pred, target))
+
+
 def huber_constant(d: int, scaling: str = "d") -> float:
     """The pseudo-Huber c for data dimension d: 0.00054 d (rfpp's code) or 0.00054 sqrt(d)
     (iCT, Song & Dhariwal 2023)."""
@@ -212,6 +220,8 @@ def rectified_flow_loss(velocity_fn: VelocityFn, x: jax.Array, z: jax.Array, t: 
     v = velocity_fn(x_t, t, class_labels)
     target = z - x
     if premetric == "l2":
+        return jnp.mean(rms_l2(v, target))
+    if premetric == "l2_squared":
         return jnp.mean(squared_l2(v, target))
     if premetric == "pseudo_huber":
         return jnp.mean(pseudo_huber(v, target, scaling=huber_c_scaling))

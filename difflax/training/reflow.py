@@ -100,11 +100,13 @@ def get_teacher_sample_fn(denoiser, *, sampler: str = "edm_heun", steps: int = 1
 
 
 def get_rectified_flow_sample_fn(denoiser, *, sampler: str = "rf_euler", steps: int = 1,
-                                 mesh=None):
+                                 t_steps=None, mesh=None):
     """(fn(params, noise, labels) -> samples, nfe) of a (2-)rectified flow whose network is an
-    EDM denoiser (`velocity_from_denoiser`): rf_euler, rf_heun or rf_renoise on `rf_grid`."""
+    EDM denoiser (`velocity_from_denoiser`): rf_euler, rf_heun or rf_renoise on
+    `rf_grid(steps)`, or on rfpp's custom grid `rf_grid(t_steps=t_steps)` if given."""
+    grid = rf_grid(steps) if t_steps is None else rf_grid(t_steps=t_steps)
     return get_sharded_sample_fn(denoiser_model_fn(denoiser, rectified_flow=True),
-                                 schedule=rf_schedule(), sampler=sampler, grid=rf_grid(steps),
+                                 schedule=rf_schedule(), sampler=sampler, grid=grid,
                                  prediction="x0", mesh=mesh)
 
 
@@ -114,17 +116,21 @@ def get_rectified_flow_sample_fn(denoiser, *, sampler: str = "rf_euler", steps: 
 
 def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: int,
                    chunk_size: int, shape: tuple[int, ...], num_classes: int = 0, seed: int = 0,
-                   info: dict | None = None, progress: bool = True) -> list[str]:
+                   info: dict | None = None, progress: bool = True,
+                   clip: bool = False) -> list[str]:
     """Writes `num_pairs` (noise, teacher sample) pairs to `out_dir` in chunks; returns paths.
 
     sample_fn(params, noise (chunk_size, *shape), labels (chunk_size,)) -> samples, e.g. from
     `get_teacher_sample_fn`. Chunk i draws noise ~ N(0, I) and labels uniform in
     [0, num_classes) (zeros if 0) from fold_in(key(seed), i); the last chunk is truncated.
     `info` (teacher, sampler, ...) is recorded in pairs.json; resuming with a different
-    description is an error.
+    description is an error. `clip=True` stores the samples clipped to [-1, 1], as rfpp
+    stores its teacher's images (`generate.py --save_data` writes 8-bit PNGs; the 8-bit
+    rounding is not reproduced); recorded in pairs.json when set.
     """
     meta = dict(num_pairs=num_pairs, chunk_size=chunk_size, shape=list(shape),
-                num_classes=num_classes, seed=seed, **(info or {}))
+                num_classes=num_classes, seed=seed, **({"clip": True} if clip else {}),
+                **(info or {}))
     num_chunks = -(-num_pairs // chunk_size)
     todo = open_chunks(out_dir, "pairs", meta, num_chunks)
     root = jax.random.key(seed)
@@ -135,6 +141,7 @@ def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: 
         labels = (jax.random.randint(k_label, (chunk_size,), 0, num_classes) if num_classes
                   else jnp.zeros((chunk_size,), jnp.int32))
         samples = sample_fn(params, noise, labels)
+        samples = jnp.clip(samples, -1.0, 1.0) if clip else samples
         n = min(chunk_size, num_pairs - i * chunk_size)
         write_chunk(out_dir, i, noise=np.asarray(noise)[:n], samples=np.asarray(samples)[:n],
                     labels=np.asarray(labels)[:n].astype(np.int32))
