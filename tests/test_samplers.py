@@ -88,8 +88,16 @@ CONVERGENCE = [
     ("vp", "deis_rhoab", dict(order=2), MS, 3),
     ("vp", "dpmpp_2m", {}, MS, 2),
     ("vp", "dpmpp_3m", {}, MS, 3),
+    ("vp", "dpmpp_3m", dict(solver_type="exact"), MS, 3),
+    ("vp", "unipc", dict(lower_order_final=False), MS, 3),
+    ("vp", "unipc", dict(variant="bh1", lower_order_final=False), MS, 3),
+    ("vp", "unipc", dict(order=3, lower_order_final=False), MS, 4),
     ("vp", "deis_rhork", dict(method="heun"), RK, 2),
     ("vp", "deis_rhork", dict(method="kutta3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="ral3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="heun3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="vdh3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="ssprk3"), (16, 32, 64), 3),
     ("vp", "deis_rhork", dict(method="rk4"), RK, 4),
     ("edm", "edm_heun", {}, RK, 2),
     ("edm", "deis_rhoab", dict(order=3), MS, 4),
@@ -103,7 +111,7 @@ CONVERGENCE = [
 def test_convergence_order(sched, sampler, opts, steps, order):
     errs, nfes = zip(*[error(sched, sampler, n, **opts) for n in steps])
     errs = np.array(errs)
-    stages = {"heun": 2, "kutta3": 3, "rk4": 4}.get(opts.get("method"), 1)
+    stages = len(coefficients.TABLEAUX[opts["method"]][1]) if "method" in opts else 1
     # EDM's grid ends at sigma = 0 (no correction there); the RF grid here ends at t = 1e-3
     expected_nfe = {"edm_heun": lambda n: 2 * n - 1, "rf_heun": lambda n: 2 * n}.get(
         sampler, lambda n: stages * n)
@@ -281,3 +289,63 @@ def test_bad_input_raises_value_error():
         sample(model, noise(), schedule=S.rectified_flow(), sampler="deis_tab", steps=4,
                prediction="x0")
     assert "dpmpp_3m" in SAMPLERS and make_solver(VP, "ddim", [1.0, 0.5, 0.01])[1] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++ and UniPC against diffusers' schedulers: the same discrete VP schedule, grid,
+# model (the mixture's exact eps) and initial sample; float64 sigmas on both sides.
+
+
+def diffusers_run(scheduler_cls, steps, **config):
+    """(difflax schedule, grid, final sample) of diffusers' scheduler with its default
+    timesteps and final_sigmas_type="sigma_min" (difflax's VP discrete grid ends at t = 0)."""
+    import torch
+
+    sched = scheduler_cls(final_sigmas_type="sigma_min", **config)
+    sched.set_timesteps(steps)
+    acp = sched.alphas_cumprod.double().numpy()
+    schedule = S.VPDiscrete(t_min=0.0, t_max=999.0, log_alpha_table=0.5 * np.log(acp))
+    grid = np.append(sched.timesteps.numpy(), 0).astype(np.float64)
+    sched.sigmas = torch.from_numpy(np.asarray(schedule.rho(grid)))  # float64, same values
+    model = exact_model(schedule, "eps")
+    x = torch.from_numpy(float(schedule.sigma(grid[0])) * np.asarray(noise()))
+    for t in sched.timesteps:
+        eps = model(jnp.asarray(x.numpy()), jnp.full((x.shape[0],), float(t)))
+        x = sched.step(torch.from_numpy(np.array(eps)), t, x).prev_sample
+    return schedule, grid, x.numpy()
+
+
+def difflax_run(schedule, grid, sampler, **opts):
+    x, nfe = sample(exact_model(schedule, "eps"), noise(), schedule=schedule, sampler=sampler,
+                    grid=grid, prediction="eps", **opts)
+    assert nfe == len(grid) - 1
+    return np.asarray(x)
+
+
+# (difflax sampler, its default options, diffusers config, an alternative variant that must
+# differ from diffusers' default, steps). DPM at 6 and 20 steps: below / above its
+# lower_order_final threshold of 15; UniPC's lower_order_final does not depend on the count.
+DIFFUSERS = [
+    ("dpmpp_2m", {}, dict(solver_order=2), dict(solver_type="heun"), 6),
+    ("dpmpp_2m", {}, dict(solver_order=2), dict(solver_type="heun"), 20),
+    ("dpmpp_3m", {}, dict(solver_order=3), dict(solver_type="exact"), 6),
+    ("dpmpp_3m", {}, dict(solver_order=3), dict(solver_type="exact"), 20),
+    ("unipc", {}, {}, dict(variant="bh1"), 8),
+    ("unipc", dict(variant="bh1"), dict(solver_type="bh1"), dict(variant="bh2"), 8),
+    ("unipc", dict(order=3), dict(solver_order=3), dict(order=3, disable_corrector=(2,)), 8),
+]
+
+
+@pytest.mark.parametrize("sampler,opts,config,other,steps", DIFFUSERS,
+                         ids=[f"{d[0]}-{d[1]}-{d[4]}" for d in DIFFUSERS])
+def test_matches_diffusers(sampler, opts, config, other, steps):
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cls = UniPCMultistepScheduler if sampler == "unipc" else DPMSolverMultistepScheduler
+    schedule, grid, ref = diffusers_run(cls, steps, **config)
+    x = difflax_run(schedule, grid, sampler, **opts)
+    # diffusers' DPM-Solver casts the sample to float32 inside each step
+    tol = 1e-5 if cls is DPMSolverMultistepScheduler else 1e-10
+    np.testing.assert_allclose(x, ref, rtol=tol, atol=tol)
+    y = difflax_run(schedule, grid, sampler, **other)
+    assert np.max(np.abs(y - ref)) > 100 * tol

@@ -15,7 +15,7 @@ import numpy as np
 
 from difflax import schedules as sch
 from difflax.parameterization import PREDICTIONS
-from difflax.samplers import deis, dpm, edm, few_step, flow, sde
+from difflax.samplers import deis, dpm, edm, few_step, flow, sde, unipc
 from difflax.samplers.term import DiffusionTerm
 
 # name -> factory(schedule, grid, **options) -> (solver, nfe). A literal dict, no registry.
@@ -30,6 +30,7 @@ SAMPLERS = {
     "dpm_multistep": dpm.dpm_multistep,
     "dpmpp_2m": dpm.dpmpp_2m,
     "dpmpp_3m": dpm.dpmpp_3m,
+    "unipc": unipc.unipc,
     "edm_heun": edm.edm_heun,
     "rf_euler": flow.rf_euler,
     "rf_heun": flow.rf_heun,
