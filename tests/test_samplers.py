@@ -165,21 +165,52 @@ def test_deis_logrho_equals_dpm_solver_2m_eps_form():
     kw = dict(schedule=VP, steps=9, prediction="x0")
     x1, _ = sample(MODELS[id(VP)], noise(), sampler="deis_logrho", order=1, **kw)
     x2, _ = sample(MODELS[id(VP)], noise(), sampler="dpm_multistep", order=2, form="eps",
-                   lower_order_final=False, **kw)
+                   lower_order_final=False, solver_type="exact", **kw)
     np.testing.assert_allclose(x1, x2, rtol=1e-10, atol=1e-10)
 
 
-def test_quadrature_beats_riemann_sum():
+@pytest.mark.parametrize("s", [S.vp_linear(), S.vp_discrete(interpolation="alpha_bar")],
+                         ids=["vp_linear", "vp_discrete_alpha_bar"])
+def test_quadrature_beats_riemann_sum(s):
+    # tAB's integral in t of l_j(t) d rho / dt (DEIS eq. 15) by scipy, with the schedule's own
+    # derivatives; for DEIS's alpha_bar-linear VP discrete schedule this also checks that
+    # d_alpha and t_from_rho agree with its alpha between integer steps.
     from scipy import integrate
 
-    s, g = S.vp_linear(), S.time_grid(S.vp_linear(), 6, "quadratic")
+    g = S.time_grid(s, 6, "quadratic")
     _, b = coefficients.eps_multistep(s, g, 3, "t")
     i, nodes = 4, g[1:5][::-1]
+    kinks = [k for k in s.breakpoints() if g[i + 1] < k < g[i]]
     for j in range(4):
         f = lambda t: coefficients.lagrange_basis(nodes, t)[j] * (
             s.d_sigma(t) / s.alpha(t) - s.sigma(t) * s.d_alpha(t) / s.alpha(t) ** 2)
-        exact = integrate.quad(f, g[i], g[i + 1], epsabs=1e-14, epsrel=1e-13)[0]
-        assert abs(b[i, j] / s.alpha(g[i + 1]) - exact) < 1e-10 * max(1, abs(exact))
+        exact = integrate.quad(f, g[i + 1], g[i], epsabs=1e-14, epsrel=1e-13,
+                               points=kinks or None, limit=500)[0]
+        assert abs(b[i, j] / s.alpha(g[i + 1]) + exact) < 1e-10 * max(1, abs(exact))
+
+
+def test_deis_integer_grid_and_interpolation():
+    s = S.vp_discrete(interpolation="alpha_bar")
+    g = S.deis_integer_grid(s, 10)
+    np.testing.assert_array_equal(g, np.floor(np.linspace(0, np.sqrt(999), 11) ** 2)[::-1])
+    g = S.deis_integer_grid(s, 50)  # floors repeat near 0: the smallest unused integers fill
+    assert len(np.unique(g)) == 51 and np.all(g == np.round(g)) and np.all(np.diff(g) < 0)
+    assert set(np.floor(np.linspace(0, np.sqrt(999), 51) ** 2)) <= set(g)
+    np.testing.assert_array_equal(S.deis_integer_grid(s, 4, "uniform"), [999, 749, 499, 249, 0])
+    # the two interpolations agree at integer steps and differ in between
+    t = np.array([3.0, 3.5, 700.0, 700.5])
+    d = S.vp_discrete().alpha(t) - s.alpha(t)
+    assert max(abs(d[0]), abs(d[2])) < 1e-15 and abs(d[1]) > 1e-10 and abs(d[3]) > 1e-7
+    with pytest.raises(ValueError, match="alpha_bar"):
+        S.vp_discrete(interpolation="linear")
+
+
+def test_ipndm_default_grid_is_uniform_in_t_on_vp():
+    from difflax.samplers import make_grid
+
+    np.testing.assert_allclose(make_grid(VP, "ipndm", 4), np.linspace(1.0, 1e-3, 5))
+    np.testing.assert_allclose(make_grid(VP, "deis_tab", 2),
+                               [1.0, ((1 + 1e-3 ** 0.5) / 2) ** 2, 1e-3])
 
 
 def test_edm_heun_equals_rhork_heun_without_final_zero():
@@ -275,8 +306,12 @@ def test_bad_input_raises_value_error():
         sample(model, noise(), sampler="deis_tab", order=3, steps=2, **kw)
     with pytest.raises(ValueError, match=r"\(0, 1, 2, 3\)"):
         sample(model, noise(), sampler="deis_tab", order=4, steps=8, **kw)
-    with pytest.raises(ValueError, match="heun"):
+    with pytest.raises(ValueError, match="ssprk3"):
         sample(model, noise(), sampler="deis_rhork", method="rk5", steps=8, **kw)
+    with pytest.raises(ValueError, match="midpoint"):
+        sample(model, noise(), sampler="dpmpp_2m", solver_type="taylor", steps=8, **kw)
+    with pytest.raises(ValueError, match="bh2"):
+        sample(model, noise(), sampler="unipc", variant="bh3", steps=8, **kw)
     with pytest.raises(ValueError, match="decreasing"):
         sample(model, noise(), sampler="ddim", grid=[0.1, 0.5, 1.0], **kw)
     with pytest.raises(ValueError, match="range"):
