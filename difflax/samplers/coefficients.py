@@ -91,6 +91,13 @@ def _tables(schedule: AbstractSchedule, grid):
     return g, np.asarray(schedule.alpha(g), np.float64), np.asarray(schedule.sigma(g), np.float64)
 
 
+def _logsnr_tables(schedule, grid):
+    """_tables plus log-SNR lambda (N+1,); lambda = +inf where sigma = 0, -inf where alpha = 0."""
+    g, alpha, sigma = _tables(schedule, grid)
+    with np.errstate(divide="ignore"):
+        return g, alpha, sigma, np.log(alpha) - np.log(sigma)
+
+
 def eps_multistep(schedule, grid, order, basis="t", lower_order_final=False):
     """DEIS AB tables (A (N,), B (N, order+1)) in the noise form, polynomial in `basis`.
 
@@ -167,9 +174,7 @@ def logsnr_multistep(schedule, grid, order, form="x0", lower_order_final=False):
     form "eps" (DPM-Solver): x_{i+1} = alpha_{i+1}/alpha_i x_i - alpha_{i+1} rho_i sum_k d_k K_k.
     The polynomial is integrated exactly (the official code's "taylor" variant).
     """
-    g, alpha, sigma = _tables(schedule, grid)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
+    g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
     n = len(g) - 1
     q_i = step_orders(n, order, lower_order_final)
     b = np.zeros((n, order + 1))
@@ -227,9 +232,7 @@ def dpm_solver_multistep(schedule, grid, order, form="x0", lower_order_final=Fal
         raise ValueError(f"solver_type must be one of {DPM_SOLVER_TYPES}, got {solver_type!r}")
     if solver_type == "exact":
         return logsnr_multistep(schedule, grid, order, form, lower_order_final)
-    g, alpha, sigma = _tables(schedule, grid)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
+    g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
     n = len(g) - 1
     b = np.zeros((n, order + 1))
     for i, q in enumerate(step_orders(n, order, lower_order_final)):
@@ -297,9 +300,7 @@ def unipc(schedule, grid, order=2, form="x0", variant="bh2", lower_order_final=T
     """
     if variant not in UNIPC_VARIANTS:
         raise ValueError(f"unipc: variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
-    g, alpha, sigma = _tables(schedule, grid)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
+    g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
     n = len(g) - 1
     i = np.arange(n)
     p = np.minimum(order, i + 1)
