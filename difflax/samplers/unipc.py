@@ -3,7 +3,8 @@ of Diffusion Models"): the UniP-p predictor with the UniC corrector (order p+1),
 ("bh1") or e^h - 1 ("bh2"), as diffusers' `UniPCMultistepScheduler` by default: order 2,
 bh2, data prediction, the corrector after every step but the last (it would need one more
 model call), warm start through the lower orders and `lower_order_final` (the last step first
-order, whatever the number of steps). Tables: `coefficients.unipc`.
+order, whatever the number of steps). The authors' `UniPC` class defaults to bh1 instead
+(variant="bh1" here). Tables: `coefficients.unipc`.
 """
 from __future__ import annotations
 
