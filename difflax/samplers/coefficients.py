@@ -172,7 +172,8 @@ def logsnr_multistep(schedule, grid, order, form="x0", lower_order_final=False):
     I_k = int_0^h e^{tau - h} tau^k, with the data prediction's Lagrange interpolant in lambda
     written as sum_k d_k tau^k; its final step to sigma = 0 is first order (x_{N} = x0).
     form "eps" (DPM-Solver): x_{i+1} = alpha_{i+1}/alpha_i x_i - alpha_{i+1} rho_i sum_k d_k K_k.
-    The polynomial is integrated exactly (the official code's "taylor" variant).
+    The polynomial is integrated exactly: the official code's "taylor" rule at second order,
+    twice its D2 weight at third (`dpm_solver_multistep` gives the official rules).
     """
     g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
     n = len(g) - 1
