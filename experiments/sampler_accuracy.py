@@ -9,6 +9,7 @@ the samples that land on the reference's component (the most likely one at x), p
 number of samples that flip. Writes a markdown table (also printed) and a PNG plot.
 
     python experiments/sampler_accuracy.py [--out experiments/results/sampler_accuracy]
+        [--nfe 3 4 ... 50] [--schedules vp edm]  (a subset of the table)
 """
 from __future__ import annotations
 
@@ -63,15 +64,18 @@ def robust_error(mix, x, ref):
     return float(rms), int(jnp.sum(~same))
 
 
-def run(out_dir, n=1000, dim=64):
+SCHEDULES = {"vp": ("VP discrete", S.vp_discrete()), "edm": ("EDM", S.edm())}
+
+
+def run(out_dir, n=1000, dim=64, nfes=NFES, schedule_keys=tuple(SCHEDULES)):
     os.makedirs(out_dir, exist_ok=True)
     mix = gmm(dim, 8, seed=0, spread=1.0, std=0.5)
     noise = jax.random.normal(jax.random.key(0), (n, dim))
     truth = mix.sample(jax.random.key(1), n)
-    schedules = {"VP discrete": S.vp_discrete(), "EDM": S.edm()}
+    schedules = dict(SCHEDULES[k] for k in schedule_keys)
     rows, curves = [], {}
     todo = [(s, name, smp, opts, f(nfe), nfe) for s in schedules for name, smp, opts, f in SAMPLERS
-            for nfe in NFES if f(nfe)]
+            for nfe in nfes if f(nfe)]
     refs = {}
     for sname, sched in schedules.items():
         def model(x, t, sched=sched):
@@ -96,12 +100,12 @@ def run(out_dir, n=1000, dim=64):
         rows.append((sname, name, used, err, sw, flips))
         curves.setdefault((sname, name), []).append((used, err))
     ref_sw = {s: sliced_w1(refs[s][1], truth, jax.random.key(2)) for s in schedules}
-    lines = ["| schedule | sampler | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
-             "|" + "---|" * (len(NFES) + 2)]
+    lines = ["| schedule | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+             "|" + "---|" * (len(nfes) + 2)]
     for sname in schedules:
         for name, *_ in SAMPLERS:
             cells = []
-            for k in NFES:
+            for k in nfes:
                 r = [r for r in rows if r[0] == sname and r[1] == name and r[2] == k]
                 flips = f" ({r[0][5]})" if r and r[0][5] else ""
                 cells.append(f"{r[0][3]:.3g}{flips} / {r[0][4]:.3g}" if r else "-")
@@ -137,8 +141,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results/sampler_accuracy")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="NFE columns")
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     args = p.parse_args()
-    run(args.out, n=args.n)
+    run(args.out, n=args.n, nfes=tuple(args.nfe), schedule_keys=tuple(args.schedules))
 
 
 if __name__ == "__main__":
