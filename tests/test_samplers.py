@@ -374,6 +374,7 @@ DIFFUSERS = [
     ("unipc", {}, {}, dict(variant="bh1"), 8),
     ("unipc", dict(variant="bh1"), dict(solver_type="bh1"), dict(variant="bh2"), 8),
     ("unipc", dict(order=3), dict(solver_order=3), dict(order=3, disable_corrector=(2,)), 8),
+    ("unipc", dict(form="eps"), dict(predict_x0=False), dict(form="eps", variant="bh1"), 8),
 ]
 
 
