@@ -104,27 +104,40 @@ class _VP(AbstractSchedule):
 class VPDiscrete(_VP):
     """DDPM's discrete schedule: alpha_bar_n = prod_{m<=n} (1 - beta_m), n = 0..N-1.
 
-    Time is the network's step index t in [0, N-1]; log alpha is interpolated linearly between
-    integer steps (as DEIS / DPM-Solver's discrete wrappers do).
+    Time is the network's step index t in [0, N-1]. Between integer steps, `interpolation`
+    "log_alpha" (default) is linear in log alpha (as DPM-Solver's discrete wrapper, so log-SNR
+    is smooth within a step); "alpha_bar" is linear in alpha_bar = alpha^2, as DEIS's code
+    (`DiscreteVPSDE`). Values at integer steps are the same; the exact DEIS coefficients
+    (tAB's integral in t) differ.
     """
 
     log_alpha_table: np.ndarray = None  # (N,) float64, log sqrt(alpha_bar_n)
+    interpolation: str = "log_alpha"
 
     def _log_alpha(self, t):
         xp = _xp(t)
-        return xp.interp(t, xp.arange(len(self.log_alpha_table)), xp.asarray(self.log_alpha_table))
+        steps = xp.arange(len(self.log_alpha_table))
+        if self.interpolation == "alpha_bar":
+            return 0.5 * xp.log(xp.interp(t, steps, xp.asarray(np.exp(2 * self.log_alpha_table))))
+        return xp.interp(t, steps, xp.asarray(self.log_alpha_table))
 
     def d_alpha(self, t):
         t = _f(t)
         xp = _xp(t)
+        idx = xp.clip(xp.floor(t).astype(int), 0, len(self.log_alpha_table) - 2)
+        if self.interpolation == "alpha_bar":  # d sqrt(alpha_bar) = d alpha_bar / (2 alpha)
+            slopes = xp.asarray(np.diff(np.exp(2 * self.log_alpha_table)))
+            return slopes[idx] / (2 * self.alpha(t))
         slopes = xp.asarray(np.diff(self.log_alpha_table))
-        idx = xp.clip(xp.floor(t).astype(int), 0, len(slopes) - 1)
         return self.alpha(t) * slopes[idx]
 
     def _t_from_log_alpha(self, la):
         xp = _xp(la)
         n = len(self.log_alpha_table)
-        # log alpha is decreasing in t: interpolate on the reversed table.
+        # log alpha (and alpha_bar) is decreasing in t: interpolate on the reversed table.
+        if self.interpolation == "alpha_bar":
+            return xp.interp(-xp.exp(2 * la), -xp.asarray(np.exp(2 * self.log_alpha_table)),
+                             xp.arange(n, dtype=float))
         return xp.interp(-la, -xp.asarray(self.log_alpha_table), xp.arange(n, dtype=float))
 
     def breakpoints(self):
@@ -262,11 +275,18 @@ def scaled_linear_betas(num_steps: int = 1000, beta_start: float = 0.00085,
     return np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
 
 
-def vp_discrete(betas="linear") -> VPDiscrete:
+VP_INTERPOLATIONS = ("log_alpha", "alpha_bar")
+
+
+def vp_discrete(betas="linear", *, interpolation="log_alpha") -> VPDiscrete:
     """Discrete VP from `betas` (array, or "linear" = DDPM, "scaled_linear" = Stable Diffusion).
 
-    Time t is the step index in [0, N-1].
+    Time t is the step index in [0, N-1]; `interpolation` between steps: "log_alpha" or
+    DEIS's "alpha_bar" (see `VPDiscrete`).
     """
+    if interpolation not in VP_INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of "
+                         f"{VP_INTERPOLATIONS}")
     if isinstance(betas, str):
         makers = {"linear": ddpm_betas, "scaled_linear": scaled_linear_betas}
         if betas not in makers:
@@ -274,7 +294,8 @@ def vp_discrete(betas="linear") -> VPDiscrete:
         betas = makers[betas]()
     betas = np.asarray(betas, np.float64)
     log_alpha = 0.5 * np.cumsum(np.log1p(-betas))
-    return VPDiscrete(t_min=0.0, t_max=float(len(betas) - 1), log_alpha_table=log_alpha)
+    return VPDiscrete(t_min=0.0, t_max=float(len(betas) - 1), log_alpha_table=log_alpha,
+                      interpolation=interpolation)
 
 
 def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, *, t_min: float = 1e-3,
@@ -353,6 +374,26 @@ def time_grid(schedule: AbstractSchedule, steps: int, kind: str = "uniform", *,
     if final_zero:
         pts = np.append(pts, schedule.t_zero)
     return np.asarray(pts, np.float64)
+
+
+def deis_integer_grid(schedule: VPDiscrete, steps: int, kind: str = "quadratic") -> np.ndarray:
+    """DEIS's grid for a discrete VP schedule (its `get_rev_timesteps`): `steps` + 1 integer
+    times, uniform ("uniform") or uniform in sqrt(t) ("quadratic") from 0 to N-1, each rounded
+    down; repeated times are dropped and the smallest unused integers fill their places.
+    Decreasing float64, for `sample(..., grid=...)`."""
+    if not isinstance(schedule, VPDiscrete):
+        raise ValueError(f"deis_integer_grid needs a VPDiscrete schedule, got "
+                         f"{type(schedule).__name__}")
+    if kind not in ("uniform", "quadratic"):
+        raise ValueError(f"deis_integer_grid: kind must be 'uniform' or 'quadratic', got {kind!r}")
+    t_end = len(schedule.log_alpha_table) - 1
+    if not 1 <= steps <= t_end:
+        raise ValueError(f"deis_integer_grid: steps must be in [1, {t_end}], got {steps}")
+    pts = (np.linspace(0, t_end, steps + 1) if kind == "uniform"
+           else np.linspace(0, math.sqrt(t_end), steps + 1) ** 2).astype(int)
+    pts = np.unique(pts)
+    unused = np.setdiff1d(np.arange(t_end), pts)[:steps + 1 - len(pts)]
+    return np.sort(np.concatenate([pts, unused]))[::-1].astype(np.float64)
 
 
 def check_grid(schedule: AbstractSchedule, grid) -> np.ndarray:

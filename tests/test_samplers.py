@@ -87,9 +87,19 @@ CONVERGENCE = [
     ("vp", "deis_tab", dict(order=3), MS, 4),
     ("vp", "deis_rhoab", dict(order=2), MS, 3),
     ("vp", "dpmpp_2m", {}, MS, 2),
-    ("vp", "dpmpp_3m", {}, MS, 3),
+    # the official 3M's D2 weight is half the exact integral's: local error O(h^3), so it is
+    # second order asymptotically (measured slopes 1.6, 1.9 over 128-256-512 steps)
+    ("vp", "dpmpp_3m", {}, (128, 256, 512), 2),
+    ("vp", "dpmpp_3m", dict(solver_type="exact"), MS, 3),
+    ("vp", "unipc", dict(lower_order_final=False), MS, 3),
+    ("vp", "unipc", dict(variant="bh1", lower_order_final=False), MS, 3),
+    ("vp", "unipc", dict(order=3, lower_order_final=False), MS, 4),
     ("vp", "deis_rhork", dict(method="heun"), RK, 2),
     ("vp", "deis_rhork", dict(method="kutta3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="ral3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="heun3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="vdh3"), (16, 32, 64), 3),
+    ("vp", "deis_rhork", dict(method="ssprk3"), (16, 32, 64), 3),
     ("vp", "deis_rhork", dict(method="rk4"), RK, 4),
     ("edm", "edm_heun", {}, RK, 2),
     ("edm", "deis_rhoab", dict(order=3), MS, 4),
@@ -103,7 +113,7 @@ CONVERGENCE = [
 def test_convergence_order(sched, sampler, opts, steps, order):
     errs, nfes = zip(*[error(sched, sampler, n, **opts) for n in steps])
     errs = np.array(errs)
-    stages = {"heun": 2, "kutta3": 3, "rk4": 4}.get(opts.get("method"), 1)
+    stages = len(coefficients.TABLEAUX[opts["method"]][1]) if "method" in opts else 1
     # EDM's grid ends at sigma = 0 (no correction there); the RF grid here ends at t = 1e-3
     expected_nfe = {"edm_heun": lambda n: 2 * n - 1, "rf_heun": lambda n: 2 * n}.get(
         sampler, lambda n: stages * n)
@@ -157,21 +167,52 @@ def test_deis_logrho_equals_dpm_solver_2m_eps_form():
     kw = dict(schedule=VP, steps=9, prediction="x0")
     x1, _ = sample(MODELS[id(VP)], noise(), sampler="deis_logrho", order=1, **kw)
     x2, _ = sample(MODELS[id(VP)], noise(), sampler="dpm_multistep", order=2, form="eps",
-                   lower_order_final=False, **kw)
+                   lower_order_final=False, solver_type="exact", **kw)
     np.testing.assert_allclose(x1, x2, rtol=1e-10, atol=1e-10)
 
 
-def test_quadrature_beats_riemann_sum():
+@pytest.mark.parametrize("s", [S.vp_linear(), S.vp_discrete(interpolation="alpha_bar")],
+                         ids=["vp_linear", "vp_discrete_alpha_bar"])
+def test_quadrature_beats_riemann_sum(s):
+    # tAB's integral in t of l_j(t) d rho / dt (DEIS eq. 15) by scipy, with the schedule's own
+    # derivatives; for DEIS's alpha_bar-linear VP discrete schedule this also checks that
+    # d_alpha and t_from_rho agree with its alpha between integer steps.
     from scipy import integrate
 
-    s, g = S.vp_linear(), S.time_grid(S.vp_linear(), 6, "quadratic")
+    g = S.time_grid(s, 6, "quadratic")
     _, b = coefficients.eps_multistep(s, g, 3, "t")
     i, nodes = 4, g[1:5][::-1]
+    kinks = [k for k in s.breakpoints() if g[i + 1] < k < g[i]]
     for j in range(4):
         f = lambda t: coefficients.lagrange_basis(nodes, t)[j] * (
             s.d_sigma(t) / s.alpha(t) - s.sigma(t) * s.d_alpha(t) / s.alpha(t) ** 2)
-        exact = integrate.quad(f, g[i], g[i + 1], epsabs=1e-14, epsrel=1e-13)[0]
-        assert abs(b[i, j] / s.alpha(g[i + 1]) - exact) < 1e-10 * max(1, abs(exact))
+        exact = integrate.quad(f, g[i + 1], g[i], epsabs=1e-14, epsrel=1e-13,
+                               points=kinks or None, limit=500)[0]
+        assert abs(b[i, j] / s.alpha(g[i + 1]) + exact) < 1e-10 * max(1, abs(exact))
+
+
+def test_deis_integer_grid_and_interpolation():
+    s = S.vp_discrete(interpolation="alpha_bar")
+    g = S.deis_integer_grid(s, 10)
+    np.testing.assert_array_equal(g, np.floor(np.linspace(0, np.sqrt(999), 11) ** 2)[::-1])
+    g = S.deis_integer_grid(s, 50)  # floors repeat near 0: the smallest unused integers fill
+    assert len(np.unique(g)) == 51 and np.all(g == np.round(g)) and np.all(np.diff(g) < 0)
+    assert set(np.floor(np.linspace(0, np.sqrt(999), 51) ** 2)) <= set(g)
+    np.testing.assert_array_equal(S.deis_integer_grid(s, 4, "uniform"), [999, 749, 499, 249, 0])
+    # the two interpolations agree at integer steps and differ in between
+    t = np.array([3.0, 3.5, 700.0, 700.5])
+    d = S.vp_discrete().alpha(t) - s.alpha(t)
+    assert max(abs(d[0]), abs(d[2])) < 1e-15 and abs(d[1]) > 1e-10 and abs(d[3]) > 1e-7
+    with pytest.raises(ValueError, match="alpha_bar"):
+        S.vp_discrete(interpolation="linear")
+
+
+def test_ipndm_default_grid_is_uniform_in_t_on_vp():
+    from difflax.samplers import make_grid
+
+    np.testing.assert_allclose(make_grid(VP, "ipndm", 4), np.linspace(1.0, 1e-3, 5))
+    np.testing.assert_allclose(make_grid(VP, "deis_tab", 2),
+                               [1.0, ((1 + 1e-3 ** 0.5) / 2) ** 2, 1e-3])
 
 
 def test_edm_heun_equals_rhork_heun_without_final_zero():
@@ -267,8 +308,12 @@ def test_bad_input_raises_value_error():
         sample(model, noise(), sampler="deis_tab", order=3, steps=2, **kw)
     with pytest.raises(ValueError, match=r"\(0, 1, 2, 3\)"):
         sample(model, noise(), sampler="deis_tab", order=4, steps=8, **kw)
-    with pytest.raises(ValueError, match="heun"):
+    with pytest.raises(ValueError, match="ssprk3"):
         sample(model, noise(), sampler="deis_rhork", method="rk5", steps=8, **kw)
+    with pytest.raises(ValueError, match="midpoint"):
+        sample(model, noise(), sampler="dpmpp_2m", solver_type="taylor", steps=8, **kw)
+    with pytest.raises(ValueError, match="bh2"):
+        sample(model, noise(), sampler="unipc", variant="bh3", steps=8, **kw)
     with pytest.raises(ValueError, match="decreasing"):
         sample(model, noise(), sampler="ddim", grid=[0.1, 0.5, 1.0], **kw)
     with pytest.raises(ValueError, match="range"):
@@ -281,3 +326,68 @@ def test_bad_input_raises_value_error():
         sample(model, noise(), schedule=S.rectified_flow(), sampler="deis_tab", steps=4,
                prediction="x0")
     assert "dpmpp_3m" in SAMPLERS and make_solver(VP, "ddim", [1.0, 0.5, 0.01])[1] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++ and UniPC against diffusers' schedulers: the same discrete VP schedule, grid,
+# model (the mixture's exact eps) and initial sample; float64 sigmas on both sides.
+
+
+def diffusers_run(scheduler_cls, steps, **config):
+    """(difflax schedule, grid, final sample) of diffusers' scheduler with its default
+    timesteps and final_sigmas_type="sigma_min" (difflax's VP discrete grid ends at t = 0)."""
+    import torch
+
+    sched = scheduler_cls(final_sigmas_type="sigma_min", **config)
+    sched.set_timesteps(steps)
+    acp = sched.alphas_cumprod.double().numpy()
+    schedule = S.VPDiscrete(t_min=0.0, t_max=999.0, log_alpha_table=0.5 * np.log(acp))
+    grid = np.append(sched.timesteps.numpy(), 0).astype(np.float64)
+    sched.sigmas = torch.from_numpy(np.asarray(schedule.rho(grid)))  # float64, same values
+    model = exact_model(schedule, "eps")
+    x = torch.from_numpy(float(schedule.sigma(grid[0])) * np.asarray(noise()))
+    for t in sched.timesteps:
+        eps = model(jnp.asarray(x.numpy()), jnp.full((x.shape[0],), float(t)))
+        x = sched.step(torch.from_numpy(np.array(eps)), t, x).prev_sample
+    return schedule, grid, x.numpy()
+
+
+def difflax_run(schedule, grid, sampler, **opts):
+    x, nfe = sample(exact_model(schedule, "eps"), noise(), schedule=schedule, sampler=sampler,
+                    grid=grid, prediction="eps", **opts)
+    assert nfe == len(grid) - 1
+    return np.asarray(x)
+
+
+# (difflax sampler, its default options, diffusers config, an alternative variant that must
+# differ from diffusers' default, steps). DPM at 6 and 20 steps: below / above its
+# lower_order_final threshold of 15; UniPC's lower_order_final does not depend on the count.
+DIFFUSERS = [
+    ("dpmpp_2m", {}, dict(solver_order=2), dict(solver_type="heun"), 6),
+    ("dpmpp_2m", {}, dict(solver_order=2), dict(solver_type="heun"), 20),
+    ("dpmpp_3m", {}, dict(solver_order=3), dict(solver_type="exact"), 6),
+    ("dpmpp_3m", {}, dict(solver_order=3), dict(solver_type="exact"), 20),
+    ("dpm_multistep", dict(form="eps"), dict(algorithm_type="dpmsolver"),
+     dict(form="eps", solver_type="heun"), 6),
+    ("dpm_multistep", dict(form="eps", order=3), dict(algorithm_type="dpmsolver", solver_order=3),
+     dict(form="eps", order=3, solver_type="exact"), 20),
+    ("unipc", {}, {}, dict(variant="bh1"), 8),
+    ("unipc", dict(variant="bh1"), dict(solver_type="bh1"), dict(variant="bh2"), 8),
+    ("unipc", dict(order=3), dict(solver_order=3), dict(order=3, disable_corrector=(2,)), 8),
+    ("unipc", dict(form="eps"), dict(predict_x0=False), dict(form="eps", variant="bh1"), 8),
+]
+
+
+@pytest.mark.parametrize("sampler,opts,config,other,steps", DIFFUSERS,
+                         ids=[f"{d[0]}-{d[1]}-{d[4]}" for d in DIFFUSERS])
+def test_matches_diffusers(sampler, opts, config, other, steps):
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cls = UniPCMultistepScheduler if sampler == "unipc" else DPMSolverMultistepScheduler
+    schedule, grid, ref = diffusers_run(cls, steps, **config)
+    x = difflax_run(schedule, grid, sampler, **opts)
+    # diffusers' DPM-Solver casts the sample to float32 inside each step
+    tol = 1e-5 if cls is DPMSolverMultistepScheduler else 1e-10
+    np.testing.assert_allclose(x, ref, rtol=tol, atol=tol)
+    y = difflax_run(schedule, grid, sampler, **other)
+    assert np.max(np.abs(y - ref)) > 100 * tol

@@ -9,6 +9,7 @@ from difflax import schedules as S
 SCHEDULES = {
     "vp_discrete": S.vp_discrete(),
     "vp_scaled_linear": S.vp_discrete("scaled_linear"),
+    "vp_discrete_alpha_bar": S.vp_discrete(interpolation="alpha_bar"),  # DEIS's interpolation
     "vp_linear": S.vp_linear(),
     "vp_cosine": S.vp_cosine(),
     "ve": S.ve(),

@@ -91,6 +91,13 @@ def _tables(schedule: AbstractSchedule, grid):
     return g, np.asarray(schedule.alpha(g), np.float64), np.asarray(schedule.sigma(g), np.float64)
 
 
+def _logsnr_tables(schedule, grid):
+    """_tables plus log-SNR lambda (N+1,); lambda = +inf where sigma = 0, -inf where alpha = 0."""
+    g, alpha, sigma = _tables(schedule, grid)
+    with np.errstate(divide="ignore"):
+        return g, alpha, sigma, np.log(alpha) - np.log(sigma)
+
+
 def eps_multistep(schedule, grid, order, basis="t", lower_order_final=False):
     """DEIS AB tables (A (N,), B (N, order+1)) in the noise form, polynomial in `basis`.
 
@@ -165,11 +172,10 @@ def logsnr_multistep(schedule, grid, order, form="x0", lower_order_final=False):
     I_k = int_0^h e^{tau - h} tau^k, with the data prediction's Lagrange interpolant in lambda
     written as sum_k d_k tau^k; its final step to sigma = 0 is first order (x_{N} = x0).
     form "eps" (DPM-Solver): x_{i+1} = alpha_{i+1}/alpha_i x_i - alpha_{i+1} rho_i sum_k d_k K_k.
-    The polynomial is integrated exactly (the official code's "taylor" variant).
+    The polynomial is integrated exactly: the official code's "taylor" rule at second order,
+    twice its D2 weight at third (`dpm_solver_multistep` gives the official rules).
     """
-    g, alpha, sigma = _tables(schedule, grid)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
+    g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
     n = len(g) - 1
     q_i = step_orders(n, order, lower_order_final)
     b = np.zeros((n, order + 1))
@@ -189,10 +195,144 @@ def logsnr_multistep(schedule, grid, order, form="x0", lower_order_final=False):
     return a, b
 
 
-# Butcher tableaux (a, b, c) for rhoRK (DEIS sec. 4, "rhoRK-DEIS").
+def _difference_weights(lam, i, q, h):
+    """DPM-Solver's scaled differences D0, D1, D2 (Lu et al. 2022, Alg. 2 and the official
+    multistep code) as weights (3, q+1) on the outputs (m_i, m_{i-1}, ..., m_{i-q})."""
+    e = np.eye(q + 1)
+    d = np.zeros((3, q + 1))
+    d[0] = e[0]
+    if q >= 1:
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1_0 = (e[0] - e[1]) / r0
+        d[1] = d1_0
+    if q == 2:
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d1_1 = (e[1] - e[2]) / r1
+        d[1] = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d[2] = (d1_0 - d1_1) / (r0 + r1)
+    return d
+
+
+DPM_SOLVER_TYPES = ("midpoint", "heun", "exact")
+
+
+def dpm_solver_multistep(schedule, grid, order, form="x0", lower_order_final=False,
+                         solver_type="midpoint"):
+    """DPM-Solver(++) multistep tables as the official code / diffusers'
+    DPMSolverMultistepScheduler compute them (`order` = number of previous outputs, 0-2).
+
+    x0 form (DPM-Solver++): x_{i+1} = sigma_{i+1}/sigma_i x_i + alpha_{i+1} (phi_1 D0 + c1 D1
+    + c2 D2) with phi_1 = 1 - e^-h, c2 = 1/2 - (h - phi_1)/h^2 (the third-order step), and c1 =
+    phi_1 / 2 for solver_type "midpoint" (Alg. 2, diffusers' default) or 1 - phi_1/h for
+    "heun" on second-order steps (third-order steps use 1 - phi_1/h in both). The eps form
+    (DPM-Solver) is the same with e^h - 1 and the sign of h flipped, times -sigma_{i+1}.
+    "exact" integrates the Lagrange interpolant exactly (`logsnr_multistep`): equal to "heun"
+    at second order, and its third-order term has twice the official D2 weight.
+    """
+    if solver_type not in DPM_SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {DPM_SOLVER_TYPES}, got {solver_type!r}")
+    if solver_type == "exact":
+        return logsnr_multistep(schedule, grid, order, form, lower_order_final)
+    g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
+    n = len(g) - 1
+    b = np.zeros((n, order + 1))
+    for i, q in enumerate(step_orders(n, order, lower_order_final)):
+        h = lam[i + 1] - lam[i]
+        if form == "x0":
+            q = 0 if sigma[i + 1] == 0 else q  # the last step to sigma = 0 gives x0
+            hh, scale = -h, -alpha[i + 1]
+        else:
+            hh, scale = h, -sigma[i + 1]
+        phi1 = math.expm1(hh)  # e^{hh} - 1
+        if q == 0:
+            c = (phi1, 0.0, 0.0)
+        else:
+            c1 = 0.5 * phi1 if (q == 1 and solver_type == "midpoint") else phi1 / hh - 1.0
+            c = (phi1, c1, (phi1 - hh) / hh**2 - 0.5)
+        b[i, :q + 1] = scale * np.asarray(c) @ _difference_weights(lam, i, q, h)
+    a = (sigma[1:] / sigma[:-1]) if form == "x0" else (alpha[1:] / alpha[:-1])
+    return a, b
+
+
+def _unipc_weights(lam, scale, i, p, form, variant, corrector):
+    """Weights of one UniP (or, with `corrector`, UniC) B(h) update from t_i to t_{i+1}
+    (Zhao et al. 2023, "UniPC", Alg. 1-2; diffusers' UniPCMultistepScheduler) on the outputs
+    (m_{i+1} if corrector, m_i, m_{i-1}, ..., m_{i-p+1}); the x_i term is A_i x_i as always."""
+    h = lam[i + 1] - lam[i]
+    hh = -h if form == "x0" else h
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    rks = np.append((lam[i - np.arange(1, p)] - lam[i]) / h, 1.0)
+    rmat = rks[None, :] ** np.arange(p)[:, None]
+    rhs, h_phi_k, fact = np.zeros(p), h_phi_1 / hh - 1.0, 1.0
+    for j in range(p):  # phi-function moments h phi_{j+2}(hh) (j+1)! / B(h)
+        rhs[j] = h_phi_k * fact / b_h
+        fact *= j + 2
+        h_phi_k = h_phi_k / hh - 1.0 / fact
+    off = 1 if corrector else 0
+    w = np.zeros(p + off)
+    w[off] = -scale * h_phi_1
+    diffs = [(np.eye(p + off)[off + k] - np.eye(p + off)[off]) / rks[k - 1] for k in range(1, p)]
+    if corrector:
+        rhos = np.array([0.5]) if p == 1 else np.linalg.solve(rmat, rhs)
+        diffs.append(np.eye(p + 1)[0] - np.eye(p + 1)[1])
+    else:
+        rhos = np.array([0.5]) if p == 2 else (
+            np.linalg.solve(rmat[:-1, :-1], rhs[:-1]) if p > 2 else np.zeros(0))
+    for rho_k, d in zip(rhos, diffs):
+        w = w - scale * b_h * rho_k * d
+    return w
+
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def unipc(schedule, grid, order=2, form="x0", variant="bh2", lower_order_final=True,
+          disable_corrector=()):
+    """UniPC tables (A (N,), B (N, order+1)) folded into one linear multistep rule.
+
+    Step i evaluates the model at the predicted x_i, corrects x_i with UniC (order p_{i-1},
+    using m_i; skipped at i = 0 and where i-1 is in `disable_corrector`) and predicts x_{i+1}
+    with UniP of order p_i = min(order, i+1[, N-i with lower_order_final]), as diffusers'
+    UniPCMultistepScheduler. Both updates start from the same corrected x_{i-1}, so the
+    correction is a fixed combination of outputs: x_{i+1} = A_i (x_i + K_i m) + P_i m. The
+    last prediction is not corrected (no model call after it), so NFE = N. A step to sigma = 0
+    (data form only) is first order and returns the data prediction.
+    """
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"unipc: variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
+    g, alpha, sigma, lam = _logsnr_tables(schedule, grid)
+    n = len(g) - 1
+    i = np.arange(n)
+    p = np.minimum(order, i + 1)
+    if lower_order_final:
+        p = np.minimum(p, n - i)
+    p[sigma[1:] == 0] = 1
+    a = (sigma[1:] / sigma[:-1]) if form == "x0" else (alpha[1:] / alpha[:-1])
+    scale = alpha[1:] if form == "x0" else sigma[1:]
+    b = np.zeros((n, order + 1))
+    for k in range(n):
+        pred = _unipc_weights(lam, scale[k], k, p[k], form, variant, False)
+        b[k, :p[k]] += pred
+        if k > 0 and (k - 1) not in disable_corrector:
+            q = p[k - 1]
+            corr = _unipc_weights(lam, scale[k - 1], k - 1, q, form, variant, True)
+            pred_prev = _unipc_weights(lam, scale[k - 1], k - 1, q, form, variant, False)
+            corr[1:] -= pred_prev
+            b[k, :q + 1] += a[k] * corr
+    return a, b
+
+
+# Butcher tableaux (a, b, c) for rhoRK (DEIS sec. 4, "rhoRK-DEIS"). DEIS's code names them
+# "2heun", "3kutta" (its default), "3ral" (Ralston), "3heun", "3vdh" (van der Houwen / Wray),
+# "3ssprk" (Shu-Osher SSP) and "4rk"; here without the order digit.
 TABLEAUX = {
     "heun": (((), (1.0,)), (0.5, 0.5), (0.0, 1.0)),
     "kutta3": (((), (0.5,), (-1.0, 2.0)), (1 / 6, 2 / 3, 1 / 6), (0.0, 0.5, 1.0)),
+    "ral3": (((), (0.5,), (0.0, 0.75)), (2 / 9, 1 / 3, 4 / 9), (0.0, 0.5, 0.75)),
+    "heun3": (((), (1 / 3,), (0.0, 2 / 3)), (0.25, 0.0, 0.75), (0.0, 1 / 3, 2 / 3)),
+    "vdh3": (((), (8 / 15,), (0.25, 5 / 12)), (0.25, 0.0, 0.75), (0.0, 8 / 15, 2 / 3)),
+    "ssprk3": (((), (1.0,), (0.25, 0.25)), (1 / 6, 1 / 6, 2 / 3), (0.0, 1.0, 0.5)),
     "rk4": (((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6),
             (0.0, 0.5, 0.5, 1.0)),
 }

@@ -52,7 +52,11 @@ def ddim(schedule, grid, *, prediction="eps"):
 
 
 def deis_tab(schedule, grid, *, order=2, lower_order_final=False):
-    """tAB-DEIS: eps extrapolated by a degree-`order` polynomial in t (eq. 15); order 0 = DDIM."""
+    """tAB-DEIS: eps extrapolated by a degree-`order` polynomial in t (eq. 15); order 0 = DDIM.
+
+    t is the schedule's own time: on the EDM schedule t = sigma = rho, so there deis_tab is
+    the same method as deis_rhoab (DEIS defines tAB on the VP SDE's time).
+    """
     _check_order("deis_tab", order, range(4), len(grid) - 1)
     check_alpha_positive("deis_tab", schedule, grid)
     a, b = coef.eps_multistep(schedule, grid, order, "t", lower_order_final)
@@ -80,7 +84,9 @@ def deis_logrho(schedule, grid, *, order=1, lower_order_final=False):
 
 def ipndm(schedule, grid, *, order=4):
     """iPNDM (DEIS app. / Liu et al. 2022): fixed Adams-Bashforth weights on eps in rho,
-    warm-started through the lower orders (no Runge-Kutta start)."""
+    warm-started through the lower orders (no Runge-Kutta start), each step scaled by DDIM's
+    eps coefficient alpha_{i+1} (rho_{i+1} - rho_i), as DEIS's code. DEIS's code runs it on a
+    grid uniform in t (VP only); `sample` picks that grid for VP schedules by default."""
     _check_order("ipndm", order, range(1, 5), len(grid))
     check_alpha_positive("ipndm", schedule, grid)
     a, b = coef.ipndm(schedule, grid, order)
@@ -109,8 +115,9 @@ class RhoRungeKutta(AbstractGridSolver):
         return (self.alpha[i + 1] * y1).astype(x.dtype), state
 
 
-def deis_rhork(schedule, grid, *, method="rk4"):
-    """rhoRK-DEIS with method "heun" (2 NFE/step), "kutta3" (3) or "rk4" (4)."""
+def deis_rhork(schedule, grid, *, method="kutta3"):
+    """rhoRK-DEIS with a tableau of `coefficients.TABLEAUX`: "heun" (2 NFE/step), "kutta3"
+    (DEIS's default "3kutta"), "ral3", "heun3", "vdh3", "ssprk3" (3) or "rk4" (4)."""
     if method not in coef.TABLEAUX:
         raise ValueError(f"deis_rhork: method must be one of {tuple(coef.TABLEAUX)}, "
                          f"got {method!r}")

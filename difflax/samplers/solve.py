@@ -15,7 +15,7 @@ import numpy as np
 
 from difflax import schedules as sch
 from difflax.parameterization import PREDICTIONS
-from difflax.samplers import deis, dpm, edm, few_step, flow, sde
+from difflax.samplers import deis, dpm, edm, few_step, flow, sde, unipc
 from difflax.samplers.term import DiffusionTerm
 
 # name -> factory(schedule, grid, **options) -> (solver, nfe). A literal dict, no registry.
@@ -30,6 +30,7 @@ SAMPLERS = {
     "dpm_multistep": dpm.dpm_multistep,
     "dpmpp_2m": dpm.dpmpp_2m,
     "dpmpp_3m": dpm.dpmpp_3m,
+    "unipc": unipc.unipc,
     "edm_heun": edm.edm_heun,
     "rf_euler": flow.rf_euler,
     "rf_heun": flow.rf_heun,
@@ -38,11 +39,12 @@ SAMPLERS = {
 }
 
 
-def default_grid_kind(schedule) -> str:
-    """"edm" for EDM / VE, "uniform" for rectified flow, DEIS's "quadratic" for VP."""
+def default_grid_kind(schedule, sampler=None) -> str:
+    """"edm" for EDM / VE, "uniform" for rectified flow, DEIS's "quadratic" for VP, except
+    "uniform" for iPNDM on VP (DEIS's code runs iPNDM on a grid uniform in t)."""
     if isinstance(schedule, (sch.EDM, sch.VE)):
         return "edm"
-    if isinstance(schedule, sch.RectifiedFlow):
+    if isinstance(schedule, sch.RectifiedFlow) or sampler == "ipndm":
         return "uniform"
     return "quadratic"
 
@@ -53,7 +55,7 @@ def make_grid(schedule, sampler, steps=None, grid=None, grid_kind=None, **grid_o
         raise ValueError("pass exactly one of steps= or grid=")
     if grid is not None:
         return sch.check_grid(schedule, grid)
-    kind = grid_kind or default_grid_kind(schedule)
+    kind = grid_kind or default_grid_kind(schedule, sampler)
     final_zero = (sampler == "edm_heun" and schedule.t_zero is not None
                   and schedule.t_min > schedule.t_zero)
     return sch.time_grid(schedule, int(steps), kind, final_zero=final_zero, **grid_options)
