@@ -69,23 +69,6 @@ def load_run(workdir: str, mesh=None):
     return config, denoiser, state.ema_params
 
 
-def parse_sampler(spec: str) -> tuple[str, int]:
-    """"edm_heun:18" -> ("edm_heun", 18); "deis_tab3:10" -> ("deis_tab3", 10)."""
-    name, sep, steps = spec.partition(":")
-    if not sep or not steps.isdigit():
-        raise ValueError(f"sampler {spec!r} must be NAME:STEPS (e.g. edm_heun:18, deis_tab3:10) "
-                         "or NAME with --steps N")
-    return name, int(steps)
-
-
-def sampler_options(name: str) -> tuple[str, dict]:
-    """A sampler name with its order folded in ("deis_tab3", "ipndm4") -> (name, options)."""
-    for base in ("deis_tab", "deis_rhoab", "ipndm"):
-        if name.startswith(base) and name[len(base):].isdigit():
-            return base, {"order": int(name[len(base):])}
-    return name, {}
-
-
 def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma_max: float,
                   mesh=None, plan=None):
     """Returns (fn(params, key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
@@ -100,7 +83,7 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     mesh = mesh or make_mesh()
     net = denoiser.net
     schedule = schedules.edm(sigma_min, sigma_max)
-    name, options = sampler_options(sampler)
+    name, options = configs.sampler_options(sampler)
     _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
                          **options)  # validates the sampler and its options, counts NFE
 

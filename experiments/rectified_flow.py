@@ -44,7 +44,8 @@ from difflax.training.rectified_flow import (TimeDistribution,  # noqa: E402
 from difflax.training.reflow import (denoiser_model_fn, generate_pairs,  # noqa: E402
                                      get_rectified_flow_sample_fn, get_teacher_sample_fn,
                                      load_pairs, pair_batches)
-from difflax.workdir import load_run, parse_sampler, sampler_options  # noqa: E402
+from difflax.configs import parse_sampler, sampler_options  # noqa: E402
+from difflax.workdir import load_run  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "rectified_flow")
 VARIANTS = [("2-RF: uniform + L2 (baseline)", "uniform_l2", dict(time_dist="uniform", premetric="l2")),
