@@ -74,18 +74,16 @@ def cmd_train(args, overrides) -> int:
     denoiser = configs.denoiser_from_config(config)
     cfg = configs.train_config(config)
     wd.save_config(args.workdir, config)
-    net = denoiser.net
     d = config.data
     make_batches = lambda start: data.batch_iterator(
         d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
-        resolution=d.resolution or None, data_dir=d.data_dir or None)
+        resolution=d.resolution or None, data_dir=d.data_dir or None,
+        labels=bool(denoiser.label_dim))
     sample, nfe, sampler, steps = _sampler(denoiser, config)
     key, labels = jax.random.key(config.sample.seed), _grid_labels(denoiser, config.sample.num)
     grid_fn = (lambda params, step: sample(params, key, labels)) if cfg.sample_every else None
     tic = time.perf_counter()
-    state = train_loop(cfg, denoiser, make_batches, args.workdir,
-                       input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
-                       label_dim=net.label_dim, sample_fn=grid_fn)
+    state = train_loop(cfg, denoiser, make_batches, args.workdir, sample_fn=grid_fn)
     seconds = time.perf_counter() - tic
     path = _write_samples(args.workdir, config, denoiser, state.ema_params, sample,
                           f"{sampler}_{steps}")

@@ -57,9 +57,7 @@ def load_run(workdir: str, mesh=None):
     config = load_config(workdir)
     denoiser = configs.denoiser_from_config(config)
     mesh = mesh or make_mesh()
-    net = denoiser.net
-    init = get_init_params_fn(denoiser, (net.img_resolution, net.img_resolution, net.in_channels),
-                              net.label_dim, jax.random.key(0))
+    init = get_init_params_fn(denoiser, jax.random.key(0))
     tx = make_optimizer(configs.train_config(config))
     manager = make_checkpoint_manager(os.path.join(workdir, "checkpoints"), async_save=False)
     state = restore_checkpoint(manager, abstract_train_state(init, tx, mesh))

@@ -60,12 +60,12 @@ def distill_variant(c, teacher, t_params, surgery, weights, workdir, clf):
     stages = [PruningStage(drop[:min(len(drop), per * (i + 1))], d.steps // d.stages)
               for i in range(d.stages)]
     make = lambda blocks: assembly.student(teacher, **dict(surgery, drop_blocks=blocks))
-    make_batches = lambda start: data.batch_iterator("digits", d.batch_size, seed=0,
-                                                     start_step=start, resolution=net.img_resolution)
+    make_batches = lambda start: data.batch_iterator(
+        "digits", d.batch_size, seed=0, start_step=start, resolution=net.img_resolution,
+        labels=bool(net.label_dim))
     return progressive_distill(
         make, teacher, t_params, stages, cfg, make_batches, workdir,
-        input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
-        label_dim=net.label_dim, config=DistillConfig(**weights),
+        config=DistillConfig(**weights),
         semantic_fn=lambda x: digits_features(clf.params, x), progress=False)
 
 
@@ -89,8 +89,7 @@ def run(c, out_dir, students_dir):
     shape = (net.img_resolution, net.img_resolution, net.in_channels)
     models = {"teacher": (teacher, t_params, "-")}
     undistilled = assembly.student(teacher, drop_blocks=tuple(c.surgery.drop_blocks))
-    models["pruned, not distilled"] = (undistilled, init_student_params(
-        undistilled, t_params, input_shape=shape, label_dim=net.label_dim)[0], "0")
+    models["pruned, not distilled"] = (undistilled, init_student_params(undistilled, t_params)[0], "0")
     for name, (surgery, weights) in variants(c).items():
         tic = time.time()
         workdir = os.path.join(students_dir, name.replace("+ ", "").replace(" ", "_"))

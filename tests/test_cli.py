@@ -3,10 +3,13 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from difflax import cli, configs
+from difflax import cli, configs, data, metrics, workdir as wd
+from difflax.images import make_grid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "digits_edm.py") + ":smoke"
@@ -38,9 +41,20 @@ def test_sample_writes_png_and_npz(trained, capsys):
     out = os.path.join(trained, "grid")
     assert cli.main(["sample", "--workdir", trained, "--num", "10", "--steps", "2",
                      "--out", out]) == 0
-    images = np.load(out + ".npz")["images"]
-    assert images.shape == (10, 16, 16, 1) and np.abs(images).max() <= 1
-    assert os.path.exists(out + ".png")
+    saved = np.load(out + ".npz")
+    images, labels = saved["images"], saved["labels"]
+    np.testing.assert_array_equal(labels, np.arange(10))  # one class per column
+    # the images are the sampler's own (EMA weights, seed 1, these labels), not merely in range
+    config, denoiser, params = wd.load_run(trained)
+    sample, _ = wd.get_sample_fn(denoiser, sampler="edm_heun", steps=2,
+                                 sigma_min=config.sample.sigma_min,
+                                 sigma_max=config.sample.sigma_max)
+    expected = np.asarray(sample(params, jax.random.key(config.sample.seed), labels))
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    assert images.shape == (10, 16, 16, 1) and images.std(axis=0).mean() > 1e-2  # not one image
+    # the PNG shows exactly these images (one row of 10, enlarged 4x)
+    png = np.asarray(Image.open(out + ".png"))
+    np.testing.assert_array_equal(png, make_grid(images, nrow=10)[..., 0].repeat(4, 0).repeat(4, 1))
     assert "| edm_heun | 3 " in capsys.readouterr().out  # 2 Heun steps = 3 NFE
 
 
@@ -50,7 +64,15 @@ def test_evaluate_prints_digits_metrics(trained, capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "fd_digits" in out and "class_accuracy" in out
     rows = json.load(open(os.path.join(trained, "eval.json")))
-    assert rows[0]["nfe"] == 5 and rows[0]["fd_digits"] > 0
+    # a 4-step model's samples are far from digits: fd_digits well above that of 16 real
+    # digits drawn the same way (same estimator, same sample count, same classifier)
+    images, classes = data.load_digits(16)
+    real = lambda key, n: (images[:n], classes[:n])
+    baseline = metrics.evaluate_digits(real, key=jax.random.key(0), num_samples=16,
+                                       batch_size=16, progress=False)
+    assert baseline["class_accuracy"] > 0.9  # the classifier reads real digits
+    assert rows[0]["nfe"] == 5 and rows[0]["fd_digits"] > 2 * baseline["fd_digits"], (
+        rows[0], baseline)
     assert cli.main(["evaluate", "--workdir", trained, "--num", "8", "--batch-size", "8",
                      "--sampler", "deis_tab2", "--steps", "3"]) == 0
     rows = json.load(open(os.path.join(trained, "eval.json")))

@@ -168,8 +168,9 @@ def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: 
 
 
 def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
-    """All pairs of `out_dir`: {"noise", "samples" (N, ...), "labels" (N,)}; every chunk must
-    be present (run `generate_pairs` again to finish an interrupted set)."""
+    """All pairs of `out_dir`: {"noise", "samples" (N, ...), "labels" (N,)}, without "labels"
+    for pairs made with num_classes = 0 (an unconditional teacher); every chunk must be
+    present (run `generate_pairs` again to finish an interrupted set)."""
     meta_path = os.path.join(out_dir, "pairs.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{out_dir} holds no Reflow pairs (no pairs.json); make them with "
@@ -181,7 +182,7 @@ def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
     if missing:
         raise FileNotFoundError(f"{out_dir} lacks {len(missing)} of {num_chunks} chunks (e.g. "
                                 f"{missing[0]}); run generate_pairs again to finish them")
-    parts = {"noise": [], "samples": [], "labels": []}
+    parts = {"noise": [], "samples": [], **({"labels": []} if meta["num_classes"] else {})}
     for i in range(num_chunks):
         with np.load(_chunk_path(out_dir, i)) as f:
             for k in parts:
@@ -192,15 +193,17 @@ def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
 def pair_batches(pairs: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
                  start_step: int = 0, process_index: int | None = None,
                  process_count: int | None = None):
-    """Infinite iterator of this process's rows of (samples x, noise z, labels) batches.
+    """Infinite iterator of this process's rows of (samples x, noise z, labels) batches;
+    labels None for pairs without labels (an unconditional teacher's).
 
     Batch i depends only on (seed, i): the same epoch-wise permutation as
     `difflax.data.batch_iterator`, so starting at `start_step` resumes a run exactly.
     """
     from difflax.data import _local_rows
 
-    n = len(pairs["labels"])
+    n = len(pairs["noise"])
     rows = _local_rows(batch_size, process_index, process_count)
-    for idx, labels in _array_batches(np.arange(n), pairs["labels"], batch_size, seed,
-                                      start_step, False, rows):
+    for idx, _ in _array_batches(np.arange(n), np.arange(n), batch_size, seed, start_step,
+                                 False, rows):
+        labels = pairs["labels"][idx] if "labels" in pairs else None
         yield pairs["samples"][idx], pairs["noise"][idx], labels
