@@ -6,9 +6,10 @@
     difflax evaluate --workdir DIR --sampler deis_tab3 --steps 10
     difflax encode --vae VAE_FOLDER --data mnist --out DIR [--resolution 32] [--chunk-size 1024]
 
-Bad input (an unknown config key or choice, an image size the model does not take, a
-checkpoint from another architecture) ends with one line naming the problem and the
-valid choices, exit code 2.
+Bad input (an unknown config key or choice, a value out of range, a batch that does not
+split over the devices, an image size the model does not take, a checkpoint from another
+architecture) ends with one line naming the key or flag, its value and what is allowed,
+exit code 2, before anything is compiled.
 """
 from __future__ import annotations
 
@@ -112,27 +113,34 @@ def _initialize_distributed(args) -> None:
 
 def cmd_train(args, overrides) -> int:
     config = configs.load_config(args.config, overrides)
+    configs.check_config(config, jax.device_count())
     denoiser = configs.denoiser_from_config(config)
     cfg = configs.train_config(config)
     wd.save_config(args.workdir, config)
-    net = denoiser.net
     d = config.data
     make_batches = lambda start: data.batch_iterator(
         d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
-        resolution=d.resolution or None, data_dir=d.data_dir or None)
+        resolution=d.resolution or None, data_dir=d.data_dir or None,
+        labels=bool(denoiser.label_dim))
     sample, nfe, sampler, steps = _sampler(denoiser, config)
     key, labels = jax.random.key(config.sample.seed), _grid_labels(denoiser, config.sample.num)
     grid_fn = (lambda params, step: sample(params, key, labels)) if cfg.sample_every else None
     tic = time.perf_counter()
-    state = train_loop(cfg, denoiser, make_batches, args.workdir,
-                       input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
-                       label_dim=net.label_dim, sample_fn=grid_fn)
+    state = train_loop(cfg, denoiser, make_batches, args.workdir, sample_fn=grid_fn)
     seconds = time.perf_counter() - tic
     path = _write_samples(args.workdir, config, denoiser, state.ema_params, sample,
                           f"{sampler}_{steps}")
     _print_table([{"steps": int(state.step), "train_seconds": round(seconds, 1),
                    "grid": path, "grid_nfe": nfe}])
     return 0
+
+
+def _check_args(args, **minimum) -> None:
+    """Each given flag (name=minimum, e.g. num=1) must be an integer >= its minimum."""
+    for name, lo in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < lo:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be an integer >= {lo}")
 
 
 def _grid_labels(denoiser, num):
@@ -143,7 +151,8 @@ def _grid_labels(denoiser, num):
 def _sampler(denoiser, config, sampler=None, steps=None):
     """(sample fn, nfe, sampler, steps), defaults from the config's `sample` section."""
     s = config.sample
-    sampler, steps = sampler or s.sampler, steps or s.steps
+    sampler = s.sampler if sampler is None else sampler
+    steps = s.steps if steps is None else steps
     sample, nfe = wd.get_sample_fn(denoiser, sampler=sampler, steps=steps,
                                    sigma_min=s.sigma_min, sigma_max=s.sigma_max)
     return sample, nfe, sampler, steps
@@ -153,7 +162,7 @@ def _write_samples(workdir, config, denoiser, params, sample, name, *, num=None,
                    out=None):
     """Writes a PNG grid and an .npz of `num` samples (one class per column); returns the PNG."""
     s = config.sample
-    num, seed = num or s.num, s.seed if seed is None else seed
+    num, seed = s.num if num is None else num, s.seed if seed is None else seed
     labels = _grid_labels(denoiser, num)
     images = np.asarray(sample(params, jax.random.key(seed), labels))
     out = out or os.path.join(workdir, "samples", name)
@@ -165,6 +174,9 @@ def _write_samples(workdir, config, denoiser, params, sample, name, *, num=None,
 
 
 def cmd_sample(args, overrides) -> int:
+    _check_args(args, steps=1, num=1, seed=0)
+    if args.sampler is not None:
+        configs.parse_sampler(f"{args.sampler}:{args.steps or 1}")  # a known name
     config, denoiser, params = wd.load_run(args.workdir)
     sample, nfe, sampler, steps = _sampler(denoiser, config, args.sampler, args.steps)
     path = _write_samples(args.workdir, config, denoiser, params, sample, f"{sampler}_{steps}",
@@ -176,14 +188,18 @@ def cmd_sample(args, overrides) -> int:
 def cmd_evaluate(args, overrides) -> int:
     from difflax import metrics  # heavy: only evaluate needs it
 
+    _check_args(args, steps=1, num=1, batch_size=1)
+    specs = [f"{spec}:{args.steps}" if ":" not in spec and args.steps else spec
+             for spec in args.sampler or ()]
+    for spec in specs:
+        configs.parse_sampler(spec)
     config, denoiser, params = wd.load_run(args.workdir)
     e = config.evaluate
-    num, batch = args.num or e.num, args.batch_size or e.batch_size
+    num = e.num if args.num is None else args.num
+    batch = e.batch_size if args.batch_size is None else args.batch_size
     rows = []
-    for spec in args.sampler or e.samplers:
-        if ":" not in spec and args.steps:
-            spec = f"{spec}:{args.steps}"
-        name, steps = wd.parse_sampler(spec)
+    for spec in specs or e.samplers:
+        name, steps = configs.parse_sampler(spec)
         sample, nfe, _, _ = _sampler(denoiser, config, name, steps)
         sample_fn = wd.labelled_sample_fn(sample, params, denoiser.net.label_dim)
         key = jax.random.key(config.sample.seed)

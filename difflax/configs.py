@@ -2,7 +2,10 @@
 
 A config file defines `get_config(variant: str = "") -> ml_collections.ConfigDict` with the
 sections of `configs/default.py`. Nothing past this module sees a ConfigDict: the model
-becomes a `Denoiser` (frozen `UNetConfig` inside), training a `TrainConfig`.
+becomes a `Denoiser` (frozen `UNetConfig` inside), training a `TrainConfig`. `check_config`
+validates every value of those sections first (type, range, known names, the batch against
+the devices), so that bad input ends in one line naming the key, the value and what is
+allowed. Sampler specs ("deis_tab3:10") are parsed here too, for configs and the CLI alike.
 """
 from __future__ import annotations
 
@@ -16,15 +19,27 @@ import ml_collections
 
 from difflax import data
 from difflax.models import Denoiser, UNetConfig
+from difflax.samplers import SAMPLERS
 from difflax.training import TrainConfig
+
+# the configs/ folder of the repository (beside the difflax package)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_configs() -> list[str]:
+    """The config files in configs/ (configs/NAME.py), read from the folder, sorted."""
+    if not os.path.isdir(CONFIG_DIR):
+        return []
+    return sorted(f"configs/{f}" for f in os.listdir(CONFIG_DIR)
+                  if f.endswith(".py") and f not in ("__init__.py", "default.py"))
 
 
 def load_config(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """`spec` is "path/to/config.py" or "path/to/config.py:variant"; overrides "a.b=value"."""
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path!r}; the shipped ones are configs/*.py "
-                                "(digits_edm.py, cifar10_ddpmpp.py, imagenet64_adm.py)")
+        shipped = ", ".join(shipped_configs()) or f"none found in {CONFIG_DIR}"
+        raise FileNotFoundError(f"no config file {path!r}; the shipped configs are: {shipped}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     sys.path.insert(0, root)  # so that `from configs import default` resolves
     try:
@@ -109,3 +124,124 @@ def train_config(config) -> TrainConfig:
     t = dict(config.train)
     t["grad_clip"] = t["grad_clip"] or None
     return TrainConfig(**t)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _integer(lo: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+            f"an integer >= {lo}")
+
+
+def _number(lo: float, hi: float | None = None, *, open_lo: bool = True):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (v > lo if open_lo else v >= lo) and (hi is None or v < hi)
+    low = f"> {lo}" if open_lo else f">= {lo}"
+    return ok, f"a number {low}" + (f" and < {hi}" if hi is not None else "")
+
+
+def _integers(lo: int, *, nonempty: bool):
+    ok = lambda v: (isinstance(v, (tuple, list)) and (len(v) > 0 or not nonempty)
+                    and all(_integer(lo)[0](x) for x in v))
+    return ok, f"a {'non-empty ' if nonempty else ''}tuple of integers >= {lo}"
+
+
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+# key -> (predicate, what is allowed): the values `difflax train | sample | evaluate` read.
+# Names (dataset, model_type, precond, ...) are checked where they are used, with their choices.
+RULES = {
+    "data.resolution": (_integer(0)[0], "an integer >= 0 (0: the dataset's own)"),
+    "data.random_flip": _BOOL,
+    "model.sigma_data": _number(0),
+    "model.model_channels": _integer(1),
+    "model.channel_mult": _integers(1, nonempty=True),
+    "model.channel_mult_emb": _integer(1),
+    "model.num_blocks": _integer(1),
+    "model.attn_resolutions": _integers(1, nonempty=False),
+    "model.dropout": _number(0, 1, open_lo=False),
+    "model.label_dropout": _number(0, 1, open_lo=False),
+    "model.channel_mult_noise": _integer(1),
+    "model.conditional": _BOOL,
+    "train.steps": _integer(1),
+    "train.batch_size": _integer(1),
+    "train.lr": _number(0),
+    "train.warmup_steps": _integer(0),
+    "train.weight_decay": _number(0, open_lo=False),
+    "train.grad_clip": (_number(0, open_lo=False)[0], "a number >= 0 (0: no clipping)"),
+    "train.ema_halflife_kimg": _number(0),
+    "train.ema_rampup_ratio": (lambda v: v is None or _number(0)[0](v), "a number > 0 or None"),
+    "train.log_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
+    "train.ckpt_every": (_integer(0)[0], "an integer >= 0 (0: only at the end)"),
+    "train.keep_checkpoints": _integer(1),
+    "train.sample_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
+    "train.seed": _integer(0),
+    "sample.steps": _integer(1),
+    "sample.num": _integer(1),
+    "sample.sigma_min": _number(0),
+    "sample.sigma_max": _number(0),
+    "sample.seed": _integer(0),
+    "evaluate.num": _integer(1),
+    "evaluate.batch_size": _integer(1),
+}
+
+
+def check_value(key: str, value, ok: bool, allowed: str) -> None:
+    """Raises ValueError("config key KEY = VALUE: must be ALLOWED") unless `ok`."""
+    if not ok:
+        raise ValueError(f"config key {key!r} = {value!r}: must be {allowed}")
+
+
+def check_config(config, num_devices: int) -> None:
+    """Validates the data / model / train / sample / evaluate values a run reads (see RULES):
+    types, ranges, sampler names and steps, sigma_min < sigma_max, and a training batch that
+    splits evenly over `num_devices` (the global device count). Raises a one-line ValueError."""
+    defaults = load_config(os.path.join(CONFIG_DIR, "default.py"))
+    missing = [f"{section}.{k}" for section in defaults for k in defaults[section]
+               if k not in config.get(section, {})]
+    if missing:
+        raise ValueError(f"this config lacks {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} (keys of configs/default.py that "
+                         "`difflax` runs read); it belongs to an experiment script (see its docstring)")
+    for key, (ok, allowed) in RULES.items():
+        section, name = key.split(".")
+        check_value(key, config[section][name], ok(config[section][name]), allowed)
+    t, s = config.train, config.sample
+    check_value("train.batch_size", t.batch_size, t.batch_size % num_devices == 0,
+                f"divisible by the {num_devices} devices (each takes an equal share)")
+    check_value("sample.sigma_max", s.sigma_max, s.sigma_max > s.sigma_min,
+                f"> sample.sigma_min = {s.sigma_min}")
+    check_value("sample.sampler", s.sampler, _known_sampler(s.sampler), _SAMPLER_CHOICES)
+    for spec in config.evaluate.samplers:
+        parse_sampler(spec)
+
+
+_SAMPLER_CHOICES = ("one of " + ", ".join(SAMPLERS)
+                    + " (deis_tab, deis_rhoab and ipndm with their order appended: deis_tab3)")
+
+
+def _known_sampler(name) -> bool:
+    return isinstance(name, str) and sampler_options(name)[0] in SAMPLERS
+
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """"edm_heun:18" -> ("edm_heun", 18); "deis_tab3:10" -> ("deis_tab3", 10). The name must
+    be a known sampler and the steps an integer >= 1."""
+    name, sep, steps = spec.partition(":")
+    if not sep or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"sampler {spec!r} must be NAME:STEPS with STEPS an integer >= 1 "
+                         "(e.g. edm_heun:18, deis_tab3:10), or NAME with --steps N")
+    if not _known_sampler(name):
+        raise ValueError(f"unknown sampler {name!r} in {spec!r}; valid: {_SAMPLER_CHOICES}")
+    return name, int(steps)
+
+
+def sampler_options(name: str) -> tuple[str, dict]:
+    """A sampler name with its order folded in ("deis_tab3", "ipndm4") -> (name, options)."""
+    for base in ("deis_tab", "deis_rhoab", "ipndm"):
+        if name.startswith(base) and name[len(base):].isdigit():
+            return base, {"order": int(name[len(base):])}
+    return name, {}

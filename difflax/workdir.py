@@ -62,9 +62,7 @@ def load_run(workdir: str, mesh=None):
     config = load_config(workdir)
     denoiser = configs.denoiser_from_config(config)
     mesh = mesh or make_mesh()
-    net = denoiser.net
-    init = get_init_params_fn(denoiser, (net.img_resolution, net.img_resolution, net.in_channels),
-                              net.label_dim, jax.random.key(0))
+    init = get_init_params_fn(denoiser, jax.random.key(0))
     tx = make_optimizer(configs.train_config(config))
     manager = make_checkpoint_manager(os.path.join(workdir, "checkpoints"), async_save=False)
     state = restore_checkpoint(manager, abstract_train_state(init, tx, mesh))
@@ -72,23 +70,6 @@ def load_run(workdir: str, mesh=None):
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet; train first")
     return config, denoiser, state.ema_params
-
-
-def parse_sampler(spec: str) -> tuple[str, int]:
-    """"edm_heun:18" -> ("edm_heun", 18); "deis_tab3:10" -> ("deis_tab3", 10)."""
-    name, sep, steps = spec.partition(":")
-    if not sep or not steps.isdigit():
-        raise ValueError(f"sampler {spec!r} must be NAME:STEPS (e.g. edm_heun:18, deis_tab3:10) "
-                         "or NAME with --steps N")
-    return name, int(steps)
-
-
-def sampler_options(name: str) -> tuple[str, dict]:
-    """A sampler name with its order folded in ("deis_tab3", "ipndm4") -> (name, options)."""
-    for base in ("deis_tab", "deis_rhoab", "ipndm"):
-        if name.startswith(base) and name[len(base):].isdigit():
-            return base, {"order": int(name[len(base):])}
-    return name, {}
 
 
 def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma_max: float,
@@ -109,7 +90,7 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     mesh = mesh or make_mesh()
     net = denoiser.net
     schedule = schedules.edm(sigma_min, sigma_max)
-    name, options = sampler_options(sampler)
+    name, options = configs.sampler_options(sampler)
     _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
                          **options)  # validates the sampler and its options, counts NFE
 

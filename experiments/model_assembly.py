@@ -7,9 +7,11 @@ class accuracy of the same samples (same noise and labels) after the same distil
 budget; then multi-UNet switching (teacher for the first k model evaluations, the student
 after). Writes table.md, results.json and samples.png (one row per model, one class per
 column) to experiments/results/model_assembly/; students are distilled into
-<out>/work/<variant> and a rerun resumes them.
+<students>/<variant> (default runs/model_assembly, outside version control) and a rerun
+resumes them.
 
-    python experiments/model_assembly.py [--config configs/digits_assembly.py[:smoke]]
+    python experiments/model_assembly.py [--config configs/digits_assembly.py[:smoke]] \
+        [--students runs/model_assembly]
 """
 from __future__ import annotations
 
@@ -58,12 +60,12 @@ def distill_variant(c, teacher, t_params, surgery, weights, workdir, clf):
     stages = [PruningStage(drop[:min(len(drop), per * (i + 1))], d.steps // d.stages)
               for i in range(d.stages)]
     make = lambda blocks: assembly.student(teacher, **dict(surgery, drop_blocks=blocks))
-    make_batches = lambda start: data.batch_iterator("digits", d.batch_size, seed=0,
-                                                     start_step=start, resolution=net.img_resolution)
+    make_batches = lambda start: data.batch_iterator(
+        "digits", d.batch_size, seed=0, start_step=start, resolution=net.img_resolution,
+        labels=bool(net.label_dim))
     return progressive_distill(
         make, teacher, t_params, stages, cfg, make_batches, workdir,
-        input_shape=(net.img_resolution, net.img_resolution, net.in_channels),
-        label_dim=net.label_dim, config=DistillConfig(**weights),
+        config=DistillConfig(**weights),
         semantic_fn=lambda x: digits_features(clf.params, x), progress=False)
 
 
@@ -79,7 +81,7 @@ def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {k: float(np.median(v)) for k, v in times.items()}, outputs
 
 
-def run(c, out_dir):
+def run(c, out_dir, students_dir):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     config, teacher, t_params = load_run(c.teacher_workdir)
@@ -87,11 +89,10 @@ def run(c, out_dir):
     shape = (net.img_resolution, net.img_resolution, net.in_channels)
     models = {"teacher": (teacher, t_params, "-")}
     undistilled = assembly.student(teacher, drop_blocks=tuple(c.surgery.drop_blocks))
-    models["pruned, not distilled"] = (undistilled, init_student_params(
-        undistilled, t_params, input_shape=shape, label_dim=net.label_dim)[0], "0")
+    models["pruned, not distilled"] = (undistilled, init_student_params(undistilled, t_params)[0], "0")
     for name, (surgery, weights) in variants(c).items():
         tic = time.time()
-        workdir = os.path.join(out_dir, "work", name.replace("+ ", "").replace(" ", "_"))
+        workdir = os.path.join(students_dir, name.replace("+ ", "").replace(" ", "_"))
         student, params = distill_variant(c, teacher, t_params, surgery, weights, workdir, clf)
         models[name] = (student, params, str(c.distill.steps))
         print(f"distilled {name}: {time.time() - tic:.0f} s", flush=True)
@@ -168,11 +169,13 @@ def main():
     p.add_argument("--config", default="configs/digits_assembly.py")
     p.add_argument("--workdir", help="the teacher's run (default: the config's teacher_workdir)")
     p.add_argument("--out", default="experiments/results/model_assembly")
+    p.add_argument("--students", default="runs/model_assembly",
+                   help="where the students' training runs (checkpoints) go")
     args, overrides = p.parse_known_args()
     c = configs.load_config(args.config, tuple(o.removeprefix("--config.") for o in overrides))
     if args.workdir:
         c.teacher_workdir = args.workdir
-    run(c, args.out)
+    run(c, args.out, args.students)
 
 
 if __name__ == "__main__":

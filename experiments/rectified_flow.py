@@ -44,7 +44,8 @@ from difflax.training.rectified_flow import (TimeDistribution,  # noqa: E402
 from difflax.training.reflow import (denoiser_model_fn, generate_pairs,  # noqa: E402
                                      get_rectified_flow_sample_fn, get_teacher_sample_fn,
                                      load_pairs, pair_batches)
-from difflax.workdir import load_run, parse_sampler, sampler_options  # noqa: E402
+from difflax.configs import parse_sampler, sampler_options  # noqa: E402
+from difflax.workdir import load_run  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "rectified_flow")
 VARIANTS = [("2-RF: uniform + L2 (baseline)", "uniform_l2", dict(time_dist="uniform", premetric="l2_squared")),
@@ -84,21 +85,15 @@ def lpips_from_config(rf):
 def loss_from_config(rf, denoiser):
     time_dist = TimeDistribution(rf.time_dist, a=rf.a, mean=rf.logit_mean, std=rf.logit_std)
     lpips_fn = lpips_from_config(rf)[0] if rf.premetric.startswith("lpips") else None
-    return get_rectified_flow_loss_fn(denoiser, label_dim=denoiser.net.label_dim,
-                                      time_dist=time_dist, premetric=rf.premetric,
+    return get_rectified_flow_loss_fn(denoiser, time_dist=time_dist, premetric=rf.premetric,
                                       huber_c_scaling=rf.huber_c_scaling, lpips_fn=lpips_fn,
                                       lpips_div_t=rf.lpips_div_t)
-
-
-def shape_of(denoiser):
-    net = denoiser.net
-    return (net.img_resolution, net.img_resolution, net.in_channels)
 
 
 def evaluate(sample_fn, params, denoiser, config, key, grid_path):
     """fd_digits / class accuracy of sample_fn(params, noise, labels), labels cycling 0..9;
     the first 100 images of the first batch go to a PNG grid (one class per column)."""
-    shape, classes = shape_of(denoiser), max(denoiser.net.label_dim, 1)
+    shape, classes = denoiser.input_shape, max(denoiser.net.label_dim, 1)
     first = []
 
     def draw(k, n):
@@ -121,7 +116,7 @@ def evaluate(sample_fn, params, denoiser, config, key, grid_path):
 
 def get_straightness_fn(denoiser, config):
     """fn(params, key) -> mean straightness of the flow over evaluate.straightness_num noises."""
-    shape, classes = shape_of(denoiser), max(denoiser.net.label_dim, 1)
+    shape, classes = denoiser.input_shape, max(denoiser.net.label_dim, 1)
     n = config.evaluate.straightness_num
     labels = jnp.arange(n) % classes
     model_fn = denoiser_model_fn(denoiser, rectified_flow=True)
@@ -158,7 +153,7 @@ def main(argv=None):
     mesh = make_mesh()
     start = time.time()
     denoiser, teacher = load_teacher(config, mesh)
-    shape = shape_of(denoiser)
+    shape = denoiser.input_shape
 
     # 1. pairs from the teacher's PF-ODE
     t = config.teacher
@@ -209,8 +204,7 @@ def main(argv=None):
         t0 = time.time()
         state = train(cfg, denoiser, lambda s: pair_batches(pairs, cfg.batch_size, seed=cfg.seed,
                                                             start_step=s),
-                      os.path.join(args.workdir, tag), input_shape=shape,
-                      label_dim=denoiser.net.label_dim, loss_fn=loss_fn,
+                      os.path.join(args.workdir, tag), loss_fn=loss_fn,
                       init_params_fn=lambda: teacher, mesh=mesh)
         seconds = time.time() - t0
         params = state.ema_params
@@ -220,7 +214,7 @@ def main(argv=None):
         print(json.dumps(rows[-2:]), flush=True)
 
     total = time.time() - start
-    table = format_table(rows, config, teacher_nfe, len(pairs["labels"]), pair_seconds, total,
+    table = format_table(rows, config, teacher_nfe, len(pairs["noise"]), pair_seconds, total,
                          lpips_note, args)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -31,7 +31,7 @@ def _random_like(shapes, seed=0):
 def _init(denoiser, seed=0):
     """Random parameters of the right shapes (compiling a UNet's init takes a minute)."""
     return _random_like(jax.eval_shape(
-        get_init_params_fn(denoiser, (8, 8, 1), 10, jax.random.key(0))), seed)
+        get_init_params_fn(denoiser, jax.random.key(0))), seed)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,13 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from difflax import cli, configs
+from difflax import cli, configs, data, metrics, workdir as wd
+from difflax.images import make_grid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "digits_edm.py") + ":smoke"
@@ -38,9 +41,20 @@ def test_sample_writes_png_and_npz(trained, capsys):
     out = os.path.join(trained, "grid")
     assert cli.main(["sample", "--workdir", trained, "--num", "10", "--steps", "2",
                      "--out", out]) == 0
-    images = np.load(out + ".npz")["images"]
-    assert images.shape == (10, 16, 16, 1) and np.abs(images).max() <= 1
-    assert os.path.exists(out + ".png")
+    saved = np.load(out + ".npz")
+    images, labels = saved["images"], saved["labels"]
+    np.testing.assert_array_equal(labels, np.arange(10))  # one class per column
+    # the images are the sampler's own (EMA weights, seed 1, these labels), not merely in range
+    config, denoiser, params = wd.load_run(trained)
+    sample, _ = wd.get_sample_fn(denoiser, sampler="edm_heun", steps=2,
+                                 sigma_min=config.sample.sigma_min,
+                                 sigma_max=config.sample.sigma_max)
+    expected = np.asarray(sample(params, jax.random.key(config.sample.seed), labels))
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    assert images.shape == (10, 16, 16, 1) and images.std(axis=0).mean() > 1e-2  # not one image
+    # the PNG shows exactly these images (one row of 10, enlarged 4x)
+    png = np.asarray(Image.open(out + ".png"))
+    np.testing.assert_array_equal(png, make_grid(images, nrow=10)[..., 0].repeat(4, 0).repeat(4, 1))
     assert "| edm_heun | 3 " in capsys.readouterr().out  # 2 Heun steps = 3 NFE
 
 
@@ -50,7 +64,15 @@ def test_evaluate_prints_digits_metrics(trained, capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "fd_digits" in out and "class_accuracy" in out
     rows = json.load(open(os.path.join(trained, "eval.json")))
-    assert rows[0]["nfe"] == 5 and rows[0]["fd_digits"] > 0
+    # a 4-step model's samples are far from digits: fd_digits well above that of 16 real
+    # digits drawn the same way (same estimator, same sample count, same classifier)
+    images, classes = data.load_digits(16)
+    real = lambda key, n: (images[:n], classes[:n])
+    baseline = metrics.evaluate_digits(real, key=jax.random.key(0), num_samples=16,
+                                       batch_size=16, progress=False)
+    assert baseline["class_accuracy"] > 0.9  # the classifier reads real digits
+    assert rows[0]["nfe"] == 5 and rows[0]["fd_digits"] > 2 * baseline["fd_digits"], (
+        rows[0], baseline)
     assert cli.main(["evaluate", "--workdir", trained, "--num", "8", "--batch-size", "8",
                      "--sampler", "deis_tab2", "--steps", "3"]) == 0
     rows = json.load(open(os.path.join(trained, "eval.json")))
@@ -60,15 +82,58 @@ def test_evaluate_prints_digits_metrics(trained, capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--config.train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'steps'?)"),
     (["--config.model.model_type=Transformer"], "valid choices: 'SongUNet', 'DhariwalUNet'"),
-    (["--config.data.name=mnist"], "unknown dataset 'mnist'; valid choices: digits"),
+    (["--config.data.name=cifar"], "unknown dataset 'cifar'; valid choices: digits"),
     (["--config.data.resolution=12"], "resolution"),
     (["--config.model.channel_mult=(1,2,2,2,2,2)"], "not divisible by 32"),
     (["--config.train.steps=abc"], "takes a int"),
+    (["--config.train.steps=0"], "config key 'train.steps' = 0: must be an integer >= 1"),
+    (["--config.train.batch_size=0"], "'train.batch_size' = 0: must be an integer >= 1"),
+    (["--config.train.batch_size=6"], "'train.batch_size' = 6: must be divisible by the 4 devices"),
+    (["--config.train.lr=-1"], "'train.lr' = -1.0: must be a number > 0"),
+    (["--config.train.keep_checkpoints=0"], "'train.keep_checkpoints' = 0: must be an integer >= 1"),
+    (["--config.model.dropout=1.5"], "'model.dropout' = 1.5: must be a number >= 0 and < 1"),
+    (["--config.sample.sigma_max=0.001"], "'sample.sigma_max' = 0.001: must be > sample.sigma_min"),
+    (["--config.sample.sampler=magic"], "'sample.sampler' = 'magic': must be one of euler"),
+    (["--config.evaluate.samplers=('deis_tab3:0',)"], "sampler 'deis_tab3:0' must be NAME:STEPS"),
+    (["--config.evaluate.samplers=('magic:3',)"], "unknown sampler 'magic' in 'magic:3'"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, argv, message):
     code = cli.main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "w"), *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--num", "-5"], "--num -5: must be an integer >= 1"),
+    (["sample", "--steps", "0"], "--steps 0: must be an integer >= 1"),
+    (["sample", "--seed", "-1"], "--seed -1: must be an integer >= 0"),
+    (["sample", "--sampler", "magic"], "unknown sampler 'magic'"),
+    (["evaluate", "--sampler", "deis_tab3:0"], "sampler 'deis_tab3:0' must be NAME:STEPS"),
+    (["evaluate", "--sampler", "deis_tab3", "--steps", "0"], "--steps 0: must be an integer >= 1"),
+    (["evaluate", "--num", "0"], "--num 0: must be an integer >= 1"),
+    (["evaluate", "--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+])
+def test_bad_flag_is_one_clear_line_before_loading_the_run(tmp_path, capsys, argv, message):
+    # the workdir holds no run: the flag must be refused before the run is looked at
+    code = cli.main([*argv[:1], "--workdir", str(tmp_path), *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_config_lists_every_shipped_config(capsys):
+    assert cli.main(["train", "--config", "configs/nope.py", "--workdir", "w"]) == 2
+    err = capsys.readouterr().err.strip()
+    shipped = sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                     if p.name not in ("__init__.py", "default.py"))
+    assert len(shipped) >= 8 and all(f"configs/{name}" in err for name in shipped), err
+    assert len(err.splitlines()) == 1
+
+
+def test_experiment_config_is_refused_by_train(tmp_path, capsys):
+    code = cli.main(["train", "--config", str(ROOT / "configs" / "digits_sit.py"),
+                     "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "lacks" in err and "experiment script" in err, err
 
 
 def test_another_architecture_in_the_same_workdir(trained, capsys):

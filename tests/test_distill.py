@@ -25,7 +25,7 @@ SEMANTIC = lambda x: x.reshape(x.shape[0], -1)[:, ::3]  # a fixed "feature netwo
 
 @pytest.fixture(scope="module")
 def teacher_params():
-    shapes = jax.eval_shape(get_init_params_fn(TEACHER, (8, 8, 1), 10, jax.random.key(0)))
+    shapes = jax.eval_shape(get_init_params_fn(TEACHER, jax.random.key(0)))
     rng = np.random.default_rng(0)
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
 
@@ -41,7 +41,7 @@ def test_distill_terms_vanish_for_the_teacher_itself(teacher_params):
     """Output, feature and semantic terms are zero for student == teacher and grow with the
     difference; the task term is the EDM loss."""
     config = DistillConfig(task=0.0, output=1.0, features=1.0, semantic=1.0)
-    loss = jax.jit(get_distill_loss_fn(TEACHER, TEACHER, teacher_params, label_dim=10,
+    loss = jax.jit(get_distill_loss_fn(TEACHER, TEACHER, teacher_params,
                                        config=config, semantic_fn=SEMANTIC))
     key = jax.random.key(3)
     assert abs(float(loss(teacher_params, BATCH, key))) < 1e-10
@@ -65,8 +65,7 @@ def test_progressive_distill_runs_stages_through_the_training_loop(teacher_param
     config = DistillConfig(task=0.0, output=1.0, features=1.0)
     stages = [PruningStage(drop[:1], 4), PruningStage(drop, 8)]
     student, params = progressive_distill(make, TEACHER, teacher_params, stages, cfg, make_batches,
-                                          str(tmp_path), input_shape=(8, 8, 1), label_dim=10,
-                                          config=config, progress=False)
+                                          str(tmp_path), config=config, progress=False)
     assert student.net.drop_blocks == drop
     assert "enc_8x8_block0" not in params["model"]  # identity shortcut: no parameters left
     for i, stage in enumerate(stages):
@@ -74,15 +73,14 @@ def test_progressive_distill_runs_stages_through_the_training_loop(teacher_param
     lines = [json.loads(l) for l in open(tmp_path / "stage1" / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [4, 8] and all(np.isfinite(l["loss"]) for l in lines)
     # distillation brought the student closer to the teacher than its surgery-only start
-    loss = jax.jit(get_distill_loss_fn(student, TEACHER, teacher_params, label_dim=10,
+    loss = jax.jit(get_distill_loss_fn(student, TEACHER, teacher_params,
                                        config=config))
-    start = init_student_params(student, teacher_params, input_shape=(8, 8, 1), label_dim=10,
-                                dropped=drop)[0]
+    start = init_student_params(student, teacher_params, dropped=drop)[0]
     evaluate = lambda p: np.mean([float(loss(p, next(make_batches(100 + i)), jax.random.key(i)))
                                   for i in range(4)])
     assert evaluate(params) < 0.9 * evaluate(start)
     with pytest.raises(ValueError, match="must keep dropping"):
         progressive_distill(make, TEACHER, teacher_params, [PruningStage(drop, 1),
                                                            PruningStage(drop[:1], 1)],
-                            cfg, make_batches, str(tmp_path / "bad"), input_shape=(8, 8, 1),
-                            label_dim=10, config=config, progress=False)
+                            cfg, make_batches, str(tmp_path / "bad"),
+                            config=config, progress=False)

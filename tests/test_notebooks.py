@@ -1,4 +1,6 @@
-"""Every notebook in experiments/notebooks runs top to bottom, headless, at small size."""
+"""Every notebook in experiments/notebooks runs top to bottom, headless, at small size, and
+computes what it says: each one's last cell gathers its results in a dict `SUMMARY` that the
+test reads back and checks (shapes exactly, metrics against what they must be)."""
 import json
 import pathlib
 
@@ -45,7 +47,62 @@ def test_notebook_runs(path, stand_in_files, monkeypatch):
     for key, value in stand_in_files.items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'import json; print("SUMMARY=" + json.dumps(SUMMARY, default=float))'))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}}).execute()
     printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "Error" not in printed
+    summary = json.loads(printed.split("SUMMARY=")[-1])
+    CHECKS[path.stem](summary)
+
+
+def _sane(value, lo=0.0, hi=1e5):
+    """A metric that was computed: finite and inside (lo, hi)."""
+    return np.isfinite(value) and lo < value < hi
+
+
+def _check_quickstart(s):
+    assert s["sample_shape"] == [100, 16, 16, 1]
+    # DEIS at 4 and 6 NFE; EDM Heun at 2 and 3 steps = 3 and 5 NFE, each with its own fd_digits
+    assert sorted(s["fd_digits"]) == ["DEIS tAB3 4", "DEIS tAB3 6", "EDM Heun 3", "EDM Heun 5"]
+    assert all(_sane(v) for v in s["fd_digits"].values()), s
+
+
+def _check_pretrained(s):
+    with np.load(GOLDEN) as f:
+        arch = json.loads(str(f["config_json"]))
+    r, c = arch["img_resolution"], arch["img_channels"]
+    assert s["sample_shape"] == [16, r, r, c]
+    assert all(_sane(v, hi=1e6) for v in s["fid"].values()), s
+    assert s["fid"]["plain"] != s["fid"]["skip-tuned"], s  # skip scales change the samples
+
+
+def _check_composing(s):
+    plain, prop = s["DEIS tAB3"], s["+ encoder propagation"]
+    assert (plain["full"], plain["partial"]) == (5, 0)  # 5 DEIS steps, all full
+    assert prop["full"] + prop["partial"] == 5 and 0 < prop["partial"] < 5, s
+    assert s["+ both"]["full"] == prop["full"]
+    assert all(_sane(v["fd_digits"]) for v in s.values()), s
+
+
+def _check_gmem(s):
+    assert s["bank"] == [1797 - 180, 64]  # one snippet per training image, 64-d features
+    assert _sane(s["final_loss"], hi=10.0), s
+    assert s["sample_shape"] == [8, 16, 16, 1]
+
+
+def _check_rectified_flow(s):
+    assert s["pairs"] == {"noise": [64, 16, 16, 1], "samples": [64, 16, 16, 1], "labels": [64]}
+    assert sorted(s["fd_digits_by_nfe"]) == ["1", "2"]
+    assert all(_sane(v) for v in s["fd_digits_by_nfe"].values()), s
+    assert s["sample_shape"] == [20, 16, 16, 1]
+
+
+CHECKS = {"01_quickstart": _check_quickstart, "02_pretrained_edm": _check_pretrained,
+          "03_composing_accelerations": _check_composing, "04_gmem": _check_gmem,
+          "05_rectified_flow": _check_rectified_flow}
+
+
+def test_every_notebook_has_checks():
+    assert sorted(CHECKS) == [p.stem for p in NOTEBOOKS]

@@ -1,5 +1,6 @@
 """Rectified-flow training (rfpp): time densities, inverse-CDF sampling, premetrics, the loss,
 the teacher re-expression, few-step samplers and straightness."""
+import dataclasses
 import math
 
 import jax
@@ -140,6 +141,9 @@ def test_loss_fn_for_the_loop_uses_pairs_or_draws_noise():
     import flax.linen as nn
 
     class Tiny(nn.Module):  # an EDM-style denoiser: D(x; sigma) = c_skip x + c_out F
+        input_shape: tuple = (3,)  # unconditional, on vectors of 3
+        label_dim: int = 0
+
         @nn.compact
         def __call__(self, x, sigma, labels=None, train=False):
             s = sigma[:, None]
@@ -149,7 +153,7 @@ def test_loss_fn_for_the_loop_uses_pairs_or_draws_noise():
     params = model.init(jax.random.key(0), jnp.zeros((1, 3)), jnp.ones(1))["params"]
     x = jax.random.normal(jax.random.key(1), (8, 3))
     z = jax.random.normal(jax.random.key(2), (8, 3))
-    labels = jnp.zeros(8, int)
+    labels = None
     loss_fn = get_rectified_flow_loss_fn(model, premetric="pseudo_huber")
     key = jax.random.key(3)
     paired = loss_fn(params, (x, z, labels), key)
@@ -160,3 +164,29 @@ def test_loss_fn_for_the_loop_uses_pairs_or_draws_noise():
                                rtol=1e-5)
     drawn = loss_fn(params, (x, labels), key)
     assert np.isfinite(float(drawn)) and float(drawn) != float(paired)
+
+
+def test_loss_fns_refuse_data_that_does_not_fit_the_model():
+    """Labels for an unconditional model, none for a conditional one, or another example
+    shape: a ValueError at trace time, before anything is computed."""
+    from difflax.training import get_distill_loss_fn, get_edm_loss_fn, model_signature
+    from difflax.models import Denoiser, ddpmpp
+
+    cond = Denoiser(net=ddpmpp(img_resolution=8, in_channels=1, out_channels=1, label_dim=10,
+                               model_channels=8, channel_mult=(1,), num_blocks=1,
+                               attn_resolutions=()))
+    uncond = Denoiser(net=dataclasses.replace(cond.net, label_dim=0))
+    assert model_signature(cond) == ((8, 8, 1), 10) and model_signature(uncond) == ((8, 8, 1), 0)
+    x, labels = jnp.zeros((2, 8, 8, 1)), jnp.zeros(2, int)
+    key = jax.random.key(0)
+    factories = [get_edm_loss_fn, get_rectified_flow_loss_fn,
+                 lambda m: get_distill_loss_fn(m, m, None)]
+    for make in factories:
+        with pytest.raises(ValueError, match="conditional on 10 classes but the batch has no labels"):
+            jax.eval_shape(make(cond), None, (x, None), key)
+        with pytest.raises(ValueError, match="unconditional .* but the batch has labels"):
+            jax.eval_shape(make(uncond), None, (x, labels), key)
+        with pytest.raises(ValueError, match=r"shape \(16, 16, 1\) but the model takes \(8, 8, 1\)"):
+            jax.eval_shape(make(cond), None, (jnp.zeros((2, 16, 16, 1)), labels), key)
+    with pytest.raises(ValueError, match="declares no input_shape and label_dim"):
+        model_signature(object())

@@ -195,6 +195,9 @@ def test_sigkill_during_pair_generation_and_resume(tmp_path):
 class TinyDenoiser(nn.Module):
     """EDM-preconditioned MLP on vectors: D = c_skip x + c_out F(c_in x, ln(sigma) / 4)."""
 
+    input_shape: tuple[int, ...] = (4,)  # unconditional, on vectors of 4
+    label_dim: int = 0
+
     @nn.compact
     def __call__(self, x, sigma, class_labels=None, train=False):
         s = jnp.broadcast_to(jnp.asarray(sigma).reshape(-1), x.shape[:1])[:, None]
@@ -216,7 +219,7 @@ def test_two_rectified_flow_trains_from_the_teacher_with_the_loop(tmp_path):
     loss_fn = get_rectified_flow_loss_fn(model, time_dist=TimeDistribution("u_shaped"),
                                          premetric="pseudo_huber")
     state = train(cfg, model, lambda start: pair_batches(pairs, 16, seed=1, start_step=start),
-                  str(tmp_path / "rf"), input_shape=(4,), loss_fn=loss_fn,
+                  str(tmp_path / "rf"), loss_fn=loss_fn,
                   init_params_fn=lambda: teacher, progress=False)
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "rf" / "metrics.jsonl")]
     # step 1's loss is the teacher's own: the 2-RF starts at the teacher's ODE
@@ -226,7 +229,8 @@ def test_two_rectified_flow_trains_from_the_teacher_with_the_loop(tmp_path):
     np.testing.assert_allclose(losses[0], float(first), rtol=1e-5)
     assert int(state.step) == 40
     # on all pairs, averaged over many time draws, the trained flow fits them better
-    everything = (pairs["samples"], pairs["noise"], pairs["labels"])
+    assert "labels" not in pairs and labels is None  # an unconditional teacher's pairs
+    everything = (pairs["samples"], pairs["noise"], None)
     mean_loss = lambda p: np.mean([float(loss_fn(p, everything, jax.random.key(k)))
                                    for k in range(8)])
     assert mean_loss(state.params) < 0.85 * mean_loss(teacher)

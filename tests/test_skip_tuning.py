@@ -129,17 +129,22 @@ def test_search_picks_the_setting_that_matches_the_reference(tiny):
     # reference statistics = those of setting (1.0, 1.3)'s own samples: its distance is ~0
     kb = jax.random.fold_in(key, 0)
     labels = jax.random.randint(jax.random.fold_in(kb, 1), (32,), 0, 3)
-    ref = sweep(variables, stack_skip_scales(list(settings.values())), kb, labels)[2]
+    every = sweep(variables, stack_skip_scales(list(settings.values())), kb, labels)
+    ref = every[2]
     mu, sigma = mean_cov(np.asarray(feature_fn(ref), np.float64))
     metric = FrechetMetric("fd", feature_fn, mu, sigma)
     best, table = search(sweep, variables, settings, metric=metric, key=key, num_samples=32,
                          batch_size=32, num_classes=3)
     assert best == (1.0, 1.3) and [r["setting"] for r in table] == list(settings)
     assert table[2]["fd"] < 1e-6 < min(table[0]["fd"], table[1]["fd"])
+    classify = lambda im: im.reshape(len(im), -1)[:, :3]  # "class" = brightest of 3 pixels
     rows = evaluate_settings(sweep, variables, stack_skip_scales(list(settings.values())),
                              metric=metric, key=key, num_samples=32, batch_size=32,
-                             num_classes=3, classify_fn=lambda im: im.reshape(len(im), -1)[:, :3])
-    assert len(rows) == 3 and 0.0 <= rows[0]["class_accuracy"] <= 1.0
+                             num_classes=3, classify_fn=classify)
+    # one batch with the same key and labels as `every`: the accuracy counted by hand
+    by_hand = [float(np.mean(np.argmax(classify(np.asarray(im)), -1) == np.asarray(labels)))
+               for im in every]
+    assert [r["class_accuracy"] for r in rows] == pytest.approx(by_hand, abs=1e-12)
 
 
 def test_loss_by_sigma_shapes_and_known_cases(tiny):

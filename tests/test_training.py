@@ -77,7 +77,7 @@ def test_learning_rate_warmup_and_ema_decay():
 
 def _run_steps(state, mesh, cfg, model, n_steps):
     tx = make_optimizer(cfg)
-    step = parallel.get_train_step_fn(get_edm_loss_fn(model, label_dim=10), tx,
+    step = parallel.get_train_step_fn(get_edm_loss_fn(model), tx,
                                       lambda s: ema_decay(cfg, s), mesh)
     batches = data.batch_iterator("digits", cfg.batch_size, resolution=8)
     for _ in range(n_steps):
@@ -92,7 +92,7 @@ def test_one_and_four_devices_agree():
     cfg = TrainConfig(batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9)
     model = train_tiny.TinyDenoiser()
     mesh1, mesh4 = (parallel.make_mesh(jax.devices()[:n]) for n in (1, 4))
-    init = get_init_params_fn(model, (8, 8, 1), 10, jax.random.key(0))
+    init = get_init_params_fn(model, jax.random.key(0))
     state1 = parallel.init_train_state(init, make_optimizer(cfg), mesh1)
     state4 = jax.device_put(jax.device_get(state1), parallel.replicated(mesh4))
     one, m1 = _run_steps(state1, mesh1, cfg, model, 3)

@@ -26,6 +26,8 @@ class TinyDenoiser(nn.Module):
     features: int = 8
     sigma_data: float = 0.5
     dropout: float = 0.1
+    input_shape: tuple[int, ...] = (RESOLUTION, RESOLUTION, 1)  # what training reads
+    label_dim: int = 10
 
     @nn.compact
     def __call__(self, x, sigma, class_labels=None, skip_scales=None, train=False):
@@ -64,8 +66,7 @@ def run(workdir: str, steps: int = 40, delay: float = 0.0, progress: bool = Fals
                                  resolution=RESOLUTION)
         return slow(it, delay) if delay else it
 
-    return train(config(steps), TinyDenoiser(), make_batches, workdir,
-                 input_shape=(RESOLUTION, RESOLUTION, 1), label_dim=10, sample_fn=sample_fn,
+    return train(config(steps), TinyDenoiser(), make_batches, workdir, sample_fn=sample_fn,
                  progress=progress)
 
 

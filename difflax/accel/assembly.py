@@ -180,6 +180,14 @@ class MultiUNetDenoiser(nn.Module):
     def net(self):
         return self.light.net
 
+    @property
+    def input_shape(self):
+        return self.light.input_shape
+
+    @property
+    def label_dim(self):
+        return self.light.label_dim
+
     @nn.compact
     def __call__(self, x, sigma, class_labels=None, **kwargs):
         s = jnp.asarray(sigma, jnp.float32).reshape(-1)[0]

@@ -26,7 +26,8 @@ class Denoiser(nn.Module):
     `apply(variables, x, sigma, class_labels=None, skip_scales=None, train=False)` with
     x: (B, H, W, C), sigma: () or (B,), class_labels: (B, label_dim) one-hot (or integer
     labels (B,), converted), returns D(x; sigma) of x's shape. The UNet's parameters sit
-    under `model`, as EDM's sit under `model.`.
+    under `model`, as EDM's sit under `model.`. `input_shape` and `label_dim` (from `net`)
+    are what training reads to initialise the model and check its data.
     """
 
     net: UNetConfig
@@ -35,6 +36,16 @@ class Denoiser(nn.Module):
     beta_d: float = 19.9
     beta_min: float = 0.1
     M: int = 1000
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One example's shape (R, R, C), from the UNet's config."""
+        return (self.net.img_resolution, self.net.img_resolution, self.net.in_channels)
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes (0: unconditional), from the UNet's config."""
+        return self.net.label_dim
 
     def setup(self):
         if self.precond not in PRECONDS:

@@ -5,7 +5,7 @@ from difflax.training.checkpoint import (CheckpointMismatchError, make_checkpoin
 from difflax.training.distill import (DistillConfig, PruningStage, get_distill_loss_fn,
                                       init_student_params, progressive_distill)
 from difflax.training.loop import get_init_params_fn, train
-from difflax.training.losses import edm_loss, get_edm_loss_fn
+from difflax.training.losses import checked_labels, edm_loss, get_edm_loss_fn, model_signature
 from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
                                              rectified_flow_loss, velocity_from_denoiser)
 from difflax.training.reflow import (generate_pairs, get_rectified_flow_sample_fn,
@@ -20,9 +20,9 @@ __all__ = [
     "DistillConfig", "PruningStage", "get_distill_loss_fn", "init_student_params",
     "progressive_distill",
     "CheckpointMismatchError", "TrainConfig", "TrainState", "abstract_train_state",
-    "batch_sharded", "create_train_state", "edm_loss", "ema_decay", "ema_update",
+    "batch_sharded", "checked_labels", "create_train_state", "edm_loss", "ema_decay", "ema_update",
     "get_edm_loss_fn", "get_init_params_fn", "get_train_step_fn", "init_train_state",
-    "make_checkpoint_manager", "make_mesh", "make_optimizer", "learning_rate_schedule",
+    "make_checkpoint_manager", "make_mesh", "make_optimizer", "model_signature", "learning_rate_schedule",
     "replicated", "restore_checkpoint", "save_checkpoint", "shard_batch", "train",
     "TimeDistribution", "generate_pairs", "get_rectified_flow_loss_fn",
     "get_rectified_flow_sample_fn", "get_teacher_sample_fn", "load_pairs", "pair_batches",

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from difflax.models.layers import UNetBlock
 from difflax.training.loop import get_init_params_fn, train
-from difflax.training.losses import edm_loss
+from difflax.training.losses import checked_labels, edm_loss
 from difflax.training.state import TrainConfig
 
 
@@ -80,14 +80,13 @@ def feature_loss(student_features: dict, teacher_features: dict) -> jax.Array:
                for k in shared) / len(shared)
 
 
-def get_distill_loss_fn(student, teacher, teacher_params, *, label_dim: int = 0,
-                        config: DistillConfig = DistillConfig(),
+def get_distill_loss_fn(student, teacher, teacher_params, *, config: DistillConfig = DistillConfig(),
                         semantic_fn: Callable[[jax.Array], jax.Array] | None = None):
     """Returns loss_fn(params, batch, key) -> scalar, the student's distillation loss.
 
     student / teacher: Flax denoisers D(x, sigma, labels) (difflax.models.Denoiser);
     teacher_params: the teacher's "params", held fixed. batch = (images (B, H, W, C) in
-    [-1, 1], labels (B,) int). semantic_fn: images (B, H, W, C) -> features (B, D), needed
+    [-1, 1], labels (B,) int or None), checked against the student (`checked_labels`). semantic_fn: images (B, H, W, C) -> features (B, D), needed
     when config.semantic > 0. Dropout (student only) draws from `key`.
     """
     if config.semantic and semantic_fn is None:
@@ -97,7 +96,7 @@ def get_distill_loss_fn(student, teacher, teacher_params, *, label_dim: int = 0,
     def loss_fn(params, batch, key):
         x, labels = batch
         k_loss, k_dropout = jax.random.split(key)
-        onehot = jax.nn.one_hot(labels, label_dim, dtype=x.dtype) if label_dim > 0 else None
+        onehot = checked_labels(student, x, labels)
         terms = {}
 
         def denoise(x_noisy, sigma, class_labels):
@@ -138,8 +137,7 @@ class PruningStage(NamedTuple):
     steps: int
 
 
-def init_student_params(student, source_params, *, input_shape, label_dim: int, dropped=(),
-                        clme: bool = True, key=None):
+def init_student_params(student, source_params, *, dropped=(), clme: bool = True, key=None):
     """The student's parameters: its own initialisation, overwritten by name from `source_params`
     (the teacher's, or the previous stage's student's); CLME experts from `dropped` blocks.
     Returns (params, report) as `difflax.accel.assembly.inherit_params`."""
@@ -147,7 +145,7 @@ def init_student_params(student, source_params, *, input_shape, label_dim: int, 
 
     # the values are mostly overwritten: a cheap generator compiles ~3x faster than threefry
     key = jax.random.key(0, impl="unsafe_rbg") if key is None else key
-    init = get_init_params_fn(student, input_shape, label_dim, key)
+    init = get_init_params_fn(student, key)
     shapes = jax.eval_shape(init)
     params, report = inherit_params(shapes, source_params, dropped=dropped, clme=clme)
     if not report["new"]:  # everything inherited: no need to compile the initialisation
@@ -157,8 +155,7 @@ def init_student_params(student, source_params, *, input_shape, label_dim: int, 
 
 def progressive_distill(make_student: Callable[[tuple[str, ...]], object], teacher, teacher_params,
                         stages: Sequence[PruningStage], cfg: TrainConfig, make_batches,
-                        workdir: str, *, input_shape, label_dim: int = 0,
-                        config: DistillConfig = DistillConfig(), semantic_fn=None,
+                        workdir: str, *, config: DistillConfig = DistillConfig(), semantic_fn=None,
                         clme: bool = True, mesh=None, progress: bool = True):
     """Distils a student per stage into workdir/stage<i>; returns (student, ema_params) of the last.
 
@@ -175,13 +172,10 @@ def progressive_distill(make_student: Callable[[tuple[str, ...]], object], teach
                              f"stages' blocks {sorted(previous)}")
         student = make_student(drop)
         newly = tuple(b for b in drop if b not in previous)
-        init, _ = init_student_params(student, source, input_shape=input_shape,
-                                      label_dim=label_dim, dropped=newly, clme=clme)
-        loss = get_distill_loss_fn(student, teacher, teacher_params, label_dim=label_dim,
-                                   config=config, semantic_fn=semantic_fn)
+        init, _ = init_student_params(student, source, dropped=newly, clme=clme)
+        loss = get_distill_loss_fn(student, teacher, teacher_params, config=config, semantic_fn=semantic_fn)
         state = train(dataclasses.replace(cfg, steps=stage.steps), student, make_batches,
-                      os.path.join(workdir, f"stage{i}"), input_shape=input_shape,
-                      label_dim=label_dim, loss_fn=loss, init_params_fn=lambda p=init: p,
+                      os.path.join(workdir, f"stage{i}"), loss_fn=loss, init_params_fn=lambda p=init: p,
                       mesh=mesh, progress=progress)
         source, previous, params = state.ema_params, drop, state.ema_params
     return student, params

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from difflax.images import save_grid
 from difflax.training import checkpoint as ckpt
 from difflax.training import parallel
-from difflax.training.losses import get_edm_loss_fn
+from difflax.training.losses import get_edm_loss_fn, model_signature
 from difflax.training.state import (TrainConfig, TrainState, ema_decay,
                                     learning_rate_schedule, make_optimizer)
 
@@ -34,8 +34,10 @@ from difflax.training.state import (TrainConfig, TrainState, ema_decay,
 SampleFn = Callable[[object, int], jax.Array]
 
 
-def get_init_params_fn(model, input_shape: tuple[int, ...], label_dim: int, key: jax.Array):
-    """Returns init() -> params of a denoiser D(x (B, *input_shape), sigma (B,), labels)."""
+def get_init_params_fn(model, key: jax.Array):
+    """Returns init() -> params of a denoiser D(x (B, *input_shape), sigma (B,), labels), the
+    shape and class count read from the model (`model_signature`)."""
+    input_shape, label_dim = model_signature(model)
 
     def init():
         x = jnp.zeros((1, *input_shape), jnp.float32)
@@ -73,16 +75,17 @@ def _due(every: int, step: int) -> bool:
 
 
 def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], workdir: str, *,
-          input_shape: tuple[int, ...], label_dim: int = 0, loss_fn=None,
+          loss_fn=None,
           sample_fn: SampleFn | None = None, sample_nrow: int = 8, mesh=None,
           progress: bool = True, init_params_fn: Callable[[], object] | None = None) -> TrainState:
     """Trains `model` (a Flax denoiser, see difflax.models) for cfg.steps optimiser steps.
 
     make_batches(start_step) -> iterator of this process's numpy (images, labels) rows of
     global batches of cfg.batch_size, batch i depending only on i (e.g.
-    `functools.partial(data.batch_iterator, name, B, seed=s)` via start_step=...).
-    input_shape: one example's shape, e.g. (H, W, C). loss_fn(params, batch, key) defaults
-    to the EDM loss. sample_fn(ema_params, step) -> images in [-1, 1] is called every
+    `functools.partial(data.batch_iterator, name, B, seed=s)` via start_step=...); labels
+    None for an unconditional model. The example shape and class count come from the model
+    (`model.input_shape`, `model.label_dim`; a batch that does not fit them is an error).
+    loss_fn(params, batch, key) defaults to the EDM loss. sample_fn(ema_params, step) -> images in [-1, 1] is called every
     cfg.sample_every steps and written to workdir/samples. init_params_fn() -> params, pure,
     replaces the fresh initialisation (e.g. a teacher's parameters for Reflow). Returns the
     final state.
@@ -91,7 +94,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     primary = jax.process_index() == 0
     k_init, k_train = jax.random.split(jax.random.key(cfg.seed))
     tx = make_optimizer(cfg)
-    init_params = init_params_fn or get_init_params_fn(model, input_shape, label_dim, k_init)
+    init_params = init_params_fn or get_init_params_fn(model, k_init)
     manager = ckpt.make_checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                            keep=cfg.keep_checkpoints)
     state = ckpt.restore_checkpoint(manager, parallel.abstract_train_state(init_params, tx, mesh))
@@ -101,7 +104,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if primary:
         _trim_metrics(metrics_path, start)
-    loss_fn = loss_fn or get_edm_loss_fn(model, label_dim=label_dim)
+    loss_fn = loss_fn or get_edm_loss_fn(model)
     step_fn = parallel.get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, cfg), mesh,
                                          lr_fn=learning_rate_schedule(cfg))
     key = parallel.host_to_global(k_train, parallel.replicated(mesh))

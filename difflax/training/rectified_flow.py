@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
 
+from difflax.training.losses import checked_labels
+
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "u_shaped")
 PREMETRICS = ("l2", "l2_squared", "pseudo_huber", "lpips", "lpips_huber")
 HUBER_C = 0.00054
@@ -236,8 +238,7 @@ def rectified_flow_loss(velocity_fn: VelocityFn, x: jax.Array, z: jax.Array, t: 
     return jnp.mean((1 - t) * pseudo_huber(v, target, scaling=huber_c_scaling) + perceptual)
 
 
-def get_rectified_flow_loss_fn(model, *, label_dim: int = 0,
-                               time_dist: TimeDistribution = TimeDistribution(),
+def get_rectified_flow_loss_fn(model, *, time_dist: TimeDistribution = TimeDistribution(),
                                premetric: str = "l2", huber_c_scaling: str = "d",
                                lpips_fn: LpipsFn | None = None, lpips_div_t: bool = False):
     """loss_fn(params, batch, key) -> scalar for the training loop (difflax.training.train).
@@ -245,7 +246,9 @@ def get_rectified_flow_loss_fn(model, *, label_dim: int = 0,
     `model` is an EDM-preconditioned Flax denoiser (difflax.models.Denoiser), used as a
     velocity through `velocity_from_denoiser`. batch = (x, z, labels) of Reflow pairs
     (difflax.training.reflow), or (x, labels) to draw z ~ N(0, I) from the key (one round
-    of rectified flow from data). labels (B,) int, one-hot when label_dim > 0.
+    of rectified flow from data). labels (B,) int for a conditional model (one-hot over
+    model.label_dim), None for an unconditional one; a batch that does not fit the model is an
+    error (`difflax.training.losses.checked_labels`).
     """
     if premetric not in PREMETRICS:
         raise ValueError(f"unknown premetric {premetric!r}; valid choices: {', '.join(PREMETRICS)}")
@@ -258,7 +261,7 @@ def get_rectified_flow_loss_fn(model, *, label_dim: int = 0,
             (x, labels), z = batch, None
         if z is None:
             z = jax.random.normal(k_z, x.shape, x.dtype)
-        onehot = jax.nn.one_hot(labels, label_dim, dtype=x.dtype) if label_dim > 0 else None
+        onehot = checked_labels(model, x, labels)
 
         def denoise(x_noisy, sigma, class_labels):
             return model.apply({"params": params}, x_noisy, sigma, class_labels, train=True,

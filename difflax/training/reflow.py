@@ -149,20 +149,26 @@ def generate_pairs(sample_fn: PairSampleFn, params, out_dir: str, *, num_pairs: 
 
 
 def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
-    """All pairs of `out_dir`: {"noise", "samples" (N, ...), "labels" (N,)}; every chunk must
-    be present (run `generate_pairs` again to finish an interrupted set)."""
-    return read_chunks(out_dir, "pairs", "num_pairs", ("noise", "samples", "labels"),
-                       "generate_pairs")[1]
+    """All pairs of `out_dir`: {"noise", "samples" (N, ...), "labels" (N,)}, without "labels"
+    for pairs made with num_classes = 0 (an unconditional teacher); every chunk must be
+    present (run `generate_pairs` again to finish an interrupted set)."""
+    meta, pairs = read_chunks(out_dir, "pairs", "num_pairs", ("noise", "samples", "labels"),
+                              "generate_pairs")
+    if not meta["num_classes"]:
+        del pairs["labels"]
+    return pairs
 
 
 def pair_batches(pairs: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
                  start_step: int = 0, process_index: int | None = None,
                  process_count: int | None = None):
-    """Infinite iterator of this process's rows of (samples x, noise z, labels) batches.
+    """Infinite iterator of this process's rows of (samples x, noise z, labels) batches;
+    labels None for pairs without labels (an unconditional teacher's).
 
     Batch i depends only on (seed, i): the same epoch-wise permutation as
     `difflax.data.batch_iterator`, so starting at `start_step` resumes a run exactly.
     """
-    for idx in index_batches(len(pairs["labels"]), batch_size, seed=seed, start_step=start_step,
+    for idx in index_batches(len(pairs["noise"]), batch_size, seed=seed, start_step=start_step,
                              process_index=process_index, process_count=process_count):
-        yield pairs["samples"][idx], pairs["noise"][idx], pairs["labels"][idx]
+        labels = pairs["labels"][idx] if "labels" in pairs else None
+        yield pairs["samples"][idx], pairs["noise"][idx], labels
