@@ -226,8 +226,8 @@ def similarity_part(workdir, out_dir, steps, batch=16):
             ax.plot(x, result[f"{k}_{q}"], label=k)
         for key_step in faster_diffusion_key_steps(steps)[1:]:
             ax.axvline(key_step, color="0.85", lw=0.8, zorder=0)
-        ax.set_xlabel("step i (compared with step i - 1); grey: Faster Diffusion key steps")
-        ax.set_ylabel("cosine similarity" if q == "cosine" else "relative change |f_i - f_(i-1)| / |f_(i-1)|")
+        ax.set_xlabel("step i (grey: Faster Diffusion key steps)")
+        ax.set_ylabel("cosine(f_i, f_(i-1))" if q == "cosine" else "|f_i - f_(i-1)| / |f_(i-1)|")
         ax.legend()
     fig.suptitle(f"Features between adjacent DDIM steps ({steps} steps, {workdir})")
     fig.tight_layout()
