@@ -204,9 +204,11 @@ def cmd_evaluate(args, overrides) -> int:
         sample_fn = wd.labelled_sample_fn(sample, params, denoiser.net.label_dim)
         key = jax.random.key(config.sample.seed)
         tic = time.perf_counter()
-        if config.data.name == "digits":
-            result = metrics.evaluate_digits(sample_fn, key=key, num_samples=num, batch_size=batch,
-                                             resolution=denoiser.net.img_resolution)
+        evaluate = {"digits": metrics.evaluate_digits, "mnist": metrics.evaluate_mnist}.get(
+            config.data.name)
+        if evaluate:
+            result = evaluate(sample_fn, key=key, num_samples=num, batch_size=batch,
+                              resolution=denoiser.net.img_resolution)
         else:
             result = metrics.evaluate_samples(
                 sample_fn, key=key, num_samples=num, batch_size=batch,

@@ -9,7 +9,14 @@ of one full evaluation (XLA's FLOPs per node), and wall time per batch measured 
 against the full model. Then the same wall-time ratios on a larger UNet (64x64, ADM-sized
 channels, random weights). Writes table.md, results.json and fd_vs_speed.png; prints the table.
 
+`--similarity` instead runs the diagnostic behind these plans (Faster Diffusion's Fig. 2
+analogue, `difflax.accel.adjacent_step_similarity`): along one DDIM trajectory of the
+workdir's model (`--similarity-steps`, default 50, on its EDM grid), the cosine similarity
+and relative change of the encoder, middle and decoder features between adjacent steps,
+averaged over the nodes of each kind. Writes similarity.png and similarity.json.
+
     python experiments/feature_reuse.py [--workdir runs/digits] [--small] [--speed-only]
+    python experiments/feature_reuse.py --similarity [--workdir runs/mnist] [--out DIR]
 """
 from __future__ import annotations
 
@@ -26,11 +33,15 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from difflax.accel import (deepcache_plan, denoiser_run_fn, encoder_propagation_plan,  # noqa: E402
-                           full_plan, inheritance_plan, node_flops, plan_cost)
+from difflax import schedules  # noqa: E402
+from difflax.accel import (adjacent_step_similarity, deepcache_plan, denoiser_run_fn,  # noqa: E402
+                           encoder_propagation_plan, faster_diffusion_key_steps, full_plan,
+                           inheritance_plan, node_flops, plan_cost)
 from difflax.images import save_grid  # noqa: E402
 from difflax.metrics import evaluate_digits  # noqa: E402
 from difflax.models import Denoiser, adm  # noqa: E402
+from difflax.samplers import make_grid  # noqa: E402
+from difflax.samplers.few_step import euler_trajectory  # noqa: E402
 from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run  # noqa: E402
 
 FULL = dict(sampler="ddim", steps=50, num=500, batch=250, time_batch=100, big_steps=20,
@@ -185,6 +196,45 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def similarity_part(workdir, out_dir, steps, batch=16):
+    """Adjacent-step feature similarity along one DDIM trajectory (Euler on the EDM grid);
+    writes similarity.json and similarity.png, returns the per-kind means."""
+    config, denoiser, params = load_run(workdir)
+    net, s = denoiser.net, config.sample
+    schedule = schedules.edm(s.sigma_min, s.sigma_max)
+    grid = make_grid(schedule, "ddim", steps)
+    labels = jnp.arange(batch) % max(net.label_dim, 1)
+    run = denoiser_run_fn(denoiser, {"params": params}, labels)
+    noise = jax.random.normal(jax.random.key(5), (batch, net.img_resolution, net.img_resolution,
+                                                  net.in_channels))
+    traj = jax.jit(lambda n: euler_trajectory(lambda x, t: run(x, t)[0], n, schedule=schedule,
+                                              grid=grid, prediction="x0"))(noise)
+    sim = adjacent_step_similarity(run, net, traj[:-1], grid[:-1])
+    kinds = ("encoder", "middle", "decoder")
+    result = dict(workdir=workdir, sampler="ddim", steps=steps, batch=batch,
+                  sigma=[float(g) for g in grid[1:-1]],
+                  **{f"{k}_{q}": sim.mean(k, q).tolist() for k in kinds
+                     for q in ("cosine", "relative_change")},
+                  nodes=dict(names=sim.names, cosine=sim.cosine.tolist(),
+                             relative_change=sim.relative_change.tolist()))
+    with open(os.path.join(out_dir, "similarity.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = np.arange(1, steps)
+    for ax, q in zip(axes, ("cosine", "relative_change")):
+        for k in kinds:
+            ax.plot(x, result[f"{k}_{q}"], label=k)
+        for key_step in faster_diffusion_key_steps(steps)[1:]:
+            ax.axvline(key_step, color="0.85", lw=0.8, zorder=0)
+        ax.set_xlabel("step i (grey: Faster Diffusion key steps)")
+        ax.set_ylabel("cosine(f_i, f_(i-1))" if q == "cosine" else "|f_i - f_(i-1)| / |f_(i-1)|")
+        ax.legend()
+    fig.suptitle(f"Features between adjacent DDIM steps ({steps} steps, {workdir})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "similarity.png"), dpi=120)
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/digits")
@@ -193,9 +243,20 @@ def main():
     ap.add_argument("--speed-only", action="store_true",
                     help="redo only the timings (e.g. on a quiet machine), keeping the quality "
                          "columns of OUT/results.json")
+    ap.add_argument("--similarity", action="store_true",
+                    help="only the adjacent-step feature similarity diagnostic of --workdir's "
+                         "model: OUT/similarity.png and similarity.json")
+    ap.add_argument("--similarity-steps", type=int, default=50)
     args = ap.parse_args()
     p = SMALL if args.small else FULL
     os.makedirs(args.out, exist_ok=True)
+    if args.similarity:
+        r = similarity_part(args.workdir, args.out, args.similarity_steps)
+        for k in ("encoder", "middle", "decoder"):
+            print(f"{k}: cosine {np.min(r[k + '_cosine']):.4f}..{np.max(r[k + '_cosine']):.4f}, "
+                  f"relative change {np.min(r[k + '_relative_change']):.4f}.."
+                  f"{np.max(r[k + '_relative_change']):.4f}")
+        return
     previous = None
     if args.speed_only:
         with open(os.path.join(args.out, "results.json")) as f:

@@ -207,3 +207,130 @@ def test_quantize_to_uint8_levels():
     levels = (q + 1) * 127.5
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
     assert q[0] == -1.0 and q[-1] == 1.0 and q[-2] == 1.0
+
+
+# ----------------------------------------------------------------------------
+# Error bars
+
+
+def test_bootstrap_interval_of_a_mean_covers_the_truth():
+    rng = np.random.default_rng(3)
+    covered = 0
+    for trial in range(60):
+        x = rng.normal(size=200)
+        low, high = M.bootstrap_interval(lambda idx: x[idx].mean(), 200,
+                                         key=jax.random.key(trial), num_resamples=200)
+        assert low < x.mean() < high
+        assert high - low == pytest.approx(2 * 1.96 / np.sqrt(200), rel=0.3)
+        covered += low <= 0.0 <= high
+    assert covered >= 51  # nominal 95% of 60 = 57; 51 is 2.7 binomial sd below
+
+
+def test_frechet_bootstrap_interval_covers_the_exact_distance_and_is_deterministic():
+    rng = np.random.default_rng(4)
+    # features ~ N(0, diag(1, 4)); reference N((1, 0), I): d^2 = 1 + (2 - 1)^2 = 2
+    feats = rng.normal(size=(4000, 2)) * np.array([1.0, 2.0])
+    mu, sigma = np.array([1.0, 0.0]), np.eye(2)
+    key = jax.random.key(0)
+    low, high = M.frechet_bootstrap_interval(feats, mu, sigma, key=key)
+    assert low < 2.0 < high
+    assert high - low < 0.5
+    assert M.frechet_bootstrap_interval(feats, mu, sigma, key=key) == (low, high)
+    assert M.frechet_bootstrap_interval(feats, mu, sigma, key=jax.random.key(1)) != (low, high)
+    with pytest.raises(ValueError, match="level"):
+        M.frechet_bootstrap_interval(feats, mu, sigma, key=key, level=95)
+
+
+def test_mean_interval_over_seeds():
+    mean, low, high = M.mean_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / np.sqrt(3)  # t_{0.975, 2} (tables) * s / sqrt(3), s = 1
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half), rel=1e-9)
+    rng = np.random.default_rng(5)
+    covered = sum(lo <= 0.0 <= hi for _, lo, hi in (M.mean_interval(rng.normal(size=3))
+                                                    for _ in range(400)))
+    assert 360 <= covered <= 400  # nominal 380
+    with pytest.raises(ValueError, match="at least 2"):
+        M.mean_interval([1.0])
+
+
+def test_evaluate_samples_bootstrap_intervals():
+    data = np.random.default_rng(8).normal(size=(40, 2, 2, 1)).astype(np.float32)
+    labels = np.arange(40) % 3
+
+    def sample_fn(key, batch_size):
+        i = int(jax.random.randint(key, (), 0, 1000)) % 4  # any batch; deterministic in key
+        return jnp.asarray(data[i * 10:(i + 1) * 10]), jnp.asarray(labels[i * 10:(i + 1) * 10])
+
+    flat = lambda x: x.reshape(x.shape[0], -1)
+    metric = M.FrechetMetric("fd_flat", flat, np.zeros(4), np.eye(4))
+    classify = lambda x: jax.nn.one_hot(jnp.zeros(x.shape[0], jnp.int32), 3)  # always class 0
+    kw = dict(key=jax.random.key(0), num_samples=30, batch_size=10, frechet_metrics=[metric],
+              classify_fn=classify, progress=False, bootstrap=50)
+    out = M.evaluate_samples(sample_fn, **kw)
+    assert out == M.evaluate_samples(sample_fn, **kw)
+    assert out["fd_flat_ci_low"] < out["fd_flat_ci_high"]
+    # the same resamples as a direct bootstrap over the drawn samples (key of batch 3)
+    batches = [sample_fn(jax.random.fold_in(kw["key"], i), 10) for i in range(3)]
+    feats = np.concatenate([flat(np.asarray(b[0])) for b in batches]).astype(np.float64)
+    hits = np.concatenate([np.asarray(b[1]) == 0 for b in batches])
+    ci_key = jax.random.fold_in(kw["key"], 3)
+    assert (out["fd_flat_ci_low"], out["fd_flat_ci_high"]) == pytest.approx(
+        M.frechet_bootstrap_interval(feats, np.zeros(4), np.eye(4), key=ci_key, num_resamples=50))
+    assert (out["class_accuracy_ci_low"], out["class_accuracy_ci_high"]) == pytest.approx(
+        M.bootstrap_interval(lambda idx: hits[idx].mean(), 30, key=ci_key, num_resamples=50))
+    assert out["class_accuracy_ci_low"] <= out["class_accuracy"] <= out["class_accuracy_ci_high"]
+
+
+# ----------------------------------------------------------------------------
+# MNIST feature network (a tiny stand-in: the real one trains once, on first use)
+
+
+@pytest.fixture(scope="module")
+def mnist_cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mnist_cache"))
+    module = importlib.import_module("difflax.metrics.mnist_features")
+    mp = pytest.MonkeyPatch()
+    tiny = module.train_mnist_classifier
+    mp.setattr(module, "train_mnist_classifier",
+               lambda: tiny(steps=60, train_size=2000, test_size=1000))
+    clf = M.load_mnist_classifier(path)
+    mp.undo()
+    return path, clf
+
+
+def test_mnist_classifier_tiny_training_and_cache(mnist_cache, monkeypatch):
+    path, clf = mnist_cache
+    assert 0.6 < clf.test_accuracy < 1.0  # 60 steps on 2000 digits: well above chance (0.1)
+    module = importlib.import_module("difflax.metrics.mnist_features")
+    monkeypatch.setattr(module, "train_mnist_classifier", None)  # must come from the cache
+    again = M.load_mnist_classifier(path)
+    assert again.test_accuracy == clf.test_accuracy
+    for a, b in zip(jax.tree.leaves(clf.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_mnist_real_vs_noise(mnist_cache):
+    from difflax.data import load_mnist
+
+    path, clf = mnist_cache
+    images, labels = load_mnist("train", 32)
+    images, labels = jnp.asarray(images[:3000]), jnp.asarray(labels[:3000])
+
+    def real_fn(key, batch_size):
+        idx = jax.random.choice(key, len(labels), (batch_size,), replace=False)
+        return images[idx], labels[idx]
+
+    def noise_fn(key, batch_size):
+        return jax.random.uniform(key, (batch_size, 32, 32, 1), minval=-1, maxval=1)
+
+    kw = dict(key=jax.random.key(0), num_samples=500, batch_size=250, resolution=32,
+              cache_dir=path, progress=False, bootstrap=50)
+    real = M.evaluate_mnist(real_fn, **kw)
+    noise = M.evaluate_mnist(noise_fn, **kw)
+    assert real["mnist_classifier_test_accuracy"] == clf.test_accuracy
+    assert real["class_accuracy"] > 0.6
+    assert real["class_accuracy_ci_low"] <= real["class_accuracy"] <= real["class_accuracy_ci_high"]
+    assert 0 <= real["fd_mnist"] < 0.1 * noise["fd_mnist"]
+    assert real["fd_mnist_ci_high"] < noise["fd_mnist_ci_low"]
+    with pytest.raises(ValueError, match="32x32"):
+        M.evaluate_mnist(noise_fn, **{**kw, "resolution": 16})

@@ -5,6 +5,8 @@ as data: schedules over depth, vmapped sweeps, search, and the loss-by-noise-lev
 `feature_reuse`: Faster Diffusion's encoder propagation (with parallel decoding and prior
 noise injection), DeepCache's deep-branch reuse and A-SDM's feature inheritance, as static
 plans over the UNet's feature cache, sampled with `sample_with_plan`.
+`feature_similarity`: the diagnostic behind them, how much each feature node changes between
+adjacent steps of a sampling trajectory (Faster Diffusion's Fig. 2 analogue).
 `assembly`: A-SDM model assembly: students by surgery, initialised from the teacher (CLME),
 parameter and FLOP counts, multi-UNet switching.
 """
@@ -17,6 +19,7 @@ from difflax.accel.feature_reuse import (FASTER_DIFFUSION_KEY_STEPS, FeaturePlan
                                          full_plan, inheritance_nodes, inheritance_plan,
                                          node_flops, plan_cost, quad_center_steps,
                                          sample_with_plan)
+from difflax.accel.feature_similarity import FeatureSimilarity, adjacent_step_similarity
 from difflax.accel.skip_tuning import (denoising_loss_by_sigma, evaluate_settings, get_sweep_fn,
                                        linear_skip_scales, per_resolution_skip_scales,
                                        per_skip_scales, search, stack_skip_scales,
@@ -25,6 +28,7 @@ from difflax.accel.skip_tuning import (denoising_loss_by_sigma, evaluate_setting
 __all__ = [
     "MultiUNetDenoiser", "count_params", "denoiser_flops", "get_multi_unet_fn", "inherit_params",
     "student", "switch_sigma",
+    "FeatureSimilarity", "adjacent_step_similarity",
     "FASTER_DIFFUSION_KEY_STEPS", "FeaturePlan", "PlanCost", "deepcache_plan",
     "deepcache_refresh_steps", "denoiser_run_fn", "denoising_loss_by_sigma", "encoder_nodes",
     "encoder_propagation_plan", "evaluate_settings", "faster_diffusion_key_steps", "full_plan",

@@ -7,7 +7,8 @@ classes). Its 64-d penultimate activations play the role of Inception's pool fea
 with which class-conditional samples are recognised as the class they were asked for.
 
 Training is deterministic (fixed seeds, one jitted ``lax.scan``), takes seconds on a CPU,
-and is cached in ``$DIFFLAX_CACHE`` (default ``~/.cache/difflax``).
+and is cached in ``$DIFFLAX_CACHE`` (default ``~/.cache/difflax``); the training loop and
+the cache are :mod:`difflax.metrics.classifier`'s, shared with the MNIST network.
 
 Images are NHWC (N, R, R, 1) in [-1, 1] at any resolution R; the network resizes them
 bilinearly (antialiased when shrinking) to the digits' native 8x8 first, and it is trained
@@ -16,24 +17,18 @@ matter which of these resolutions the digits pipeline uses.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import NamedTuple
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
 
+from difflax.metrics.classifier import (TrainedClassifier, cached_classifier, classifier_accuracy,
+                                        train_classifier)
 from difflax.metrics.frechet import mean_cov
 
 __all__ = [
     "DigitsClassifier",
-    "TrainedDigitsClassifier",
     "WORKING_RESOLUTION",
-    "default_cache_dir",
     "real_digits",
     "train_digits_classifier",
     "load_digits_classifier",
@@ -67,18 +62,6 @@ class DigitsClassifier(nn.Module):
         features = nn.swish(nn.Dense(self.num_features)(x))
         logits = nn.Dense(self.num_classes)(features)
         return features, logits
-
-
-class TrainedDigitsClassifier(NamedTuple):
-    """Parameters of a trained :class:`DigitsClassifier` and its held-out test accuracy."""
-
-    params: dict
-    test_accuracy: float
-
-
-def default_cache_dir() -> str:
-    """``$DIFFLAX_CACHE`` if set, else ``~/.cache/difflax``."""
-    return os.environ.get("DIFFLAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "difflax")
 
 
 def real_digits(resolution: int = WORKING_RESOLUTION) -> tuple[np.ndarray, np.ndarray]:
@@ -115,72 +98,40 @@ def _resolution_round_trips(images8: np.ndarray) -> np.ndarray:
 
 
 def train_digits_classifier(*, seed: int = 0, steps: int = 2000, batch_size: int = 128,
-                            learning_rate: float = 2e-3) -> TrainedDigitsClassifier:
+                            learning_rate: float = 2e-3) -> TrainedClassifier:
     """Trains the classifier on a fixed 80% of the digits and measures accuracy on the rest.
 
     Deterministic for a given seed (seconds on a CPU: ~5 s compile + ~2 s of steps). Each training example is
     drawn at one of the resolutions 8, 16, 32 (resized back to 8 as the network does), so the
-    accuracy holds whatever resolution the data pipeline uses. Adam(W) with cosine decay; the
-    whole loop is one jitted ``lax.scan``. The reported accuracy is on the held-out 8x8 digits.
+    accuracy holds whatever resolution the data pipeline uses. AdamW with cosine decay, one
+    jitted ``lax.scan`` (:func:`difflax.metrics.classifier.train_classifier`). The reported
+    accuracy is on the held-out 8x8 digits.
     """
     images, labels = real_digits(8)
     train_idx, test_idx = _split(len(labels))
     x_train = jnp.asarray(_resolution_round_trips(images[train_idx]))  # (3, n, 8, 8, 1)
     y_train = jnp.asarray(labels[train_idx])
-    model = DigitsClassifier()
-    key = jax.random.key(seed)
-    params = model.init(key, x_train[0, :1])["params"]
-    tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=1e-4)
 
-    def loss_fn(p, x, y):
-        _, logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(carry, i):
-        p, opt_state = carry
-        k_idx, k_res = jax.random.split(jax.random.fold_in(key, i))
+    def batch_fn(key):
+        k_idx, k_res = jax.random.split(key)
         idx = jax.random.randint(k_idx, (batch_size,), 0, x_train.shape[1])
         res = jax.random.randint(k_res, (batch_size,), 0, x_train.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(p, x_train[res, idx], y_train[idx])
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
+        return x_train[res, idx], y_train[idx]
 
-    @jax.jit
-    def run(p):
-        (p, _), losses = jax.lax.scan(step, (p, tx.init(p)), jnp.arange(steps))
-        return p, losses
-
-    params, _ = run(params)
-    params = jax.tree.map(np.asarray, params)
-    accuracy = class_accuracy(params, images[test_idx], labels[test_idx])
-    return TrainedDigitsClassifier(params, accuracy)
+    params = train_classifier(DigitsClassifier(), batch_fn, x_train[0, :1], seed=seed, steps=steps,
+                              learning_rate=learning_rate)
+    return TrainedClassifier(params, class_accuracy(params, images[test_idx], labels[test_idx]))
 
 
-def _cache_path(cache_dir: str | None) -> str:
-    return os.path.join(cache_dir or default_cache_dir(), f"digits_classifier_v{_CACHE_VERSION}.npz")
-
-
-def load_digits_classifier(cache_dir: str | None = None, *, retrain: bool = False) -> TrainedDigitsClassifier:
+def load_digits_classifier(cache_dir: str | None = None, *, retrain: bool = False) -> TrainedClassifier:
     """The trained digits classifier, from the cache or trained (seconds) and cached.
 
     Args:
       cache_dir: directory of the cache; default :func:`default_cache_dir`.
       retrain: train anew even if a cached copy exists (and overwrite it).
     """
-    path = _cache_path(cache_dir)
-    if not retrain and os.path.exists(path):
-        with np.load(path) as f:
-            flat = {tuple(k.split("/")[1:]): np.asarray(f[k]) for k in f.files if k.startswith("params/")}
-            return TrainedDigitsClassifier(traverse_util.unflatten_dict(flat), float(f["test_accuracy"]))
-    trained = train_digits_classifier()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    flat = {"params/" + "/".join(k): v for k, v in traverse_util.flatten_dict(trained.params).items()}
-    # write-then-rename, so concurrent processes never read a half-written file
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, test_accuracy=np.float64(trained.test_accuracy), **flat)
-    os.replace(tmp, path)
-    return trained
+    return cached_classifier(f"digits_classifier_v{_CACHE_VERSION}.npz",
+                             lambda: train_digits_classifier(), cache_dir, retrain)
 
 
 @jax.jit
@@ -199,9 +150,8 @@ def digits_logits(params, images) -> jax.Array:
 
 
 def class_accuracy(params, images, labels) -> float:
-    """Fraction of images whose predicted class equals ``labels`` (N,)."""
-    pred = np.asarray(jnp.argmax(digits_logits(params, images), axis=-1))
-    return float(np.mean(pred == np.asarray(labels)))
+    """Fraction of images whose predicted digits class equals ``labels`` (N,)."""
+    return classifier_accuracy(lambda x: digits_logits(params, x), images, labels)
 
 
 def digits_reference_stats(params, resolution: int = WORKING_RESOLUTION) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,8 @@ network, accumulates float64 statistics (:mod:`difflax.metrics.frechet`) and ret
 dict of metrics. Nothing but the running statistics is kept.
 
 Metrics: ``fd_digits`` and ``class_accuracy`` for the embedded digits
-(:func:`evaluate_digits`), ``fid`` with the FID Inception and published reference
+(:func:`evaluate_digits`), ``fd_mnist`` and ``class_accuracy`` for MNIST
+(:func:`evaluate_mnist`), each with bootstrap intervals, ``fid`` with the FID Inception and published reference
 statistics (:func:`inception_frechet_metric`).
 """
 from __future__ import annotations
@@ -28,13 +29,22 @@ from difflax.metrics.digits_features import (
     digits_reference_stats,
     load_digits_classifier,
 )
+from difflax.metrics.confidence import bootstrap_interval, frechet_bootstrap_interval
 from difflax.metrics.inception import inception_features
+from difflax.metrics.mnist_features import (
+    load_mnist_classifier,
+    mnist_features,
+    mnist_logits,
+    mnist_reference_stats,
+)
 
 __all__ = [
     "FrechetMetric",
     "evaluate_samples",
     "evaluate_digits",
+    "evaluate_mnist",
     "digits_frechet_metric",
+    "mnist_frechet_metric",
     "inception_frechet_metric",
     "dataset_stats",
     "quantize_to_uint8_levels",
@@ -75,7 +85,8 @@ def _split_batch(out):
 def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
                      frechet_metrics: Sequence[FrechetMetric] = (),
                      classify_fn: Callable[[jax.Array], jax.Array] | None = None,
-                     progress: bool = True, frechet_method: str = "sqrtm") -> dict[str, float]:
+                     progress: bool = True, frechet_method: str = "sqrtm",
+                     bootstrap: int = 0, level: float = 0.95) -> dict[str, float]:
     """Draws ``num_samples`` images in batches and computes metrics on the fly.
 
     Args:
@@ -91,36 +102,61 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
       progress: show a tqdm progress bar.
       frechet_method: "sqrtm" (pytorch-fid's computation) or "eigh" (same value, faster);
         see :func:`difflax.metrics.frechet_distance`.
+      bootstrap: if > 0, that many bootstrap resamples of the samples give a ``level``
+        interval (:mod:`difflax.metrics.confidence`) for each distance and the class
+        accuracy, as ``{name}_ci_low`` / ``{name}_ci_high``; the features (N, D) are then
+        kept in memory. The resamples are drawn with ``fold_in(key, number of batches)``,
+        the same indices for every metric.
+      level: confidence level of the bootstrap intervals.
     Returns:
-      ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``.
+      ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``,
+      plus the intervals' ends if ``bootstrap``.
     """
     if num_samples < 2:
         raise ValueError("need at least 2 samples for covariance statistics")
     stats = [None] * len(frechet_metrics)
-    correct = labelled = done = 0
+    kept = [[] for _ in frechet_metrics]  # features, for the bootstrap
+    hits = []  # (B,) bools per labelled batch
+    done = 0
+    num_batches = -(-num_samples // batch_size)
     with tqdm(total=num_samples, disable=not progress, unit="img", desc="evaluate") as bar:
-        for i in range(-(-num_samples // batch_size)):
+        for i in range(num_batches):
             images, labels = _split_batch(sample_fn(jax.random.fold_in(key, i), batch_size))
             take = min(batch_size, num_samples - done)
             images = images[:take]
             for j, metric in enumerate(frechet_metrics):
                 feats = np.asarray(metric.feature_fn(images), np.float64)
                 stats[j] = _frechet.update_stats(stats[j] or _frechet.init_stats(feats.shape[1]), feats)
+                if bootstrap:
+                    kept[j].append(feats)
             if labels is not None and classify_fn is not None:
                 pred = np.asarray(jnp.argmax(classify_fn(images), axis=-1))
-                correct += int(np.sum(pred == np.asarray(labels)[:take]))
-                labelled += take
+                hits.append(pred == np.asarray(labels)[:take])
             done += take
             bar.update(take)
     results: dict[str, float] = {}
-    for metric, s in zip(frechet_metrics, stats):
+    ci_key = jax.random.fold_in(key, num_batches)
+    for metric, s, feats in zip(frechet_metrics, stats, kept):
         mu, sigma = _frechet.stats_mean_cov(s)
         results[metric.name] = _frechet.frechet_distance(mu, sigma, metric.mu, metric.sigma,
                                                              method=frechet_method)
-    if labelled:
-        results["class_accuracy"] = correct / labelled
+        if bootstrap:
+            _add_interval(results, metric.name, frechet_bootstrap_interval(
+                np.concatenate(feats), metric.mu, metric.sigma, key=ci_key,
+                num_resamples=bootstrap, level=level))
+    if hits:
+        hits = np.concatenate(hits)
+        results["class_accuracy"] = float(hits.mean())
+        if bootstrap:
+            _add_interval(results, "class_accuracy", bootstrap_interval(
+                lambda idx: hits[idx].mean(), len(hits), key=ci_key, num_resamples=bootstrap,
+                level=level))
     results["num_samples"] = done
     return results
+
+
+def _add_interval(results, name, interval):
+    results[f"{name}_ci_low"], results[f"{name}_ci_high"] = interval
 
 
 def dataset_stats(batches: Iterable[jax.Array], feature_fn: Callable[[jax.Array], jax.Array],
@@ -140,34 +176,72 @@ def digits_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
     """``fd_digits``: Frechet distance in the digits classifier's 64-d feature space to the
     1797 real digits at ``resolution`` (brought there as the data pipeline does)."""
     mu, sigma = digits_reference_stats(classifier_params, resolution)
-
-    def feature_fn(images):
-        if images.shape[1:3] != (resolution, resolution):
-            raise ValueError(f"fd_digits reference is at {resolution}x{resolution}, "
-                             f"samples are {images.shape[1]}x{images.shape[2]}")
-        return digits_features(classifier_params, images)
-
-    return FrechetMetric("fd_digits", feature_fn, mu, sigma)
+    return FrechetMetric("fd_digits", _at_resolution("fd_digits", resolution,
+                                                     lambda x: digits_features(classifier_params, x)),
+                         mu, sigma)
 
 
 def evaluate_digits(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
-                    resolution: int = 16, cache_dir: str | None = None,
-                    progress: bool = True) -> dict[str, float]:
+                    resolution: int = 16, cache_dir: str | None = None, progress: bool = True,
+                    bootstrap: int = 200) -> dict[str, float]:
     """``fd_digits`` (and ``class_accuracy`` if ``sample_fn`` returns labels) of a digits model.
 
     The classifier comes from the cache (trained in seconds if absent, see
     :func:`difflax.metrics.load_digits_classifier`). The result also holds the classifier's
     held-out accuracy on real digits, ``digits_classifier_test_accuracy``, as the ceiling
-    that ``class_accuracy`` is to be read against.
+    that ``class_accuracy`` is to be read against, and 95% bootstrap intervals
+    (``fd_digits_ci_low`` / ``_ci_high``, ``class_accuracy_ci_low`` / ``_ci_high``) from
+    ``bootstrap`` resamples of the samples (0: none); see :func:`evaluate_samples`.
     """
     clf = load_digits_classifier(cache_dir)
-    metric = digits_frechet_metric(clf.params, resolution)
-    results = evaluate_samples(sample_fn, key=key, num_samples=num_samples, batch_size=batch_size,
-                               frechet_metrics=[metric],
-                               classify_fn=lambda x: digits_logits(clf.params, x),
-                               progress=progress)
-    results["digits_classifier_test_accuracy"] = clf.test_accuracy
-    return results
+    return _evaluate_with_classifier(
+        sample_fn, digits_frechet_metric(clf.params, resolution),
+        lambda x: digits_logits(clf.params, x), {"digits_classifier_test_accuracy": clf.test_accuracy},
+        key=key, num_samples=num_samples, batch_size=batch_size, progress=progress,
+        bootstrap=bootstrap)
+
+
+def mnist_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
+    """``fd_mnist``: Frechet distance in the MNIST classifier's 64-d feature space to the
+    10,000 MNIST test digits at ``resolution`` (see :mod:`difflax.metrics.mnist_features`)."""
+    mu, sigma = mnist_reference_stats(classifier_params, resolution)
+    return FrechetMetric("fd_mnist", _at_resolution("fd_mnist", resolution,
+                                                    lambda x: mnist_features(classifier_params, x)),
+                         mu, sigma)
+
+
+def evaluate_mnist(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
+                   resolution: int = 32, cache_dir: str | None = None, progress: bool = True,
+                   bootstrap: int = 200) -> dict[str, float]:
+    """``fd_mnist`` (and ``class_accuracy`` if ``sample_fn`` returns labels) of an MNIST model.
+
+    As :func:`evaluate_digits`, with the MNIST CNN (from the cache, or trained once in about
+    a minute, :func:`difflax.metrics.load_mnist_classifier`) and the 10k test digits as the
+    reference; ``mnist_classifier_test_accuracy`` is its accuracy on those test digits.
+    """
+    clf = load_mnist_classifier(cache_dir)
+    return _evaluate_with_classifier(
+        sample_fn, mnist_frechet_metric(clf.params, resolution),
+        lambda x: mnist_logits(clf.params, x), {"mnist_classifier_test_accuracy": clf.test_accuracy},
+        key=key, num_samples=num_samples, batch_size=batch_size, progress=progress,
+        bootstrap=bootstrap)
+
+
+def _at_resolution(name, resolution, feature_fn):
+    """feature_fn, refusing images at another resolution than the reference's."""
+
+    def checked(images):
+        if images.shape[1:3] != (resolution, resolution):
+            raise ValueError(f"{name} reference is at {resolution}x{resolution}, "
+                             f"samples are {images.shape[1]}x{images.shape[2]}")
+        return feature_fn(images)
+
+    return checked
+
+
+def _evaluate_with_classifier(sample_fn, metric, logits_fn, extra, **kwargs):
+    results = evaluate_samples(sample_fn, frechet_metrics=[metric], classify_fn=logits_fn, **kwargs)
+    return {**results, **extra}
 
 
 def inception_frechet_metric(inception_params, reference: str | tuple[np.ndarray, np.ndarray], *,
