@@ -164,3 +164,12 @@ def test_real_data_configs_train_one_step_on_mock_data(name, tmp_path):
         assert cli.main(["train", "--config", str(ROOT / "configs" / f"{name}.py") + ":smoke",
                          "--workdir", str(tmp_path)]) == 0
     assert (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_mnist_testbed_config_fits_mnist():
+    config = configs.load_config(str(ROOT / "configs" / "mnist_edm.py"))
+    configs.check_config(config, num_devices=4)
+    net = configs.denoiser_from_config(config).net
+    assert (net.img_resolution, net.in_channels, net.label_dim) == (32, 1, 10)
+    images, labels = next(data.batch_iterator("mnist", config.train.batch_size))
+    assert images.shape == (config.train.batch_size, 32, 32, 1) and labels.max() <= 9
