@@ -158,7 +158,7 @@ def test_loss_by_sigma_shapes_and_known_cases(tiny):
     assert plain["pixel"][0] < 1e-5  # EDM precond: D(x; sigma -> 0) -> x
     # the definition, by hand, at sigma = 0.5
     noise = jax.random.normal(key, x.shape)
-    d = den.apply(variables, x + 0.5 * noise, 0.5, labels)
+    d = jax.jit(den.apply)(variables, x + 0.5 * noise, 0.5, labels)
     np.testing.assert_allclose(plain["pixel"][1], jnp.mean((d - x) ** 2), rtol=1e-5)
     ones = denoising_loss_by_sigma(den, variables, x, labels, sigmas, feature_fn=flat, key=key,
                                    skip_scales=jnp.ones(4))
