@@ -19,7 +19,7 @@ def get_config(variant: str = ""):
                    attn_resolutions=(8,), dropout=0.0)
     # Constant lr after warm-up, so a longer run continues this one exactly (resume).
     c.train.update(steps=6000, batch_size=64, lr=1e-3, warmup_steps=200,
-                   ema_halflife_kimg=50.0, log_every=50, ckpt_every=500,
+                   ema_halflife_kimg=50.0, log_every=50, ckpt_every=200,
                    keep_checkpoints=1000, sample_every=1000)
     c.evaluate.update(samplers=("edm_heun:18", "deis_tab3:10"), num=2000, batch_size=250)
     if variant == "smoke":
