@@ -226,19 +226,43 @@ def test_bootstrap_interval_of_a_mean_covers_the_truth():
     assert covered >= 51  # nominal 95% of 60 = 57; 51 is 2.7 binomial sd below
 
 
-def test_frechet_bootstrap_interval_covers_the_exact_distance_and_is_deterministic():
+def test_frechet_jackknife_interval_is_centred_deterministic_and_checked():
     rng = np.random.default_rng(4)
     # features ~ N(0, diag(1, 4)); reference N((1, 0), I): d^2 = 1 + (2 - 1)^2 = 2
     feats = rng.normal(size=(4000, 2)) * np.array([1.0, 2.0])
     mu, sigma = np.array([1.0, 0.0]), np.eye(2)
     key = jax.random.key(0)
-    low, high = M.frechet_bootstrap_interval(feats, mu, sigma, key=key)
-    assert low < 2.0 < high
-    assert high - low < 0.5
-    assert M.frechet_bootstrap_interval(feats, mu, sigma, key=key) == (low, high)
-    assert M.frechet_bootstrap_interval(feats, mu, sigma, key=jax.random.key(1)) != (low, high)
+    low, high = M.frechet_jackknife_interval(feats, mu, sigma, key=key)
+    estimate = M.frechet_distance(*M.mean_cov(feats), mu, sigma, method="eigh")
+    assert (low + high) / 2 == pytest.approx(estimate, rel=1e-12)
+    assert low < 2.0 < high and high - low < 0.5
+    assert M.frechet_jackknife_interval(feats, mu, sigma, key=key) == (low, high)
+    assert M.frechet_jackknife_interval(feats, mu, sigma, key=jax.random.key(1)) != (low, high)
     with pytest.raises(ValueError, match="level"):
-        M.frechet_bootstrap_interval(feats, mu, sigma, key=key, level=95)
+        M.frechet_jackknife_interval(feats, mu, sigma, key=key, level=95)
+    with pytest.raises(ValueError, match="groups"):
+        M.frechet_jackknife_interval(feats[:5], mu, sigma, key=key)
+
+
+def test_frechet_jackknife_interval_has_the_spread_of_independent_sample_sets():
+    # Many features, few samples (the regime where a bootstrap fails: see confidence.py):
+    # the jackknife's half-width / t must match the spread of the distance over independent
+    # sample sets, and the intervals must cover the mean distance at this N as often as stated.
+    rng = np.random.default_rng(6)
+    d, n = 32, 300
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    sigma = a @ a.T + 0.1 * np.eye(d)
+    chol = np.linalg.cholesky(sigma)
+    draw = lambda: rng.normal(size=(n, d)) @ chol.T * 1.1 + 0.05
+    fd = lambda f: M.frechet_distance(*M.mean_cov(f), np.zeros(d), sigma, method="eigh")
+    spread = np.std([fd(draw()) for _ in range(60)], ddof=1)
+    centre = np.mean([fd(draw()) for _ in range(60)])
+    t = 2.0638985616280205  # t_{0.975, 24}
+    intervals = [M.frechet_jackknife_interval(draw(), np.zeros(d), sigma, key=jax.random.key(i))
+                 for i in range(30)]
+    se = np.median([(hi - lo) / (2 * t) for lo, hi in intervals])
+    assert 0.75 < se / spread < 1.5, (se, spread)
+    assert sum(lo <= centre <= hi for lo, hi in intervals) >= 25  # nominal 95% of 30
 
 
 def test_mean_interval_over_seeds():
@@ -269,13 +293,13 @@ def test_evaluate_samples_bootstrap_intervals():
     out = M.evaluate_samples(sample_fn, **kw)
     assert out == M.evaluate_samples(sample_fn, **kw)
     assert out["fd_flat_ci_low"] < out["fd_flat_ci_high"]
-    # the same resamples as a direct bootstrap over the drawn samples (key of batch 3)
+    # the same groups / resamples as direct intervals over the drawn samples (key of batch 3)
     batches = [sample_fn(jax.random.fold_in(kw["key"], i), 10) for i in range(3)]
     feats = np.concatenate([flat(np.asarray(b[0])) for b in batches]).astype(np.float64)
     hits = np.concatenate([np.asarray(b[1]) == 0 for b in batches])
     ci_key = jax.random.fold_in(kw["key"], 3)
     assert (out["fd_flat_ci_low"], out["fd_flat_ci_high"]) == pytest.approx(
-        M.frechet_bootstrap_interval(feats, np.zeros(4), np.eye(4), key=ci_key, num_resamples=50))
+        M.frechet_jackknife_interval(feats, np.zeros(4), np.eye(4), key=ci_key, groups=25))
     assert (out["class_accuracy_ci_low"], out["class_accuracy_ci_high"]) == pytest.approx(
         M.bootstrap_interval(lambda idx: hits[idx].mean(), 30, key=ci_key, num_resamples=50))
     assert out["class_accuracy_ci_low"] <= out["class_accuracy"] <= out["class_accuracy_ci_high"]

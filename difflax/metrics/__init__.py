@@ -2,7 +2,7 @@
 fd_mnist with small classifiers), class accuracy, reference statistics, batched evaluation,
 bootstrap / seed intervals, and LPIPS."""
 from difflax.metrics.classifier import TrainedClassifier, default_cache_dir
-from difflax.metrics.confidence import bootstrap_interval, frechet_bootstrap_interval, mean_interval
+from difflax.metrics.confidence import bootstrap_interval, frechet_jackknife_interval, mean_interval
 from difflax.metrics.digits_features import (
     DigitsClassifier,
     class_accuracy,
@@ -55,7 +55,7 @@ from difflax.metrics.inception import (
 
 __all__ = [
     "TrainedClassifier", "default_cache_dir",
-    "bootstrap_interval", "frechet_bootstrap_interval", "mean_interval",
+    "bootstrap_interval", "frechet_jackknife_interval", "mean_interval",
     "DigitsClassifier", "class_accuracy",
     "digits_features", "digits_logits", "digits_reference_stats", "load_digits_classifier",
     "real_digits", "train_digits_classifier",

@@ -29,7 +29,7 @@ from difflax.metrics.digits_features import (
     digits_reference_stats,
     load_digits_classifier,
 )
-from difflax.metrics.confidence import bootstrap_interval, frechet_bootstrap_interval
+from difflax.metrics.confidence import bootstrap_interval, frechet_jackknife_interval
 from difflax.metrics.inception import inception_features
 from difflax.metrics.mnist_features import (
     load_mnist_classifier,
@@ -102,12 +102,12 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
       progress: show a tqdm progress bar.
       frechet_method: "sqrtm" (pytorch-fid's computation) or "eigh" (same value, faster);
         see :func:`difflax.metrics.frechet_distance`.
-      bootstrap: if > 0, that many bootstrap resamples of the samples give a ``level``
-        interval (:mod:`difflax.metrics.confidence`) for each distance and the class
-        accuracy, as ``{name}_ci_low`` / ``{name}_ci_high``; the features (N, D) are then
-        kept in memory. The resamples are drawn with ``fold_in(key, number of batches)``,
-        the same indices for every metric.
-      level: confidence level of the bootstrap intervals.
+      bootstrap: if > 0, ``level`` intervals (:mod:`difflax.metrics.confidence`) as
+        ``{name}_ci_low`` / ``{name}_ci_high``: each distance's from the delete-a-group
+        jackknife (25 groups; the bootstrap is biased for Frechet distances), the class
+        accuracy's from that many bootstrap resamples. The features (N, D) are then kept in
+        memory. Groups and resamples are drawn with ``fold_in(key, number of batches)``.
+      level: confidence level of the intervals.
     Returns:
       ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``,
       plus the intervals' ends if ``bootstrap``.
@@ -115,7 +115,7 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
     if num_samples < 2:
         raise ValueError("need at least 2 samples for covariance statistics")
     stats = [None] * len(frechet_metrics)
-    kept = [[] for _ in frechet_metrics]  # features, for the bootstrap
+    kept = [[] for _ in frechet_metrics]  # features, for the intervals
     hits = []  # (B,) bools per labelled batch
     done = 0
     num_batches = -(-num_samples // batch_size)
@@ -141,9 +141,9 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
         results[metric.name] = _frechet.frechet_distance(mu, sigma, metric.mu, metric.sigma,
                                                              method=frechet_method)
         if bootstrap:
-            _add_interval(results, metric.name, frechet_bootstrap_interval(
+            _add_interval(results, metric.name, frechet_jackknife_interval(
                 np.concatenate(feats), metric.mu, metric.sigma, key=ci_key,
-                num_resamples=bootstrap, level=level))
+                groups=min(25, done), level=level))
     if hits:
         hits = np.concatenate(hits)
         results["class_accuracy"] = float(hits.mean())
