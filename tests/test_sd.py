@@ -142,3 +142,42 @@ def test_clip_text_encoder_rejects_unknown_activation(tmp_path):
 
     with pytest.raises(ValueError, match="hidden_act='relu'.*gelu"):
         clip_text_config_from_transformers({"hidden_act": "relu"})
+
+
+def write_tiny_tokenizer(folder, pad_token):
+    """A CLIP tokenizer folder with the 256 byte symbols (alone and word-final) and a few
+    merges, in the files of an SD checkpoint's tokenizer/ folder."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = ["h e", "l l", "he ll", "hell o</w>", "w o", "r l", "rl d</w>", "wo rld</w>",
+              "a n", "an d</w>"]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": 16, "pad_token": pad_token, "bos_token": "<|startoftext|>",
+         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_clip_tokenizer_matches_transformers(pad_token, tmp_path):
+    from difflax.models import load_clip_tokenizer
+
+    write_tiny_tokenizer(tmp_path, pad_token)
+    prompts = ["Hello  World!", "hello and the world's 42 \u00e9t\u00e9s", "",
+               "hello world " * 10]  # the last is truncated
+    want = transformers.CLIPTokenizer.from_pretrained(tmp_path)(
+        prompts, padding="max_length", max_length=16, truncation=True).input_ids
+    got = load_clip_tokenizer(tmp_path)(prompts)
+    assert got.shape == (4, 16) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.array(want))
+    assert len(set(got[0])) > 4  # merges applied: hello</w>, world</w>, !, specials
+
+
+def test_clip_tokenizer_missing_files(tmp_path):
+    from difflax.models import load_clip_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        load_clip_tokenizer(tmp_path)

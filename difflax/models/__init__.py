@@ -1,6 +1,7 @@
-"""Pure Flax model definitions: EDM UNets, preconditioning, SD's autoencoder, UNet and CLIP text
-encoder, weight conversion."""
+"""Pure Flax model definitions: EDM UNets, preconditioning, SD's autoencoder, UNet, CLIP text
+encoder and tokenizer, weight conversion."""
 from difflax.models.clip import CLIPTextConfig, CLIPTextTransformer, load_clip_text_encoder
+from difflax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
 from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.convert import config_from_edm, convert_state_dict, load_edm, read_edm_snapshot
 from difflax.models.gri_attention import GRIConfig, gri_attention
@@ -20,4 +21,5 @@ __all__ = [
     "skip_connections", "AutoencoderKL", "VAEConfig", "load_vae",
     "SDUNet", "SDUNetConfig", "load_sd_unet", "sd_skip_connections",
     "CLIPTextConfig", "CLIPTextTransformer", "load_clip_text_encoder",
+    "CLIPTokenizer", "load_clip_tokenizer",
 ]
