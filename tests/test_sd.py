@@ -181,3 +181,17 @@ def test_clip_tokenizer_missing_files(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         load_clip_tokenizer(tmp_path)
+
+
+def test_clip_tokenizer_reads_tokenizer_json(tmp_path):
+    """transformers 5 saves a tokenizer folder as tokenizer.json, without vocab.json."""
+    from difflax.models import load_clip_tokenizer
+
+    (tmp_path / "src").mkdir()
+    write_tiny_tokenizer(tmp_path / "src", "!")
+    reference = transformers.CLIPTokenizer.from_pretrained(tmp_path / "src")
+    reference.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "vocab.json").exists()
+    prompts = ["Hello, world! and hello"]
+    want = reference(prompts, padding="max_length", max_length=16, truncation=True).input_ids
+    np.testing.assert_array_equal(load_clip_tokenizer(tmp_path / "saved")(prompts), want)

@@ -1,6 +1,7 @@
 """CLIP's tokenizer (Radford et al. 2021, Sec. 2.4: lower-cased byte-level BPE, 49152 merges)
-from a local tokenizer/ folder of a Stable Diffusion checkpoint (vocab.json, merges.txt,
-tokenizer_config.json / special_tokens_map.json), run by HF's `tokenizers` package.
+from a local tokenizer/ folder of a Stable Diffusion checkpoint (vocab.json and merges.txt,
+or tokenizer.json; tokenizer_config.json / special_tokens_map.json), run by HF's `tokenizers`
+package.
 
 Text -> NFC, runs of whitespace -> one space, lower case -> split into CLIP's pre-tokens
 (the special tokens, 's 't 're 've 'm 'll 'd, letter runs, single digits, other non-space
@@ -12,11 +13,12 @@ ask transformers' CLIPTokenizer for (padding="max_length", truncation=True).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
+
+from difflax.models.diffusers_weights import read_json
 
 # CLIP's pre-tokenisation pattern (openai/CLIP simple_tokenizer.py)
 PRETOKEN_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"
@@ -25,19 +27,12 @@ _DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 77}
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def _token_settings(folder: str) -> dict:
     """Special tokens and max length from tokenizer_config.json, then special_tokens_map.json
     (entries may be strings or {"content": ...} dicts)."""
     settings = dict(_DEFAULTS)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        for key, value in _read_json(os.path.join(folder, name)).items():
+        for key, value in read_json(os.path.join(folder, name)).items():
             if key in settings and value is not None:
                 settings[key] = value["content"] if isinstance(value, dict) else value
     settings["model_max_length"] = min(int(settings["model_max_length"]), 77)
@@ -48,11 +43,10 @@ class CLIPTokenizer:
     """`tokenizer(prompts)` -> input ids (B, max_length) int32; `tokenizer.encode(prompt)`
     -> the BPE ids of one prompt, without bos/eos."""
 
-    def __init__(self, vocab_file: str, merges_file: str, settings: dict):
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], settings: dict):
         from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
-        vocab, merges = BPE.read_file(vocab_file, merges_file)
         self.max_length = settings["model_max_length"]
         bpe = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                   fuse_unk=False, unk_token=settings["unk_token"])
@@ -69,7 +63,7 @@ class CLIPTokenizer:
         ids = {k: vocab.get(settings[k]) for k in ("bos_token", "eos_token", "pad_token")}
         missing = [settings[k] for k, v in ids.items() if v is None]
         if missing:
-            raise ValueError(f"special token(s) {missing} are not in {vocab_file}")
+            raise ValueError(f"special token(s) {missing} are not in the vocabulary")
         self.bos_id, self.eos_id, self.pad_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
 
     def encode(self, prompt: str) -> list[int]:
@@ -84,16 +78,28 @@ class CLIPTokenizer:
         return out
 
 
+def _vocab_and_merges(path: str) -> tuple[dict, list]:
+    """vocab.json + merges.txt (the Hub's SD folders), else the BPE model of tokenizer.json
+    (what transformers 5 saves)."""
+    vocab_file, merges_file = (os.path.join(path, n) for n in ("vocab.json", "merges.txt"))
+    if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+        with open(merges_file, encoding="utf-8") as f:
+            lines = [line.split() for line in f.read().splitlines()
+                     if line and not line.startswith("#version")]
+        return read_json(vocab_file), [tuple(pair) for pair in lines]
+    model = read_json(os.path.join(path, "tokenizer.json")).get("model", {})
+    if model.get("type") != "BPE":
+        raise FileNotFoundError(f"no vocab.json + merges.txt (or BPE tokenizer.json) in {path}: "
+                                "pass a local CLIP tokenizer folder, e.g. the tokenizer/ folder "
+                                "of a Stable Diffusion checkpoint")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
 def load_clip_tokenizer(path: str | os.PathLike) -> CLIPTokenizer:
     """CLIP's tokenizer from a local folder with vocab.json and merges.txt (e.g. the
-    tokenizer/ folder of a Stable Diffusion checkpoint); special tokens and max length from
-    its tokenizer_config.json / special_tokens_map.json if present (else CLIP's: 77 tokens,
-    pad = eos = <|endoftext|>)."""
+    tokenizer/ folder of a Stable Diffusion checkpoint) or the tokenizer.json of a BPE
+    tokenizer; special tokens and max length from its tokenizer_config.json /
+    special_tokens_map.json if present (else CLIP's: 77 tokens, pad = eos = <|endoftext|>)."""
     path = os.fspath(path)
-    files = [os.path.join(path, name) for name in ("vocab.json", "merges.txt")]
-    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"{missing} not in {path}: pass a local CLIP tokenizer folder "
-                                "(vocab.json + merges.txt), e.g. the tokenizer/ folder of a "
-                                "Stable Diffusion checkpoint")
-    return CLIPTokenizer(*files, _token_settings(path))
+    return CLIPTokenizer(*_vocab_and_merges(path), _token_settings(path))

@@ -4,6 +4,7 @@ safetensors' numpy API (no torch), and the PyTorch -> Flax layout rules shared b
 of the SD autoencoder, the SD UNet and the CLIP text encoder.
 
     read_pretrained_folder(path, what)  -> (config dict, {torch name: float32 numpy array})
+    read_json(path)                     -> dict, {} for a missing (optional) file
     flax_path(name, ndim)               "a.blocks.0.norm.weight" -> ("a", "blocks_0", "norm", "scale")
     flax_layout(value)                  conv OIHW -> HWIO, linear (out, in) -> (in, out)
 """
@@ -34,6 +35,14 @@ def weights_file(path: str) -> str:
     return found[0]
 
 
+def read_json(path: str) -> dict:
+    """A JSON file as a dict; {} if the file does not exist (optional config files)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_pretrained_folder(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
     """A local model folder (config.json + *.safetensors) -> (config dict, state dict of
     float32 numpy arrays under the PyTorch names). `what` names the expected folder in the
@@ -46,8 +55,7 @@ def read_pretrained_folder(path: str | os.PathLike, what: str) -> tuple[dict, di
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path}: pass a local {what} (config.json + "
                                 "*.safetensors), downloaded beforehand")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path)
     state = {k: np.asarray(v, np.float32) for k, v in load_file(weights_file(path)).items()}
     return config, state
 
