@@ -30,13 +30,13 @@ def max_rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-def perturbed(model):
+def perturbed(model, seed=1, scale=0.2):
     """Moves every weight away from its initial value (zero-initialised output layers, unit
     norms), so that every parameter matters in the comparison."""
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     return model.eval()
 
 

@@ -4,15 +4,12 @@ import numpy as np
 import pytest
 
 from difflax.pipelines import SDScheduler, StableDiffusion, scheduler_from_diffusers
+from test_sd import SD1, perturbed, write_tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=2, norm_num_groups=8)
 VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -20,20 +17,10 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 PROMPTS = ["hello world", "and hello"]
 
 
-def perturbed(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
 def folders(request, tmp_path_factory):
     """A tiny diffusers StableDiffusionPipeline (SD 1.x-like for epsilon, SD 2.x-like with
     gelu and v-prediction) saved with save_pretrained."""
-    from test_sd import write_tiny_tokenizer
-
     tok_dir = tmp_path_factory.mktemp("tok")
     write_tiny_tokenizer(tok_dir, "<|endoftext|>" if request.param == "epsilon" else "!")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
@@ -44,9 +31,9 @@ def folders(request, tmp_path_factory):
         hidden_act="quick_gelu" if request.param == "epsilon" else "gelu")
     pipe = diffusers.StableDiffusionPipeline(
         unet=perturbed(diffusers.UNet2DConditionModel(
-            **UNET, use_linear_projection=request.param != "epsilon"), 1),
-        vae=perturbed(diffusers.AutoencoderKL(**VAE), 2),
-        text_encoder=perturbed(transformers.CLIPTextModel(text), 3), tokenizer=tokenizer,
+            **{**SD1, "use_linear_projection": request.param != "epsilon"}), 1, 0.1),
+        vae=perturbed(diffusers.AutoencoderKL(**VAE), 2, 0.1),
+        text_encoder=perturbed(transformers.CLIPTextModel(text), 3, 0.1), tokenizer=tokenizer,
         scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER, prediction_type=request.param),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("sd")
