@@ -70,6 +70,9 @@ class CLIPTextTransformer(nn.Module):
     def __call__(self, input_ids):
         cfg = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"{input_ids.shape[1]} tokens; this text encoder takes at most "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
         tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding")(input_ids)
         positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                              name="position_embedding")(jnp.arange(input_ids.shape[1]))

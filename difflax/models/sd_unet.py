@@ -281,6 +281,10 @@ class SDUNet(nn.Module):
         self.conv_out = _conv(cfg.out_channels, "conv_out")
 
     def __call__(self, latents, timesteps, encoder_hidden_states, skip_scales=None):
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        if latents.shape[1] % factor or latents.shape[2] % factor:
+            raise ValueError(f"latents of size {latents.shape[1:3]}: height and width must be "
+                             f"divisible by {factor} (2 ** (levels - 1))")
         temb = self.embed_time(timesteps, latents.shape[0])
         h, skips = self.encode(latents, temb, encoder_hidden_states)
         h = self.middle(h, temb, encoder_hidden_states)
