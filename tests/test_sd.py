@@ -77,6 +77,9 @@ def test_sd_unet_matches_diffusers(unet_ref):
     assert max_rel_err(out, ref["out"]) < 1e-4
     plain = ref["unet"].apply(ref["variables"], ref["latents"], ref["timesteps"], ref["context"])
     np.testing.assert_allclose(plain, out, rtol=1e-5, atol=1e-5)  # ones == no scales
+    with pytest.raises(ValueError, match=r"\(7, 7\).*divisible by"):
+        ref["unet"].apply(ref["variables"], ref["latents"][:, :7, :7], ref["timesteps"],
+                          ref["context"])
 
 
 def test_sd_unet_skip_scales_match_scaled_skips_in_diffusers(unet_ref):
@@ -135,6 +138,8 @@ def test_clip_text_encoder_matches_transformers(act, tmp_path):
     hidden = text.apply(variables, ids)
     assert hidden.shape == (3, 12, 32)
     assert max_rel_err(hidden, want) < 1e-4
+    with pytest.raises(ValueError, match="max_position_embeddings=12"):
+        text.apply(variables, np.zeros((1, 13), np.int32))
 
 
 def test_clip_text_encoder_rejects_unknown_activation(tmp_path):
