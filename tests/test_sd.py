@@ -23,6 +23,14 @@ SD2 = dict(sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=2,
            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
            cross_attention_dim=24, attention_head_dim=[2, 4, 4], norm_num_groups=8,
            use_linear_projection=True, upcast_attention=True)
+# SDXL-like: no attention at full resolution, 2 transformer layers, text_time embedding
+SDXL = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
+            attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2], norm_num_groups=8,
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8)
+CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 
 
 def max_rel_err(a, b):
@@ -45,6 +53,8 @@ nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def unet_reference(tmp_path_factory, kwargs):
+    """The diffusers UNet for `kwargs` with perturbed weights, saved to a folder, and its
+    output on fixed inputs (NHWC)."""
     torch.manual_seed(0)
     model = perturbed(diffusers.UNet2DConditionModel(**kwargs))
     folder = tmp_path_factory.mktemp("unet")
@@ -53,18 +63,25 @@ def unet_reference(tmp_path_factory, kwargs):
     latents = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
     timesteps = np.array([3.0, 801.0], np.float32)
     context = rng.normal(size=(2, 5, kwargs["cross_attention_dim"])).astype(np.float32)
+    added = {}
+    if kwargs.get("addition_embed_type") == "text_time":  # SDXL: pooled text, 6 size ids
+        added = dict(text_embeds=rng.normal(size=(2, 12)).astype(np.float32),
+                     time_ids=np.array([[16, 16, 0, 0, 16, 16], [24, 8, 2, 4, 16, 16]], np.float32))
+    torch_added = {k: torch.from_numpy(v) for k, v in added.items()}
     with torch.no_grad():
-        out = model(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+        out = model(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context),
+                    added_cond_kwargs=torch_added or None).sample
     return dict(model=model, folder=folder, latents=latents, timesteps=timesteps,
-                context=context, out=nhwc(out))
+                context=context, added=added, torch_added=torch_added or None, out=nhwc(out))
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def unet_ref(request, tmp_path_factory):
-    ref = unet_reference(tmp_path_factory, SD1 if request.param == "sd1" else SD2)
+    ref = unet_reference(tmp_path_factory, CONFIGS[request.param])
     unet, variables = load_sd_unet(ref["folder"])
     ref.update(unet=unet, variables=variables,
-               apply=jax.jit(lambda v, x, t, c, s: unet.apply(v, x, t, c, skip_scales=s)))
+               apply=jax.jit(lambda v, x, t, c, s: unet.apply(v, x, t, c, skip_scales=s,
+                                                               **ref["added"])))
     return ref
 
 
@@ -75,8 +92,12 @@ def test_sd_unet_matches_diffusers(unet_ref):
                        jnp.ones(n))
     assert out.shape == ref["out"].shape
     assert max_rel_err(out, ref["out"]) < 1e-4
-    plain = ref["unet"].apply(ref["variables"], ref["latents"], ref["timesteps"], ref["context"])
+    plain = ref["unet"].apply(ref["variables"], ref["latents"], ref["timesteps"], ref["context"],
+                              **ref["added"])
     np.testing.assert_allclose(plain, out, rtol=1e-5, atol=1e-5)  # ones == no scales
+    if ref["added"]:
+        with pytest.raises(ValueError, match="text_embeds= and time_ids="):
+            ref["unet"].apply(ref["variables"], ref["latents"], ref["timesteps"], ref["context"])
     with pytest.raises(ValueError, match=r"\(7, 7\).*divisible by"):
         ref["unet"].apply(ref["variables"], ref["latents"][:, :7, :7], ref["timesteps"],
                           ref["context"])
@@ -93,7 +114,7 @@ def test_sd_unet_skip_scales_match_scaled_skips_in_diffusers(unet_ref):
               for b in model.down_blocks]
     args = nchw(ref["latents"]), torch.from_numpy(ref["timesteps"]), torch.from_numpy(ref["context"])
     with torch.no_grad():
-        model(*args)
+        model(*args, added_cond_kwargs=ref["torch_added"])
     for h in hooks:
         h.remove()
     connections = sd_skip_connections(ref["unet"].config)
@@ -102,7 +123,8 @@ def test_sd_unet_skip_scales_match_scaled_skips_in_diffusers(unet_ref):
     scales = np.linspace(0.6, 1.3, len(skips)).astype(np.float32)
     extra = tuple((float(s) - 1.0) * t for s, t in zip(scales, skips))
     with torch.no_grad():
-        want = model(*args, down_block_additional_residuals=extra,
+        want = model(*args, added_cond_kwargs=ref["torch_added"],
+                     down_block_additional_residuals=extra,
                      mid_block_additional_residual=torch.zeros_like(skips[-1])).sample
     out = ref["apply"](ref["variables"], ref["latents"], ref["timesteps"], ref["context"],
                        jnp.asarray(scales))
@@ -114,8 +136,8 @@ def test_sd_unet_config_errors():
     with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D.*CrossAttnDownBlock2D"):
         sd_unet_config_from_diffusers({**SD1, "down_block_types": ["SimpleCrossAttnDownBlock2D",
                                                                    "DownBlock2D"]})
-    with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
-        sd_unet_config_from_diffusers({**SD1, "addition_embed_type": "text_time"})
+    with pytest.raises(ValueError, match="addition_embed_type entry 'text'.*text_time"):
+        sd_unet_config_from_diffusers({**SD1, "addition_embed_type": "text"})
     with pytest.raises(ValueError, match="mid_block_type entry 'UNetMidBlock2D'"):
         sd_unet_config_from_diffusers({**SD1, "mid_block_type": "UNetMidBlock2D"})
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -1,5 +1,6 @@
 """Stable Diffusion's UNet (LDM, Rombach et al. 2022, Sec. 3.3 and App. E) in Flax, NHWC, with
-the layout and parameter names of diffusers' `UNet2DConditionModel` (SD 1.x and SD 2.x).
+the layout and parameter names of diffusers' `UNet2DConditionModel` (SD 1.x and SD 2.x; also
+SDXL's UNet, whose "text_time" embedding adds pooled-text and size conditioning to temb).
 
 The forward pass is five stages, each a method usable on its own (feature-reuse plans and
 Skip-Tuning work on them):
@@ -34,6 +35,7 @@ from difflax.models.unet import SkipConnection
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,9 @@ class SDUNetConfig:
     expands diffusers' ints).
 
     attention_head_dim: the number of attention heads per block (diffusers' naming).
+    addition_embed_type: None, or SDXL's "text_time" (Podell et al. 2023, Sec. 2.2): the
+    pooled text embedding and the size/crop conditioning `time_ids` (each embedded like a
+    timestep at addition_time_embed_dim) go through `add_embedding` into temb.
     sample_size: the latent resolution trained on (SD 1.5: 64); only the skip list's
     resolutions use it, the network runs at any size divisible by 2 ** (levels - 1).
     """
@@ -62,6 +67,9 @@ class SDUNetConfig:
     use_linear_projection: bool = False
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
 
 def _group_norm(config: SDUNetConfig, name: str, eps: float | None = None) -> nn.GroupNorm:
@@ -274,30 +282,42 @@ class SDUNet(nn.Module):
         levels = len(cfg.block_out_channels)
         self.conv_in = _conv(cfg.block_out_channels[0], "conv_in")
         self.time_embedding = TimestepEmbedding(4 * cfg.block_out_channels[0])
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(4 * cfg.block_out_channels[0])
         self.down_blocks = [DownBlock(i, cfg) for i in range(levels)]
         self.mid_block = MidBlock(cfg) if cfg.mid_block_type else None
         self.up_blocks = [UpBlock(i, cfg) for i in range(levels)]
         self.conv_norm_out = _group_norm(cfg, "conv_norm_out")
         self.conv_out = _conv(cfg.out_channels, "conv_out")
 
-    def __call__(self, latents, timesteps, encoder_hidden_states, skip_scales=None):
+    def __call__(self, latents, timesteps, encoder_hidden_states, skip_scales=None, *,
+                 text_embeds=None, time_ids=None):
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         if latents.shape[1] % factor or latents.shape[2] % factor:
             raise ValueError(f"latents of size {latents.shape[1:3]}: height and width must be "
                              f"divisible by {factor} (2 ** (levels - 1))")
-        temb = self.embed_time(timesteps, latents.shape[0])
+        temb = self.embed_time(timesteps, latents.shape[0], text_embeds, time_ids)
         h, skips = self.encode(latents, temb, encoder_hidden_states)
         h = self.middle(h, temb, encoder_hidden_states)
         h = self.decode(h, skips, temb, encoder_hidden_states, skip_scales)
         return self.output(h)
 
-    def embed_time(self, timesteps, batch: int):
-        """timesteps (B,) or scalar (SD's discrete t in [0, 1000)) -> temb (B, 4 C0)."""
+    def embed_time(self, timesteps, batch: int, text_embeds=None, time_ids=None):
+        """timesteps (B,) or scalar (SD's discrete t in [0, 1000)) -> temb (B, 4 C0); with
+        addition_embed_type "text_time", plus add_embedding([text_embeds, features(time_ids)])."""
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
         cfg = self.config
         feats = timestep_features(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
                                   cfg.freq_shift)
-        return self.time_embedding(feats)
+        temb = self.time_embedding(feats)
+        if cfg.addition_embed_type != "text_time":
+            return temb
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type 'text_time', SDXL) needs "
+                             "text_embeds= and time_ids=")
+        ids = timestep_features(jnp.ravel(time_ids), cfg.addition_time_embed_dim,
+                                cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
+        return temb + self.add_embedding(jnp.concatenate([text_embeds, ids], axis=-1))
 
     def encode(self, latents, temb, context):
         """conv_in and the down blocks: -> (h, skips), skips in `sd_skip_connections` order."""

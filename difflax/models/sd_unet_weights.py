@@ -11,24 +11,24 @@ from flax import traverse_util
 
 from difflax.models.convert import fitted_variables
 from difflax.models.diffusers_weights import flax_layout, flax_path, read_pretrained_folder
-from difflax.models.sd_unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, SDUNet, SDUNetConfig
+from difflax.models.sd_unet import (ADDITION_EMBED_TYPES, DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS,
+                                    SDUNet, SDUNetConfig)
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SDUNetConfig))
 _PER_BLOCK = ("layers_per_block", "attention_head_dim", "transformer_layers_per_block")
 # config.json keys that do not change the network in float32 inference
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "cross_attention_dim",
-            "upcast_attention", "dropout", "addition_time_embed_dim",
-            "addition_embed_type_num_heads"}
+            "upcast_attention", "dropout", "addition_embed_type_num_heads"}
 # keys whose only implemented value is diffusers' default (SD 1.x and 2.x use it)
 _DEFAULTS = {
     "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "class_embed_type": None, "num_class_embeds": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "num_attention_heads": None, "reverse_transformer_layers_per_block": None,
@@ -54,8 +54,8 @@ def _check_block_types(key: str, types, supported) -> None:
 
 def sd_unet_config_from_diffusers(config: dict) -> SDUNetConfig:
     """A diffusers `UNet2DConditionModel` config.json (as a dict) -> SDUNetConfig. Per-block
-    ints are expanded to tuples; anything not implemented (SDXL's text_time embedding, other
-    block types, ...) raises an error naming the key, its value and the supported ones."""
+    ints are expanded to tuples; anything not implemented (other block types, Kandinsky's
+    embeddings, ...) raises an error naming the key, its value and the supported ones."""
     name = config.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
         raise ValueError(f"config is for {name!r}, not 'UNet2DConditionModel' (the one class "
@@ -87,6 +87,7 @@ def sd_unet_config_from_diffusers(config: dict) -> SDUNetConfig:
     _check_block_types("down_block_types", cfg.down_block_types, DOWN_BLOCKS)
     _check_block_types("up_block_types", cfg.up_block_types, UP_BLOCKS)
     _check_block_types("mid_block_type", [cfg.mid_block_type], MID_BLOCKS)
+    _check_block_types("addition_embed_type", [cfg.addition_embed_type], ADDITION_EMBED_TYPES)
     for key in ("down_block_types", "up_block_types") + _PER_BLOCK:
         if len(getattr(cfg, key)) != levels:
             raise ValueError(f"{key} has {len(getattr(cfg, key))} entries, block_out_channels "
@@ -105,7 +106,11 @@ def init_sd_unet(config: SDUNetConfig, key, cross_attention_dim: int = 8) -> dic
     r = 2 ** (len(config.block_out_channels) - 1)
     args = (jnp.zeros((1, r, r, config.in_channels)), jnp.zeros((1,)),
             jnp.zeros((1, 1, cross_attention_dim)))
-    return SDUNet(config).init(key, *args)
+    added = {}
+    if config.addition_embed_type == "text_time":  # one time id, the rest text embedding
+        width = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
+        added = dict(text_embeds=jnp.zeros((1, width)), time_ids=jnp.zeros((1, 1)))
+    return SDUNet(config).init(key, *args, **added)
 
 
 def convert_sd_unet_state_dict(state_dict, config: SDUNetConfig) -> dict:
