@@ -162,6 +162,17 @@ def test_clip_text_encoder_matches_transformers(act, tmp_path):
     assert max_rel_err(hidden, want) < 1e-4
     with pytest.raises(ValueError, match="max_position_embeddings=12"):
         text.apply(variables, np.zeros((1, 13), np.int32))
+    if act == "gelu":  # older folders (the Hub's SD checkpoints): text_model. names, position_ids
+        from safetensors.numpy import load_file, save_file
+
+        old = tmp_path / "old"
+        old.mkdir()
+        (old / "config.json").write_text((tmp_path / "config.json").read_text())
+        state = {f"text_model.{k}": v for k, v in load_file(tmp_path / "model.safetensors").items()}
+        state["text_model.embeddings.position_ids"] = np.arange(12)[None]
+        save_file(state, old / "model.safetensors")
+        text, variables = load_clip_text_encoder(old)
+        np.testing.assert_array_equal(text.apply(variables, ids), hidden)
 
 
 def test_clip_text_encoder_rejects_unknown_activation(tmp_path):
