@@ -132,6 +132,21 @@ def test_sd_unet_skip_scales_match_scaled_skips_in_diffusers(unet_ref):
     assert max_rel_err(out, ref["out"]) > 1e-2  # the scales matter
 
 
+def test_sd_unet_skip_scales_are_data(unet_ref):
+    """vmap over a stack of scale settings is one call and equals each setting alone."""
+    ref = unet_ref
+    if ref["added"] or ref["unet"].config.use_linear_projection:
+        pytest.skip("one config is enough")
+    n = len(sd_skip_connections(ref["unet"].config))
+    stack = jnp.stack([jnp.ones(n), jnp.linspace(0.5, 1.5, n)])
+    both = jax.vmap(lambda s: ref["apply"](ref["variables"], ref["latents"], ref["timesteps"],
+                                           ref["context"], s))(stack)
+    for setting, out in zip(stack, both):
+        one = ref["apply"](ref["variables"], ref["latents"], ref["timesteps"], ref["context"],
+                           setting)
+        np.testing.assert_allclose(out, one, rtol=1e-4, atol=1e-5)
+
+
 def test_sd_unet_config_errors():
     with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D.*CrossAttnDownBlock2D"):
         sd_unet_config_from_diffusers({**SD1, "down_block_types": ["SimpleCrossAttnDownBlock2D",
