@@ -1,8 +1,13 @@
-"""Pure Flax model definitions: EDM UNets, preconditioning, SD's autoencoder, weight conversion."""
+"""Pure Flax model definitions: EDM UNets, preconditioning, SD's autoencoder, UNet, CLIP text
+encoder and tokenizer, weight conversion."""
+from difflax.models.clip import CLIPTextConfig, CLIPTextTransformer, load_clip_text_encoder
+from difflax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
 from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.convert import config_from_edm, convert_state_dict, load_edm, read_edm_snapshot
 from difflax.models.gri_attention import GRIConfig, gri_attention
 from difflax.models.precond import PRECONDS, Denoiser
+from difflax.models.sd_unet import SDUNet, SDUNetConfig, sd_skip_connections
+from difflax.models.sd_unet_weights import load_sd_unet
 from difflax.models.vae import AutoencoderKL, VAEConfig, load_vae
 from difflax.models.unet import (MODEL_TYPES, DhariwalUNet, FeatureNode, SkipConnection, SongUNet,
                                  UNetConfig, adm, ddpmpp, feature_nodes, make_unet, ncsnpp,
@@ -14,4 +19,7 @@ __all__ = [
     "SongUNet", "UNetConfig", "adm", "config_from_edm", "convert_state_dict", "ddpmpp",
     "feature_nodes", "load_edm", "make_unet", "ncsnpp", "nodes_to_compute", "read_edm_snapshot",
     "skip_connections", "AutoencoderKL", "VAEConfig", "load_vae",
+    "SDUNet", "SDUNetConfig", "load_sd_unet", "sd_skip_connections",
+    "CLIPTextConfig", "CLIPTextTransformer", "load_clip_text_encoder",
+    "CLIPTokenizer", "load_clip_tokenizer",
 ]

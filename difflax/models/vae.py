@@ -16,10 +16,7 @@ posterior moments); `encode` / `decode` work on unscaled latents.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
-import re
 
 import flax.linen as nn
 import jax
@@ -28,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from difflax.models.convert import fitted_variables
+from difflax.models.diffusers_weights import flax_layout, flax_path, read_pretrained_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,18 +260,14 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
     return VAEConfig(**fields)
 
 
-def _flax_path(name: str, ndim: int) -> tuple[str, ...]:
+def _vae_flax_path(name: str, ndim: int) -> tuple[str, ...]:
     # encoder.down_blocks.0.resnets.1.norm1.weight
     #   -> (encoder, down_blocks_0_resnets_1, norm1, scale)
-    *modules, leaf = name.split(".")
-    modules = ".".join(modules)
-    modules = re.sub(r"\.(\d+)", r"_\1", modules).split(".")
+    *modules, leaf = flax_path(name, ndim)
     modules[-1] = _DEPRECATED_ATTENTION.get(modules[-1], modules[-1])
     if modules[0] in ("encoder", "decoder") and len(modules) > 2 and modules[1].startswith(
             ("down_blocks", "up_blocks")):
         modules = [modules[0], f"{modules[1]}_{modules[2]}", *modules[3:]]
-    if leaf == "weight":
-        leaf = "scale" if ndim == 1 else "kernel"
     return (*modules, leaf)
 
 
@@ -287,14 +281,10 @@ def convert_vae_state_dict(state_dict, config: VAEConfig) -> dict:
     flat = {}
     for name, value in state_dict.items():
         value = np.asarray(value, np.float32)
-        path = _flax_path(name, value.ndim)
+        path = _vae_flax_path(name, value.ndim)
         if "attentions_0" in path and value.ndim == 4:  # a 1x1 conv used as a linear layer
             value = value[:, :, 0, 0]
-        if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)
-        elif value.ndim == 2:
-            value = value.T
-        flat[path] = value
+        flat[path] = flax_layout(value)
     shapes = jax.eval_shape(lambda: init_vae(config, jax.random.key(0)))["params"]
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
     return fitted_variables(flat, expected, "this AutoencoderKL (check config.json: "
@@ -307,31 +297,13 @@ def init_vae(config: VAEConfig, key, resolution: int | None = None) -> dict:
     return jax.jit(AutoencoderKL(config).init)(key, jnp.zeros((1, r, r, config.in_channels)))
 
 
-def _weights_file(path: str) -> str:
-    preferred = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    if os.path.exists(preferred):
-        return preferred
-    found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if len(found) != 1:
-        raise FileNotFoundError(
-            f"expected one *.safetensors file in {path} (diffusion_pytorch_model.safetensors), "
-            f"found {[os.path.basename(f) for f in found]}")
-    return found[0]
-
-
 def load_vae(path: str | os.PathLike) -> tuple[AutoencoderKL, dict]:
     """Loads a diffusers `AutoencoderKL` folder (config.json + *.safetensors) from a local path,
     e.g. a `save_pretrained` folder or the `vae/` folder of a Stable Diffusion checkpoint:
     returns `(AutoencoderKL module, variables)`. The weights are read with safetensors' numpy
     API (no torch); float16 files are converted to float32."""
-    from safetensors.numpy import load_file
-
-    path = os.fspath(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {path}: pass a local diffusers AutoencoderKL "
-                                "folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
-                                "the vae/ folder of a Stable Diffusion checkpoint")
-    with open(config_path) as f:
-        config = vae_config_from_diffusers(json.load(f))
-    return AutoencoderKL(config), convert_vae_state_dict(load_file(_weights_file(path)), config)
+    config, state = read_pretrained_folder(
+        path, "diffusers AutoencoderKL folder, e.g. the vae/ folder of a Stable Diffusion "
+        "checkpoint")
+    config = vae_config_from_diffusers(config)
+    return AutoencoderKL(config), convert_vae_state_dict(state, config)
