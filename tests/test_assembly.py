@@ -11,7 +11,8 @@ from difflax.accel import assembly
 from difflax.models import Denoiser, ddpmpp
 from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.gri_attention import GRIConfig, gri_attention
-from difflax.models.layers import Conv2d, Init, UNetBlock
+from difflax.models.layers import Conv2d, Init
+from difflax.models.unet_block import UNetBlock
 from difflax.training.loop import get_init_params_fn
 
 # enc.8x8_block0, enc.4x4_down, enc.4x4_block0 (attn), dec.4x4_in0 (attn), dec.4x4_in1,

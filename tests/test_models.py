@@ -12,7 +12,7 @@ import pytest
 
 from difflax.models import (Denoiser, UNetConfig, adm, ddpmpp, feature_nodes, load_edm, ncsnpp,
                             nodes_to_compute, read_edm_snapshot, skip_connections)
-from difflax.models.unet import check_node_names
+
 
 # Golden outputs of EDM's own PyTorch networks (NVlabs/edm, random weights, see
 # tests/data/README.md). The small ones live in the repository; the larger ones of the
@@ -227,7 +227,7 @@ def test_nodes_to_compute_follows_the_graph():
     assert nodes_to_compute(nodes, store={"dec.2x2_in0.attn"}, output=False) == {
         n.name for n in nodes[:nodes.index(next(n for n in nodes if n.name == "dec.2x2_in0")) + 1]}
     with pytest.raises(ValueError, match="unknown feature nodes.*'enc.8x8_conv'"):
-        check_node_names(cfg, {"enc.9x9_conv"}, "reuse")
+        nodes.check_names({"enc.9x9_conv"}, "reuse")
 
 
 def test_skip_connections_listed_top_to_bottom():
