@@ -65,10 +65,6 @@ class FeatureGraph(tuple):
                 raise ValueError(f"node {node.name!r}: unknown kind {node.kind!r}; valid: {KINDS}")
         return super().__new__(cls, nodes)
 
-    def node(self, name: str) -> FeatureNode:
-        """The node called `name`."""
-        return next(n for n in self if n.name == name)
-
     def names(self, *kinds: str) -> tuple[str, ...]:
         """Names of the nodes of the given kinds (all kinds if none given), in order."""
         return tuple(n.name for n in self if not kinds or n.kind in kinds)
@@ -81,6 +77,8 @@ class FeatureGraph(tuple):
 
     def skip_reader(self, index: int) -> FeatureNode:
         """The node that reads skip connection `index` (0: the first skip, at the top)."""
+        if not self.skips:
+            raise ValueError("this feature graph has no skip connections (no node reads one)")
         if not 0 <= index < len(self.skips):
             raise ValueError(f"{index} is not a skip index; valid: 0..{len(self.skips) - 1}")
         return next(n for n in self if self.skips[index].name in n.inputs[1:])

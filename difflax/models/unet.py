@@ -24,6 +24,45 @@ from difflax.models.gri_attention import GRIConfig
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
 
 
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Surgery:
+    """A-SDM model assembly of a UNet (difflax.accel.assembly).
+
+    `drop_blocks` names blocks (nodes of `feature_nodes`, e.g. "enc.16x16_block1") whose
+    residual branch is removed, replaced by a `condconv_experts`-expert CondConv if that is
+    > 0; `drop_attention` names blocks whose attention unit is removed; `attention="gri"`
+    makes the remaining attention units GRI attention with `gri_window`, `gri_pool`,
+    `gri_combine` (difflax.models.gri_attention). `UNetConfig` checks the names.
+    """
+
+    drop_blocks: Sequence[str] = ()
+    drop_attention: Sequence[str] = ()
+    condconv_experts: int = 0
+    attention: str = "full"
+    gri_window: int = 4
+    gri_pool: int = 2
+    gri_combine: str = "joint"
+
+    def __post_init__(self):
+        for name in ("drop_blocks", "drop_attention"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+        _check_choice("attention", self.attention, ("full", "gri"))
+        if self.condconv_experts < 0:
+            raise ValueError(f"condconv_experts must be >= 0 (0: no CondConv), not {self.condconv_experts}")
+
+    @property
+    def gri(self) -> GRIConfig | None:
+        """The GRI layout of the attention units, None for full attention."""
+        if self.attention != "gri":
+            return None
+        return GRIConfig(window=self.gri_window, pool=self.gri_pool, combine=self.gri_combine)
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """Hyper-parameters of a UNet, under EDM's constructor names.
@@ -33,11 +72,8 @@ class UNetConfig:
     `resample_filter` concern SongUNet only. The defaults are SongUNet's in EDM; `adm()`
     gives ADM's. Sequences are stored as tuples so that the config is hashable.
 
-    A-SDM model assembly (difflax.accel.assembly): `drop_blocks` names blocks (nodes of
-    `feature_nodes`, e.g. "enc.16x16_block1") whose residual branch is removed, replaced by
-    a `condconv_experts`-expert CondConv if that is > 0; `drop_attention` names blocks whose
-    attention unit is removed; `attention="gri"` makes the remaining attention units GRI
-    attention with `gri_window`, `gri_pool`, `gri_combine` (difflax.models.gri_attention).
+    `surgery` is A-SDM's model assembly of the network (a `Surgery`, or a dict of its fields;
+    the default leaves the network whole); its block names are checked against the graph.
     """
 
     model_type: str = "SongUNet"
@@ -58,19 +94,13 @@ class UNetConfig:
     encoder_type: str = "standard"
     decoder_type: str = "standard"
     resample_filter: Sequence[int] = (1, 1)
-    drop_blocks: Sequence[str] = ()
-    drop_attention: Sequence[str] = ()
-    condconv_experts: int = 0
-    attention: str = "full"
-    gri_window: int = 4
-    gri_pool: int = 2
-    gri_combine: str = "joint"
+    surgery: Surgery = Surgery()
 
     def __post_init__(self):
         for name in ("channel_mult", "attn_resolutions", "resample_filter"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        for name in ("drop_blocks", "drop_attention"):
-            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+        if isinstance(self.surgery, dict):
+            object.__setattr__(self, "surgery", Surgery(**self.surgery))
         _check_choice("model_type", self.model_type, MODEL_TYPES)
         _check_choice("embedding_type", self.embedding_type, ("positional", "fourier"))
         _check_choice("encoder_type", self.encoder_type, ("standard", "skip", "residual"))
@@ -92,18 +122,16 @@ class UNetConfig:
 
 
 def _check_assembly(cfg):
-    """The A-SDM surgery fields name existing blocks and valid layouts."""
-    nodes = feature_nodes(cfg)
-    for name in cfg.drop_blocks:
+    """The A-SDM surgery names existing blocks, and its GRI layout fits their resolutions."""
+    nodes, surgery = feature_nodes(cfg), cfg.surgery
+    for name in surgery.drop_blocks:
         _check_choice("drop_blocks entry", name, prunable_blocks(cfg))
-    for name in cfg.drop_attention:
+    for name in surgery.drop_attention:
         _check_choice("drop_attention entry", name, [n.name for n in nodes if n.attention])
-    _check_choice("attention", cfg.attention, ("full", "gri"))
-    if cfg.condconv_experts < 0:
-        raise ValueError(f"condconv_experts must be >= 0 (0: no CondConv), not {cfg.condconv_experts}")
-    if cfg.attention == "gri":
-        for res in {n.resolution for n in nodes if n.attention and n.name not in cfg.drop_attention}:
-            gri_config(cfg).check(res, res)
+    if surgery.gri is not None:
+        for res in {n.resolution for n in nodes
+                    if n.attention and n.name not in surgery.drop_attention}:
+            surgery.gri.check(res, res)
 
 
 def prunable_blocks(cfg) -> tuple[str, ...]:
@@ -111,25 +139,13 @@ def prunable_blocks(cfg) -> tuple[str, ...]:
     return tuple(n.name for n in feature_nodes(cfg) if n.op in ("down", "block", "up"))
 
 
-def gri_config(cfg) -> GRIConfig | None:
-    """The GRI layout of the config's attention units, None for full attention."""
-    if cfg.attention != "gri":
-        return None
-    return GRIConfig(window=cfg.gri_window, pool=cfg.gri_pool, combine=cfg.gri_combine)
-
-
 def block_surgery(cfg, node) -> dict:
     """`UNetBlock` options of the block of feature node `node` under the A-SDM fields."""
-    residual = "full"
-    if node.name in cfg.drop_blocks:
-        residual = "condconv" if cfg.condconv_experts else "none"
-    return dict(attention=node.attention and node.name not in cfg.drop_attention,
-                residual=residual, condconv_experts=cfg.condconv_experts or 1, gri=gri_config(cfg))
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+    surgery, residual = cfg.surgery, "full"
+    if node.name in surgery.drop_blocks:
+        residual = "condconv" if surgery.condconv_experts else "none"
+    return dict(attention=node.attention and node.name not in surgery.drop_attention,
+                residual=residual, condconv_experts=surgery.condconv_experts or 1, gri=surgery.gri)
 
 
 def ddpmpp(**kwargs) -> UNetConfig:
