@@ -226,8 +226,11 @@ def test_plans_that_cannot_apply_say_so(model):
         prediction="x0", key=jax.random.key(0))
     with pytest.raises(ValueError, match="parallel decoding needs one model call per step"):
         call(encoder_propagation_plan(NET, STEPS, key_steps=(0, 3), parallel=True), "edm_heun")
-    with pytest.raises(ValueError, match="cannot run with a feature cache"):
+    with pytest.raises(ValueError, match="cannot run with a feature cache") as error:
         call(encoder_propagation_plan(NET, STEPS, key_steps=(0, 3)), "euler_maruyama")
+    listed = str(error.value).split("samplers that can on this schedule: ")[1]
+    assert {"ddim", "deis_tab", "ipndm", "dpmpp_2m", "edm_heun"} <= set(listed.replace("'", "").split(", "))
+    assert "euler_maruyama" not in listed and "rf_euler" not in listed
     with pytest.raises(ValueError, match="has 8 steps, the grid 5"):
         call(encoder_propagation_plan(NET, STEPS, key_steps=(0, 3)), "ddim", steps=5)
     with pytest.raises(ValueError, match="step 0 must refresh"):

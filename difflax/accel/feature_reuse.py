@@ -35,9 +35,10 @@ network that declares one: pass them a `FeatureGraph` or anything that declares 
   inheritance may happen (every k-th step refreshes, within a window of the trajectory).
 
 Steps are counted, never looked up by time value (repeated times would break that).
-`sample_with_plan` runs any plan with the cache-capable samplers (the exponential multistep
-family: DDIM, DEIS tAB / rhoAB / log-rho, iPNDM, DPM-Solver(++); and EDM Heun) under `jit`,
-and reports model calls honestly (`PlanCost`).
+`sample_with_plan` runs any plan with the cache-capable samplers (those whose solver declares
+`calls_per_step`, `cache_capable_samplers`: the exponential multistep family, DDIM, DEIS tAB /
+rhoAB / log-rho, iPNDM, DPM-Solver(++); and EDM Heun) under `jit`, and reports model calls
+honestly (`PlanCost`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import numpy as np
 
 from difflax.models import Denoiser
 from difflax.models.graph import feature_graph, nodes_to_compute
-from difflax.samplers import make_grid, make_solver, solve
+from difflax.samplers import SAMPLERS, make_grid, make_solver, solve
 from difflax.samplers.term import AbstractGridSolver, DiffusionTerm, unwrap
 from difflax.schedules import VPDiscrete
 
@@ -457,6 +458,21 @@ def _tables(plan: FeaturePlan, schedule, grid):
     return tuple(sizes), chunk_kind, position, injection
 
 
+def cache_capable_samplers(schedule, grid, prediction: str = "x0") -> tuple[str, ...]:
+    """The samplers whose solvers on `schedule` and `grid` (with default options) declare
+    `calls_per_step`, the protocol `FeatureReuseSolver` runs on (model calls per step, the
+    first at `first_point`): each sampler's solver is built to ask it."""
+    capable = []
+    for name in SAMPLERS:
+        try:
+            solver, _ = make_solver(schedule, name, grid, prediction=prediction, key=jax.random.key(0))
+        except (ValueError, TypeError):
+            continue
+        if getattr(solver, "calls_per_step", None) is not None:
+            capable.append(name)
+    return tuple(capable)
+
+
 def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config, schedule,
                      sampler: str, steps: int | None = None, grid=None, prediction: str = "x0",
                      key=None, **options):
@@ -483,9 +499,9 @@ def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config, schedul
     inner, _ = make_solver(schedule, sampler, g, prediction=prediction, key=key, **options)
     calls = getattr(inner, "calls_per_step", None)
     if plan.nodes and calls is None:
-        raise ValueError(f"{sampler} cannot run with a feature cache; samplers that can: ddim, "
-                         "deis_tab, deis_rhoab, deis_logrho, ipndm, dpm_multistep, dpmpp_2m, "
-                         "dpmpp_3m, edm_heun")
+        raise ValueError(f"{sampler} cannot run with a feature cache (its solver declares no "
+                         "calls_per_step); samplers that can on this schedule: "
+                         + ", ".join(map(repr, cache_capable_samplers(schedule, g, prediction))))
     if plan.parallel and (calls != 1 or not encoder_nodes(config) <= plan.nodes):
         raise ValueError(f"parallel decoding needs one model call per step ({sampler} makes "
                          f"{calls}) and the whole encoder + middle cached")
