@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from difflax.accel import assembly
-from difflax.models import Denoiser, ddpmpp
+from difflax.models import Denoiser, Surgery, ddpmpp
 from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.gri_attention import GRIConfig, gri_attention
-from difflax.models.layers import Conv2d, Init, UNetBlock
+from difflax.models.layers import Conv2d, Init
+from difflax.models.unet_block import UNetBlock
 from difflax.training.loop import get_init_params_fn
 
 # enc.8x8_block0, enc.4x4_down, enc.4x4_block0 (attn), dec.4x4_in0 (attn), dec.4x4_in1,
@@ -143,13 +144,13 @@ def test_gri_regional_and_global_branches():
 
 def test_surgery_names_valid_choices():
     with pytest.raises(ValueError, match="drop_blocks entry 'enc.8x8_block7'.*'enc.8x8_block0'"):
-        ddpmpp(**{**NET.__dict__, "drop_blocks": ("enc.8x8_block7",)})
+        ddpmpp(**{**NET.__dict__, "surgery": Surgery(drop_blocks=("enc.8x8_block7",))})
     with pytest.raises(ValueError, match="drop_attention entry 'enc.8x8_block0'.*'enc.4x4_block0'"):
-        ddpmpp(**{**NET.__dict__, "drop_attention": ("enc.8x8_block0",)})
+        ddpmpp(**{**NET.__dict__, "surgery": {"drop_attention": ("enc.8x8_block0",)}})
     with pytest.raises(ValueError, match="GRI window 3 .* valid choices: 0 or \\[1, 2, 4\\]"):
-        ddpmpp(**{**NET.__dict__, "attention": "gri", "gri_window": 3})
+        ddpmpp(**{**NET.__dict__, "surgery": Surgery(attention="gri", gri_window=3)})
     with pytest.raises(ValueError, match="unknown attention 'sparse'; valid choices: 'full', 'gri'"):
-        ddpmpp(**{**NET.__dict__, "attention": "sparse"})
+        Surgery(attention="sparse")
 
 
 def test_student_inherits_the_teacher_and_costs_less(teacher, run_fn):

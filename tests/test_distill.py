@@ -66,7 +66,7 @@ def test_progressive_distill_runs_stages_through_the_training_loop(teacher_param
     stages = [PruningStage(drop[:1], 4), PruningStage(drop, 8)]
     student, params = progressive_distill(make, TEACHER, teacher_params, stages, cfg, make_batches,
                                           str(tmp_path), config=config, progress=False)
-    assert student.net.drop_blocks == drop
+    assert student.net.surgery.drop_blocks == drop
     assert "enc_8x8_block0" not in params["model"]  # identity shortcut: no parameters left
     for i, stage in enumerate(stages):
         assert os.listdir(tmp_path / f"stage{i}" / "checkpoints") == [str(stage.steps)]

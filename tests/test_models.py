@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.models import (Denoiser, UNetConfig, adm, ddpmpp, feature_nodes, load_edm, ncsnpp,
-                            nodes_to_compute, read_edm_snapshot, skip_connections)
-from difflax.models.unet import check_node_names
+from difflax.models import (Denoiser, FeatureGraph, UNetConfig, adm, ddpmpp, feature_nodes, load_edm,
+                            ncsnpp, nodes_to_compute, read_edm_snapshot, skip_connections)
+
 
 # Golden outputs of EDM's own PyTorch networks (NVlabs/edm, random weights, see
 # tests/data/README.md). The small ones live in the repository; the larger ones of the
@@ -227,7 +227,20 @@ def test_nodes_to_compute_follows_the_graph():
     assert nodes_to_compute(nodes, store={"dec.2x2_in0.attn"}, output=False) == {
         n.name for n in nodes[:nodes.index(next(n for n in nodes if n.name == "dec.2x2_in0")) + 1]}
     with pytest.raises(ValueError, match="unknown feature nodes.*'enc.8x8_conv'"):
-        check_node_names(cfg, {"enc.9x9_conv"}, "reuse")
+        nodes.check_names({"enc.9x9_conv"}, "reuse")
+
+
+def test_feature_graph_nodes_are_typed():
+    graph = feature_nodes(ddpmpp(**{**TINY, "channel_mult": (1, 2, 2)}))
+    assert [(n.name, n.op, n.channels) for n in graph.skips] == [
+        ("enc.8x8_conv", "conv", 16), ("enc.8x8_block0", "block", 16), ("enc.4x4_down", "down", 16),
+        ("enc.4x4_block0", "block", 32), ("enc.2x2_down", "down", 32), ("enc.2x2_block0", "block", 32)]
+    assert (graph.skip_reader(0).name, graph.skip_reader(5).name) == ("dec.8x8_block1", "dec.2x2_block0")
+    assert graph.groups == ("enc.8x8", "enc.4x4", "enc.2x2", "dec.2x2", "dec.4x4", "dec.8x8")
+    assert [n.kind for n in graph if n.group == "dec.2x2"] == ["middle", "middle", "decoder", "decoder"]
+    assert [n.name for n in graph if n.attention] == ["enc.4x4_block0", "dec.2x2_in0", "dec.4x4_block1"]
+    with pytest.raises(ValueError, match="ending with 'out'"):
+        FeatureGraph(graph[:-1])
 
 
 def test_skip_connections_listed_top_to_bottom():

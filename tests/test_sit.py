@@ -13,8 +13,8 @@ from difflax import data
 from difflax.interpolants import (INTERPOLANTS, diffusion_coefficient, get_sit_fn,
                                   interpolant_schedule, sample_ode, sample_sde, time_interval,
                                   default_eps)
-from difflax.models.sit import (SiT, SiTConfig, init_sit, load_sit, repa_loss, sit_config,
-                                snippet_dropout)
+from difflax.models.sit import SiT, SiTConfig, init_sit, repa_loss, sit_config, snippet_dropout
+from difflax.models.sit_weights import convert_sit_state_dict, load_sit
 from difflax.training import (TrainConfig, create_train_state, ema_decay, get_train_step_fn,
                               make_mesh, make_optimizer, replicated)
 from difflax.training.interpolant_loss import get_interpolant_loss_fn, interpolant_loss
@@ -53,7 +53,6 @@ def test_converter_names_what_does_not_fit():
     with pytest.raises(ValueError, match="missing.*blocks_2"):
         load_sit(GOLDEN, depth=3)
     del state["blocks.0.attn.qkv.bias"]
-    from difflax.models.sit import convert_sit_state_dict
     with pytest.raises(ValueError, match="missing.*blocks_0/attn/qkv/bias"):
         convert_sit_state_dict(state, sit_config("SiT-S/2", input_size=8, in_channels=4,
                                                  hidden_size=48, depth=2, num_heads=4,

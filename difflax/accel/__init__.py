@@ -13,7 +13,7 @@ parameter and FLOP counts, multi-UNet switching.
 from difflax.accel.assembly import (MultiUNetDenoiser, count_params, denoiser_flops,
                                     get_multi_unet_fn, inherit_params, student, switch_sigma)
 from difflax.accel.feature_reuse import (FASTER_DIFFUSION_KEY_STEPS, FeaturePlan, PlanCost,
-                                         deepcache_plan, deepcache_refresh_steps,
+                                         cache_capable_samplers, deepcache_plan, deepcache_refresh_steps,
                                          denoiser_run_fn, encoder_nodes,
                                          encoder_propagation_plan, faster_diffusion_key_steps,
                                          full_plan, inheritance_nodes, inheritance_plan,
@@ -29,7 +29,8 @@ __all__ = [
     "MultiUNetDenoiser", "count_params", "denoiser_flops", "get_multi_unet_fn", "inherit_params",
     "student", "switch_sigma",
     "FeatureSimilarity", "adjacent_step_similarity",
-    "FASTER_DIFFUSION_KEY_STEPS", "FeaturePlan", "PlanCost", "deepcache_plan",
+    "FASTER_DIFFUSION_KEY_STEPS", "FeaturePlan", "PlanCost", "cache_capable_samplers",
+    "deepcache_plan",
     "deepcache_refresh_steps", "denoiser_run_fn", "denoising_loss_by_sigma", "encoder_nodes",
     "encoder_propagation_plan", "evaluate_settings", "faster_diffusion_key_steps", "full_plan",
     "get_sweep_fn", "inheritance_nodes", "inheritance_plan", "linear_skip_scales", "node_flops",

@@ -5,7 +5,7 @@ Inheritance Strategies" (2024), Sec. 3 (model assembly, ME-CondConv, multi-UNet 
 and "A-SDM: ... Redundancy Removal and Performance Optimization" (2023), Sec. 3 (block
 pruning with progressive incubation, CLME-CondConv, GRI attention).
 
-Surgery is by config (`UNetConfig` fields, see `student_config`): a block named in
+Surgery is by config (`UNetConfig.surgery`, a `difflax.models.unet.Surgery`): a block named in
 `drop_blocks` loses its residual branch (norm0 -> conv0 -> affine -> norm1 -> conv1) and keeps
 its shortcut (identity, or the 1x1 projection with resampling), so the tensor shapes, the skip
 connections (and `skip_scales`) of the teacher are unchanged and every kept parameter keeps its
@@ -37,10 +37,12 @@ from difflax.models.precond import Denoiser
 
 
 def student(teacher: Denoiser, **surgery) -> Denoiser:
-    """The teacher's denoiser with A-SDM surgery: `UNetConfig` fields `drop_blocks`,
+    """The teacher's denoiser with A-SDM surgery: fields of `Surgery` (`drop_blocks`,
     `drop_attention`, `condconv_experts`, `attention`, `gri_window`, `gri_pool`,
-    `gri_combine` (validated, naming the valid choices)."""
-    return teacher.clone(net=dataclasses.replace(teacher.net, **surgery))
+    `gri_combine`) replacing the teacher's (validated, naming the valid choices)."""
+    net = teacher.net
+    return teacher.clone(net=dataclasses.replace(
+        net, surgery=dataclasses.replace(net.surgery, **surgery)))
 
 
 # ----------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""Feature reuse across sampling steps: one static plan over the UNet's feature cache.
+"""Feature reuse across sampling steps: one static plan over a network's feature cache.
 
-Three papers skip UNet computation by reusing features from earlier steps. Here each is a
-`FeaturePlan` over the cache of `difflax.models.feature_nodes` (see `Denoiser.run`): a set
-of cached nodes and the steps that refresh them. At a refresh step the nodes are recomputed
-(at the step's first model call) and stored; at the other steps every model call takes them
-from the cache, and the UNet computes only what still depends on fresh input.
+Three papers skip network computation by reusing features from earlier steps. Here each is
+a `FeaturePlan` over a network's feature graph (difflax.models.graph; run with a cache by
+`Denoiser.run`): a set of cached nodes and the steps that refresh them. At a refresh step
+the nodes are recomputed (at the step's first model call) and stored; at the other steps
+every model call takes them from the cache, and the network computes only what still
+depends on fresh input. The plans are written against the graph alone ("encoder nodes",
+"the node feeding the reader of skip k", "the nodes of group g"), so they apply to every
+network that declares one: pass them a `FeatureGraph` or anything that declares it (a
+`UNetConfig`, a `SiTConfig`, a denoiser), see `difflax.models.feature_graph`.
 
 - Faster Diffusion (Li et al. 2024, "Rethinking the Role of UNet Encoder in Diffusion
   Models", code hutaiHang/Faster-Diffusion), Sec. 3.2-3.3: *encoder propagation* caches
@@ -31,9 +35,10 @@ from the cache, and the UNet computes only what still depends on fresh input.
   inheritance may happen (every k-th step refreshes, within a window of the trajectory).
 
 Steps are counted, never looked up by time value (repeated times would break that).
-`sample_with_plan` runs any plan with the cache-capable samplers (the exponential multistep
-family: DDIM, DEIS tAB / rhoAB / log-rho, iPNDM, DPM-Solver(++); and EDM Heun) under `jit`,
-and reports model calls honestly (`PlanCost`).
+`sample_with_plan` runs any plan with the cache-capable samplers (those whose solver declares
+`calls_per_step`, `cache_capable_samplers`: the exponential multistep family, DDIM, DEIS tAB /
+rhoAB / log-rho, iPNDM, DPM-Solver(++); and EDM Heun) under `jit`, and reports model calls
+honestly (`PlanCost`).
 """
 from __future__ import annotations
 
@@ -47,9 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.models import Denoiser, feature_nodes, nodes_to_compute
-from difflax.models.unet import UNetConfig, check_node_names
-from difflax.samplers import make_grid, make_solver, solve
+from difflax.models import Denoiser
+from difflax.models.graph import feature_graph, nodes_to_compute
+from difflax.samplers import SAMPLERS, make_grid, make_solver, solve
 from difflax.samplers.term import AbstractGridSolver, DiffusionTerm, unwrap
 from difflax.schedules import VPDiscrete
 
@@ -62,9 +67,9 @@ GRANULARITIES = ("block", "layer", "unit")
 
 @dataclasses.dataclass(frozen=True)
 class FeaturePlan:
-    """Which UNet nodes are cached, and which steps refresh them.
+    """Which feature nodes are cached, and which steps refresh them.
 
-    nodes: names from `feature_nodes(config)` ("<node>.attn" for attention units);
+    nodes: names of the network's feature graph ("<node>.attn" for attention units);
     refresh: (steps,) bools, True where the step recomputes and stores `nodes` (step 0 must);
     parallel: decode the non-refresh steps after each refresh step together with it, in one
     batched decoder call (needs the whole encoder + middle cached and one model call a step);
@@ -118,12 +123,13 @@ def faster_diffusion_key_steps(steps: int) -> tuple[int, ...]:
                      f"{steps}; pass key_steps= or every=")
 
 
-def encoder_nodes(config: UNetConfig) -> frozenset:
-    """Every skip tensor (the encoder blocks) and the middle blocks' output."""
-    return frozenset(n.name for n in feature_nodes(config) if n.kind in ("encoder", "middle"))
+def encoder_nodes(model) -> frozenset:
+    """The encoder and middle nodes of the model's graph: for a UNet every skip tensor and
+    the middle blocks' output."""
+    return frozenset(feature_graph(model).names("encoder", "middle"))
 
 
-def encoder_propagation_plan(config: UNetConfig, steps: int, *, key_steps: Sequence[int] | None = None,
+def encoder_propagation_plan(model, steps: int, *, key_steps: Sequence[int] | None = None,
                              every: int | None = None, parallel: bool = False,
                              noise_injection: float = 0.0, tau: float = 0.5) -> FeaturePlan:
     """Faster Diffusion: encoder + middle at key steps only, the decoder at every step.
@@ -141,28 +147,22 @@ def encoder_propagation_plan(config: UNetConfig, steps: int, *, key_steps: Seque
     if not keys <= set(range(steps)):
         raise ValueError(f"key steps {sorted(keys - set(range(steps)))} are outside 0..{steps - 1}")
     name = "encoder propagation" + (" + parallel" if parallel else "")
-    return FeaturePlan(encoder_nodes(config), tuple(i in keys for i in range(steps)),
+    return FeaturePlan(encoder_nodes(model), tuple(i in keys for i in range(steps)),
                        parallel=parallel, noise_injection=noise_injection, injection_tau=tau,
                        name=name)
 
 
-def deepcache_branch_node(config: UNetConfig, branch: int) -> str:
-    """The decoder node whose output enters the block that concatenates skip `branch`
-    (0 = the top, full-resolution skip: the input convolution's output): DeepCache's cached
-    deep-branch feature.
+def deepcache_branch_node(model, branch: int) -> str:
+    """The node whose output enters the node that reads skip `branch` (0 = the top,
+    full-resolution skip: a UNet's input convolution's output) as its main input:
+    DeepCache's cached deep-branch feature.
 
     DeepCache's DDPM experiments (horseee/DeepCache, experiments/ddpm, `--branch b`) leave the
     input convolution out of the count: their branch b is difflax's branch b + 1 (their
     CIFAR / LSUN runs use b = 2, difflax's branch 3). With two residual blocks a level their
     code reads b as level b // 3, item b % 3 (items 0, 1 the blocks, 2 the downsampling).
     """
-    nodes = feature_nodes(config)
-    n_skips = sum(n.kind == "encoder" for n in nodes)
-    if not 0 <= branch < n_skips:
-        raise ValueError(f"branch {branch} is not a skip index; valid: 0..{n_skips - 1}")
-    consumer = next(i for i, n in enumerate(nodes)
-                    if n.kind == "decoder" and n.inputs[-1] == nodes[branch].name)
-    return nodes[consumer - 1].name
+    return feature_graph(model).skip_reader(branch).inputs[0]
 
 
 def quad_center_steps(steps: int, num_full: int, center: int, power: float) -> tuple[list, float]:
@@ -206,34 +206,32 @@ def deepcache_refresh_steps(steps: int, *, interval: int, power: float | None = 
     return tuple(i in full for i in range(steps))
 
 
-def deepcache_plan(config: UNetConfig, steps: int, *, branch: int = 0, **schedule) -> FeaturePlan:
+def deepcache_plan(model, steps: int, *, branch: int = 0, **schedule) -> FeaturePlan:
     """DeepCache: cache the deep branch below skip `branch`; `schedule` as in
     `deepcache_refresh_steps` (interval=N, and power=, center= for the non-uniform one)."""
-    return FeaturePlan(frozenset({deepcache_branch_node(config, branch)}),
+    return FeaturePlan(frozenset({deepcache_branch_node(model, branch)}),
                        deepcache_refresh_steps(steps, **schedule), name=f"DeepCache branch {branch}")
 
 
-def inheritance_nodes(config: UNetConfig, granularity: str, targets: Sequence[str]) -> frozenset:
-    """A-SDM's inherited features. "block": targets like "dec.8x8" or "enc.16x16" (every node
-    of that path at that resolution; the middle blocks count as the decoder's); "layer": node
-    names ("dec.8x8_block1"); "unit": node names whose attention unit is inherited."""
+def inheritance_nodes(model, granularity: str, targets: Sequence[str]) -> frozenset:
+    """A-SDM's inherited features. "block": groups of the graph (every node of the group;
+    UNet: "dec.8x8" or "enc.16x16", one path at one resolution, the middle blocks counting
+    as the decoder's); "layer": node names ("dec.8x8_block1"); "unit": node names whose
+    attention unit is inherited."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; valid choices: {GRANULARITIES}")
-    nodes = feature_nodes(config)
+    graph = feature_graph(model)
     if granularity == "block":
-        chosen = {n.name for n in nodes for t in targets
-                  if n.name != "out" and n.name.startswith(t + "_")}
-        unknown = [t for t in targets if not any(n.startswith(t + "_") for n in chosen)]
+        unknown = sorted(set(targets) - set(graph.groups))
         if unknown:
-            raise ValueError(f"unknown blocks {unknown}; valid: 'enc.<R>x<R>' or 'dec.<R>x<R>' "
-                             f"for resolutions {sorted({n.resolution for n in nodes})}")
-        return frozenset(chosen)
+            raise ValueError(f"unknown blocks {unknown}; valid: {', '.join(map(repr, graph.groups))}")
+        return frozenset(n.name for n in graph if n.kind != "output" and n.group in targets)
     chosen = frozenset(t + ".attn" if granularity == "unit" else t for t in targets)
-    check_node_names(config, chosen, f"{granularity} inheritance")
+    graph.check_names(chosen, f"{granularity} inheritance")
     return chosen
 
 
-def inheritance_plan(config: UNetConfig, steps: int, *, granularity: str, targets: Sequence[str],
+def inheritance_plan(model, steps: int, *, granularity: str, targets: Sequence[str],
                      refresh_every: int = 2, window: tuple[float, float] = (0.0, 1.0)) -> FeaturePlan:
     """A-SDM feature inheritance: inside `window` (fractions of the trajectory) only every
     `refresh_every`-th step computes the targets, the others inherit them; outside it every
@@ -245,7 +243,7 @@ def inheritance_plan(config: UNetConfig, steps: int, *, granularity: str, target
         fresh = not inside[i] or i - last >= refresh_every
         last = i if fresh else last
         refresh.append(fresh)
-    return FeaturePlan(inheritance_nodes(config, granularity, targets), tuple(refresh),
+    return FeaturePlan(inheritance_nodes(model, granularity, targets), tuple(refresh),
                        name=f"inherit {granularity} {','.join(targets)}")
 
 
@@ -278,9 +276,10 @@ class PlanCost:
         return sum(node_flops[n] * c for n, c in self.node_evaluations.items()) / total
 
 
-def plan_cost(config: UNetConfig, plan: FeaturePlan, calls_per_step: int) -> PlanCost:
-    """The model calls `sample_with_plan` makes for `plan`, counted on the host."""
-    nodes = feature_nodes(config)
+def plan_cost(model, plan: FeaturePlan, calls_per_step: int) -> PlanCost:
+    """The model calls `sample_with_plan` makes for `plan` on `model`'s feature graph,
+    counted on the host."""
+    nodes = feature_graph(model)
     everything = nodes_to_compute(nodes)
     counts = collections.Counter()
     tally = collections.Counter()
@@ -315,10 +314,11 @@ def plan_cost(config: UNetConfig, plan: FeaturePlan, calls_per_step: int) -> Pla
                     node_evaluations=dict(counts))
 
 
-def node_flops(config: UNetConfig, run_fn, x, t) -> dict:
-    """FLOPs of each node at input x (B, R, R, C), t (B,): XLA's cost analysis of a run that
-    computes that node alone from its cached inputs (one compile per node)."""
-    nodes = feature_nodes(config)
+def node_flops(model, run_fn, x, t) -> dict:
+    """FLOPs of each node of `model`'s feature graph at input x (B, ...), t (B,): XLA's cost
+    analysis of a run that computes that node alone from its cached inputs (one compile per
+    node)."""
+    nodes = feature_graph(model)
     _, cache = jax.jit(lambda x: run_fn(x, t, store=tuple(n.name for n in nodes[:-1])))(x)
     flops = {}
     for node in nodes:
@@ -458,13 +458,29 @@ def _tables(plan: FeaturePlan, schedule, grid):
     return tuple(sizes), chunk_kind, position, injection
 
 
-def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config: UNetConfig, schedule,
+def cache_capable_samplers(schedule, grid, prediction: str = "x0") -> tuple[str, ...]:
+    """The samplers whose solvers on `schedule` and `grid` (with default options) declare
+    `calls_per_step`, the protocol `FeatureReuseSolver` runs on (model calls per step, the
+    first at `first_point`): each sampler's solver is built to ask it."""
+    capable = []
+    for name in SAMPLERS:
+        try:
+            solver, _ = make_solver(schedule, name, grid, prediction=prediction, key=jax.random.key(0))
+        except (ValueError, TypeError):
+            continue
+        if getattr(solver, "calls_per_step", None) is not None:
+            capable.append(name)
+    return tuple(capable)
+
+
+def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config, schedule,
                      sampler: str, steps: int | None = None, grid=None, prediction: str = "x0",
                      key=None, **options):
-    """Samples like `difflax.sample`, with the UNet's features reused as `plan` says.
+    """Samples like `difflax.sample`, with the network's features reused as `plan` says.
 
     run_fn: the model with its cache (`denoiser_run_fn`), in the schedule's time;
-    config: the UNet's config (node names are checked against it). Prior noise injection
+    config: the network's feature graph, or what declares it (a `UNetConfig`, `SiTConfig`;
+    node names are checked against it). Prior noise injection
     adds alpha z_T to the state, z_T the initial state in variance-preserving units (x_T
     scaled by sqrt(alpha^2 + sigma^2) of the current step over that of the first), at the
     steps whose start time t has t / T < tau, T the schedule's horizon: the number of training
@@ -479,13 +495,13 @@ def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config: UNetCon
     g = make_grid(schedule, sampler, steps, grid)
     if plan.steps != len(g) - 1:
         raise ValueError(f"plan {plan.name!r} has {plan.steps} steps, the grid {len(g) - 1}")
-    check_node_names(config, plan.nodes, plan.name)
+    feature_graph(config).check_names(plan.nodes, plan.name)
     inner, _ = make_solver(schedule, sampler, g, prediction=prediction, key=key, **options)
     calls = getattr(inner, "calls_per_step", None)
     if plan.nodes and calls is None:
-        raise ValueError(f"{sampler} cannot run with a feature cache; samplers that can: ddim, "
-                         "deis_tab, deis_rhoab, deis_logrho, ipndm, dpm_multistep, dpmpp_2m, "
-                         "dpmpp_3m, edm_heun")
+        raise ValueError(f"{sampler} cannot run with a feature cache (its solver declares no "
+                         "calls_per_step); samplers that can on this schedule: "
+                         + ", ".join(map(repr, cache_capable_samplers(schedule, g, prediction))))
     if plan.parallel and (calls != 1 or not encoder_nodes(config) <= plan.nodes):
         raise ValueError(f"parallel decoding needs one model call per step ({sampler} makes "
                          f"{calls}) and the whole encoder + middle cached")

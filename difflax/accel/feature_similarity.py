@@ -1,11 +1,11 @@
-"""How much each UNet feature changes between adjacent sampling steps: the quantity that
-feature reuse rests on.
+"""How much each feature of a network changes between adjacent sampling steps: the quantity
+that feature reuse rests on.
 
 Faster Diffusion (Li et al. 2024, Sec. 3.1, Fig. 2-3) motivates encoder propagation by
 observing that the encoder's features change little between adjacent time steps while the
 decoder's change a lot; DeepCache and A-SDM argue from the same kind of similarity. Here,
 for one sampling trajectory x_0, x_1, ... (the states at which the sampler calls the model),
-every feature node of the UNet (`difflax.models.feature_nodes`) is computed at each step
+every node of the network's feature graph (difflax.models.graph) is computed at each step
 and compared with the previous step, per sample:
 
     cosine_i = <f_{i+1}, f_i> / (|f_{i+1}| |f_i|),   change_i = |f_{i+1} - f_i| / |f_i|
@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.models import feature_nodes
-from difflax.models.unet import UNetConfig
+from difflax.models.graph import feature_graph
 
 __all__ = ["FeatureSimilarity", "adjacent_step_similarity"]
 
@@ -67,16 +66,16 @@ def _compare(a, b):
     return jnp.mean(cosine), jnp.mean(jnp.linalg.norm(b - a, axis=1) / norm_a)
 
 
-def adjacent_step_similarity(run_fn, config: UNetConfig, states, times) -> FeatureSimilarity:
+def adjacent_step_similarity(run_fn, model, states, times) -> FeatureSimilarity:
     """Cosine similarity and relative change of every feature node between adjacent steps.
 
     run_fn: the model with its feature cache, `run_fn(x, t, store=..., output=False)` as
       `difflax.accel.denoiser_run_fn` gives it (labels bound there);
-    config: the UNet's config; states: (N, B, ...) the states the model is evaluated at, in
+    model: the network's feature graph or what declares it (a `UNetConfig`); states: (N, B, ...) the states the model is evaluated at, in
       step order; times: (N,) their times (the schedule's, e.g. sigma).
     Returns a :class:`FeatureSimilarity` of N - 1 rows. Runs as one jitted scan over the steps.
     """
-    nodes = [n for n in feature_nodes(config) if n.kind in KINDS]
+    nodes = [n for n in feature_graph(model) if n.kind in KINDS]
     names = tuple(n.name for n in nodes)
     states = jnp.asarray(states)
     times = jnp.asarray(times, states.dtype)

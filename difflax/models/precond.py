@@ -9,9 +9,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.unet import UNetConfig, make_unet
+from difflax.models.dhariwal_unet import DhariwalUNet
+from difflax.models.song_unet import SongUNet
+from difflax.models.unet import UNetConfig
 
 PRECONDS = ("edm", "vp", "ve")
+
+
+def make_unet(config: UNetConfig) -> nn.Module:
+    """The UNet module for `config.model_type`."""
+    return {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}[config.model_type](config)
 
 
 class Denoiser(nn.Module):
@@ -77,7 +84,7 @@ class Denoiser(nn.Module):
 
     def run(self, x, sigma, class_labels=None, *, cache=None, reuse=(), store=(), output=True,
             skip_scales=None, augment_labels=None, train=False):
-        """D(x; sigma) with the UNet's feature cache (`SongUNet.run`): nodes in `reuse` come
+        """D(x; sigma) with the UNet's feature cache (`EDMUNet.run`): nodes in `reuse` come
         from `cache`, nodes in `store` are returned. x may be None when nothing computed reads
         it and `output` is False; sigma then gives the batch size.
 

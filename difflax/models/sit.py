@@ -6,7 +6,7 @@ Generative Models with Scalable Interpolant Transformers" (ECCV 2024), code will
 sinusoidal time embedding of SiT's time t in [0, 1] (t = 1 is data, t = 0 noise), a label
 table with one extra "null" row for classifier-free guidance. Parameter names follow the
 PyTorch module names (`blocks_0/attn/qkv` here is `blocks.0.attn.qkv` there), so
-`convert_sit_state_dict` maps a state dict by name. Images are NHWC.
+`difflax.models.sit_weights.convert_sit_state_dict` maps a state dict by name. Images are NHWC.
 
 GMem (Tang et al. 2024, "Generative Modeling with Explicit Memory", code LINs-lab/GMem
 `models/feature_embedder.py`, `models/lightningdit.py`) conditions the same network on a
@@ -17,22 +17,24 @@ in GMem's code, the rest scaled by 1 / (1 - p): `nn.Dropout`); the null conditio
 guidance is the zero snippet through the projection, i.e. its bias (GMem's `c_null =
 zeros_like(c)`).
 
+The forward pass is a feature graph (difflax.models.graph, `SiTConfig.feature_graph`): one
+node per transformer block, so that the feature-reuse plans of `difflax.accel.feature_reuse`
+run on SiT (Faster Diffusion's encoder propagation on DiT: the first blocks as the encoder).
+
 SiT's interpolants and samplers are in `difflax.interpolants`, its loss in
-`difflax.training.interpolant_loss`.
+`difflax.training.interpolant_loss`, its PyTorch weights in `difflax.models.sit_weights`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from difflax.models.convert import fitted_variables
+from difflax.models.graph import FeatureGraph, FeatureNode, run_graph
 
 # ----------------------------------------------------------------------------
 # Configuration and the named presets (DiT's model sizes, DiT Table 1).
@@ -105,6 +107,25 @@ class SiTConfig:
     @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+    def feature_graph(self, encoder_depth: int = 0) -> FeatureGraph:
+        """The forward pass as a feature graph: "blocks.<i>" for each transformer block i (op
+        "block", group "blocks", index i, resolution the token grid, channels hidden_size;
+        value: the tokens (B, T, D)), then "out" (final layer and unpatchify). The first
+        `encoder_depth` blocks are "encoder" nodes, the others "decoder" nodes: Faster
+        Diffusion's setting for DiT (its first blocks taken as the encoder), so that
+        `encoder_propagation_plan(config.feature_graph(encoder_depth=N), ...)` reuses their
+        output at non-key steps. "input" is the patch-embedded image."""
+        if not 0 <= encoder_depth <= self.depth:
+            raise ValueError(f"encoder_depth must be in [0, {self.depth}], got {encoder_depth}")
+        grid, nodes = self.input_size // self.patch_size, []
+        for i in range(self.depth):
+            nodes.append(FeatureNode(f"blocks.{i}", "encoder" if i < encoder_depth else "decoder",
+                                     "block", (nodes[-1].name if nodes else "input",), grid,
+                                     self.hidden_size, group="blocks", index=i, module=f"blocks_{i}"))
+        nodes.append(FeatureNode("out", "output", "output", (nodes[-1].name,), self.input_size,
+                                 self.in_channels))
+        return FeatureGraph(nodes)
 
 
 def sit_config(name: str, **overrides) -> SiTConfig:
@@ -252,8 +273,9 @@ class SiT(nn.Module):
         (`snippet_dropout`; rng stream "dropout").
     Returns (B, H, W, in_channels): the first in_channels of the output (the velocity,
     noise or score the model was trained for); with `return_repa`, also the REPA
-    projection (B, T, repa_dim) of the tokens after block `repa_depth`. `pos_embed` is a parameter held fixed by a
-    stop_gradient (frozen in SiT), so that converted weights are kept exactly.
+    projection (B, T, repa_dim) of the tokens after block `repa_depth`. `pos_embed` is a
+    parameter held fixed by a stop_gradient (frozen in SiT), so that converted weights are
+    kept exactly. `run` is the same forward pass with a feature cache (`feature_graph`).
     """
 
     config: SiTConfig
@@ -291,42 +313,69 @@ class SiT(nn.Module):
             raise ValueError("snippet given but this SiT has snippet_dim = 0")
         return c
 
-    @nn.compact
     def __call__(self, x, t, y=None, snippet=None, *, drop=None, train=False, return_repa=False):
+        out, stored = self.run(x, t, y, snippet, drop=drop, train=train, repa=return_repa)
+        if return_repa:
+            if "repa" not in stored:
+                raise ValueError("return_repa needs a SiT with repa_dim > 0")
+            return out, stored["repa"]
+        return out
+
+    @nn.compact
+    def run(self, x, t, y=None, snippet=None, *, drop=None, train=False, cache=None, reuse=(),
+            store=(), output=True, repa=False):
+        """The forward pass with a feature cache (difflax.models.graph.run_graph over
+        `config.feature_graph()`): nodes in `reuse` come from `cache`, nodes in `store` are
+        returned. x may be None when nothing computed reads it (t then gives the batch).
+        Returns (output (B, H, W, in_channels) or None if not `output`, {name: value}), with
+        the REPA projection under "repa" when `repa` (and repa_dim > 0).
+        """
         cfg = self.config
-        b, h, w, _ = x.shape
-        if (h, w, x.shape[-1]) != (cfg.input_size, cfg.input_size, cfg.in_channels):
+        if x is not None and x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
             raise ValueError(f"SiT takes inputs of shape (B, {cfg.input_size}, {cfg.input_size}, "
                              f"{cfg.in_channels}), got {x.shape}")
-        p, g = cfg.patch_size, cfg.input_size // cfg.patch_size
-        # Patch embedding: a p x p convolution of stride p, initialised as a linear layer.
-        conv = nn.Conv(cfg.hidden_size, (p, p), (p, p), padding="VALID", name="x_embedder_proj",
-                       kernel_init=nn.initializers.variance_scaling(
-                           1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3))
-        tokens = conv(x).reshape(b, g * g, cfg.hidden_size)
-        pos = self.param("pos_embed", lambda k, s: jnp.asarray(
-            sincos_pos_embed_2d(cfg.hidden_size, g))[None], (1, g * g, cfg.hidden_size))
-        tokens = tokens + jax.lax.stop_gradient(pos)
+        b = jnp.size(t) if x is None else x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
         temb = _dense(cfg.hidden_size, "t_embedder_mlp_0", std=0.02)(timestep_embedding(t, 256))
         temb = _dense(cfg.hidden_size, "t_embedder_mlp_2", std=0.02)(nn.silu(temb))
         c = temb + self._condition(b, y, snippet, drop, train)
-        repa = None
-        for i in range(cfg.depth):
-            tokens = SiTBlock(cfg.num_heads, cfg.mlp_ratio, name=f"blocks_{i}")(tokens, c)
-            if cfg.repa_dim and i + 1 == cfg.repa_depth:
-                h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_0")(tokens))
-                h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_1")(h))
-                repa = _dense(cfg.repa_dim, "repa_projector_2")(h)
+        with_repa = cfg.repa_dim and (repa or self.is_initializing())
+        aligned = f"blocks.{cfg.repa_depth - 1}"
+        out, stored = run_graph(self, cfg.feature_graph(), x, c, cache=cache, reuse=reuse,
+                                store=frozenset(store) | ({aligned} if with_repa else set()),
+                                output=output, train=train)
+        if with_repa:
+            tokens = stored[aligned] if aligned in store else stored.pop(aligned)
+            h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_0")(tokens))
+            h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_1")(h))
+            stored["repa"] = _dense(cfg.repa_dim, "repa_projector_2")(h)
+        return out, stored
+
+    def input_state(self, x):
+        """Patch embedding (a p x p convolution of stride p, initialised as a linear layer)
+        plus the fixed position embedding: (B, H, W, C) -> tokens (B, T, D)."""
+        cfg = self.config
+        p, g = cfg.patch_size, cfg.input_size // cfg.patch_size
+        conv = nn.Conv(cfg.hidden_size, (p, p), (p, p), padding="VALID", name="x_embedder_proj",
+                       kernel_init=nn.initializers.variance_scaling(
+                           1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3))
+        tokens = conv(x).reshape(x.shape[0], g * g, cfg.hidden_size)
+        pos = self.param("pos_embed", lambda k, s: jnp.asarray(
+            sincos_pos_embed_2d(cfg.hidden_size, g))[None], (1, g * g, cfg.hidden_size))
+        return tokens + jax.lax.stop_gradient(pos)
+
+    def compute_node(self, node, values, c, scales, attention, train):
+        """A block's tokens (B, T, D), or for "out" the final layer unpatchified to
+        (B, H, W, in_channels). Returns (value, None): SiT has no cacheable attention unit."""
+        cfg = self.config
+        tokens = values[node.inputs[0]]
+        if node.kind != "output":
+            return SiTBlock(cfg.num_heads, cfg.mlp_ratio, name=node.module)(tokens, c), None
+        b, p, g = tokens.shape[0], cfg.patch_size, cfg.input_size // cfg.patch_size
         out = FinalLayer(p, cfg.out_channels, name="final_layer")(tokens, c)
         # unpatchify: (B, g*g, p*p*C') -> (B, g*p, g*p, C')
         out = out.reshape(b, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        out = out.reshape(b, g * p, g * p, cfg.out_channels)[..., :cfg.in_channels]
-        if return_repa:
-            if repa is None:
-                raise ValueError("return_repa needs a SiT with repa_dim > 0")
-            return out, repa
-        return out
+        return out.reshape(b, g * p, g * p, cfg.out_channels)[..., :cfg.in_channels], None
 
 
 def repa_loss(projected, target):
@@ -345,88 +394,3 @@ def init_sit(config: SiTConfig, key: jax.Array) -> dict:
     snippet = jnp.zeros((1, config.snippet_dim)) if config.snippet_dim else None
     y = jnp.zeros((1,), jnp.int32) if config.num_classes else None
     return SiT(config).init(key, x, jnp.ones((1,)), y, snippet)
-
-
-# ----------------------------------------------------------------------------
-# PyTorch weights (willisma/SiT state dicts).
-
-_SIT_FIELDS = tuple(f.name for f in dataclasses.fields(SiTConfig))
-
-
-def _sit_flax_path(name: str, ndim: int) -> tuple[str, ...]:
-    """`blocks.0.attn.qkv.weight` -> (blocks_0, attn, qkv, kernel); numbered parts join."""
-    parts = []
-    for part in name.split("."):
-        if part.isdigit():
-            parts[-1] = f"{parts[-1]}_{part}"
-        else:
-            parts.append(part)
-    if parts[0] in ("x_embedder", "t_embedder"):
-        parts = [f"{parts[0]}_{parts[1]}", *parts[2:]]
-    if parts[-2:] == ["embedding_table", "weight"]:
-        return tuple(parts[:-2] + ["embedding"])
-    if parts[-1] == "weight" and ndim in (2, 4):
-        parts[-1] = "kernel"
-    return tuple(parts)
-
-
-def convert_sit_state_dict(state_dict, config: SiTConfig) -> dict:
-    """willisma/SiT state dict (PyTorch names and layouts) -> `{"params": ...}` of SiT(config).
-
-    Linear weights (out, in) -> (in, out), the patch convolution OIHW -> HWIO, the label
-    table stays (rows, D). Missing, unexpected or mis-shaped entries raise one error
-    naming them (and the fields of SiTConfig to check).
-    """
-    flat = {}
-    for name, value in state_dict.items():
-        value = np.asarray(value, np.float32)
-        path = _sit_flax_path(name, value.ndim)
-        if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)
-        elif value.ndim == 2 and path[-1] == "kernel":
-            value = value.T
-        flat[path] = value
-    expected = {k: v.shape for k, v in traverse_util.flatten_dict(
-        jax.eval_shape(lambda: init_sit(config, jax.random.key(0)))["params"]).items()}
-    return fitted_variables(flat, expected, "this SiT (check " + ", ".join(_SIT_FIELDS[:10]) + ")")
-
-
-def load_sit(path: str | os.PathLike, config: SiTConfig | str | None = None, **fields):
-    """Loads willisma/SiT weights from a local file: returns `(SiT module, variables)`.
-
-    path: a state dict `.pt` / `.pth` (e.g. SiT's released `SiT-XL-2-256x256.pt`; a
-    training checkpoint's "ema" entry is used) or `.npz` (keys `param/<name>`, optional
-    `config_json` with SiT's constructor arguments). config: a SiTConfig, a preset name
-    ("SiT-XL/2"), or None for the npz's `config_json`; `fields` override it
-    (e.g. input_size=32, num_classes=1000).
-    """
-    import json
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no SiT weights at {path}: pass the path of a willisma/SiT "
-                                "checkpoint (.pt) or state dict (.npz) on this machine")
-    stored = {}
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            state_dict = {k.removeprefix("param/"): f[k] for k in f.files if k.startswith("param/")}
-            if "config_json" in f.files:
-                stored = json.loads(str(f["config_json"]))
-    elif path.endswith((".pt", ".pth")):
-        import torch  # optional dependency of this loader only
-
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        state_dict = state_dict.get("ema", state_dict)
-        state_dict = {k: v.numpy() for k, v in state_dict.items()}
-    else:
-        raise ValueError(f"unknown weights format {path!r}; valid: .pt, .pth, .npz")
-    if isinstance(config, str):
-        config = sit_config(config, **fields)
-    elif config is None:
-        unknown = sorted(set(stored) - set(_SIT_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown SiT argument(s) {unknown}; valid: {list(_SIT_FIELDS)}")
-        config = SiTConfig(**{**stored, **fields})
-    elif fields:
-        config = dataclasses.replace(config, **fields)
-    return SiT(config), convert_sit_state_dict(state_dict, config)

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from difflax.models.layers import UNetBlock
+from difflax.models.unet_block import UNetBlock
 from difflax.training.loop import get_init_params_fn, train
 from difflax.training.losses import checked_labels, edm_loss
 from difflax.training.state import TrainConfig

@@ -1,0 +1,129 @@
+"""EDM's `UNetBlock` (Karras et al. 2022, NVlabs/edm `training/networks.py`), with A-SDM's
+surgery options: the residual branch removed or replaced by a CondConv, GRI attention.
+
+It builds on the layers of `difflax.models.layers`, the CondConv of `difflax.models.condconv`
+and the GRI attention of `difflax.models.gri_attention`, none of which import it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from difflax.models.condconv import CondConv2d
+from difflax.models.gri_attention import GRIConfig, gri_attention
+from difflax.models.layers import Conv2d, GroupNorm, Init, Linear, downsample, upsample
+
+
+class UNetBlock(nn.Module):
+    """EDM `UNetBlock`: the union of the DDPM++, NCSN++ and ADM residual blocks.
+
+    x -> conv0(silu(norm0(x))) -> (adaptive) scale/shift by the embedding -> silu ->
+    dropout -> conv1, plus the (projected, resampled) input, times `skip_scale`; then
+    optional self-attention with `num_heads` heads, again times `skip_scale`.
+    x: (B, H, W, C_in), emb: (B, E) -> (B, H', W', C_out).
+
+    The attention unit's residual, proj(attn(norm2(x))), can be taken from a cache
+    (`attention=`, A-SDM's unit-level feature inheritance) and returned for caching
+    (`with_attention=True` returns (out, residual), residual None without attention).
+
+    A-SDM model assembly (difflax.accel.assembly): `residual="none"` removes the residual
+    branch, leaving the shortcut alone (identity or the 1x1 projection, with resampling; no
+    `skip_scale`, as there is no sum left to normalise); `residual="condconv"` replaces the
+    branch by a `condconv_experts`-expert CondConv on silu(norm0(x)) routed by x and emb
+    (difflax.models.condconv). `gri` makes the attention GRI attention with that layout
+    (difflax.models.gri_attention), with the same parameters.
+    """
+
+    out_channels: int
+    up: bool = False
+    down: bool = False
+    attention: bool = False
+    num_heads: int | None = None
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    skip_scale: float = 1.0
+    eps: float = 1e-5
+    resample_filter: Sequence[int] = (1, 1)
+    resample_proj: bool = False
+    adaptive_scale: bool = True
+    init: Init = Init()
+    init_zero: Init = Init(weight=0.0)
+    init_attn: Init | None = None
+    residual: str = "full"
+    condconv_experts: int = 4
+    gri: GRIConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, emb, train: bool = False, attention=None, with_attention=False):
+        cout = self.out_channels
+        resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
+        orig = x
+        if self.residual != "full":
+            return self._pruned(x, emb, attention, with_attention)
+        x = Conv2d(cout, 3, init=self.init, name="conv0", **resample)(
+            nn.silu(GroupNorm(eps=self.eps, name="norm0")(x)))
+        params = Linear(cout * (2 if self.adaptive_scale else 1), init=self.init, name="affine")(emb)
+        params = params[:, None, None, :].astype(x.dtype)
+        norm1 = GroupNorm(eps=self.eps, name="norm1")
+        if self.adaptive_scale:
+            scale, shift = jnp.split(params, 2, axis=-1)
+            x = nn.silu(shift + norm1(x) * (scale + 1))
+        else:
+            x = nn.silu(norm1(x + params))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = Conv2d(cout, 3, init=self.init_zero, name="conv1")(x)
+        x = (x + self._shortcut(orig)) * self.skip_scale
+        return self._attention_unit(x, attention, with_attention)
+
+    def _shortcut(self, x):
+        cin, cout = x.shape[-1], self.out_channels
+        if cout != cin or self.up or self.down:
+            kernel = 1 if self.resample_proj or cout != cin else 0
+            x = Conv2d(cout, kernel, init=self.init, name="skip", up=self.up, down=self.down,
+                       resample_filter=self.resample_filter)(x)
+        return x
+
+    def _attention_unit(self, x, attention, with_attention):
+        if self.attention:
+            if attention is None:
+                attention = self._attend(x)
+            x = (attention + x) * self.skip_scale
+        return (x, attention) if with_attention else x
+
+    def _pruned(self, x, emb, attention, with_attention):
+        """The block with its residual branch removed ("none") or a CondConv ("condconv")."""
+        if self.residual not in ("none", "condconv"):
+            raise ValueError(f"unknown residual {self.residual!r}; valid: 'full', 'none', 'condconv'")
+        out = self._shortcut(x)
+        if self.residual == "condconv":
+            h = nn.silu(GroupNorm(eps=self.eps, name="norm0")(x))
+            h = upsample(h, self.resample_filter) if self.up else h
+            h = downsample(h, self.resample_filter) if self.down else h
+            h = CondConv2d(self.out_channels, 3, num_experts=self.condconv_experts,
+                           weight_init=self.init, name="condconv")(h, emb)
+            out = (h + out) * self.skip_scale
+        return self._attention_unit(out, attention, with_attention)
+
+    def _attend(self, x):
+        b, h, w, c = x.shape
+        heads = self.num_heads if self.num_heads is not None else c // self.channels_per_head
+        if heads == 0 or c % heads:
+            raise ValueError(f"attention over {c} channels with {heads} heads (channels_per_head="
+                             f"{self.channels_per_head}): the heads must divide the channels (EDM's "
+                             "code fails here too)")
+        qkv = Conv2d(3 * c, 1, init=self.init_attn or self.init, name="qkv")(
+            GroupNorm(eps=self.eps, name="norm2")(x))
+        # EDM's channel layout of qkv is (head, channel, {q, k, v}).
+        qkv = qkv.reshape(b, h * w, heads, c // heads, 3).astype(jnp.float32)
+        q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
+        if self.gri is not None:
+            a = gri_attention(q, k, v, h, w, self.gri)
+        else:
+            logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(c // heads))
+            a = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
+        a = a.reshape(b, h, w, c).astype(x.dtype)
+        return Conv2d(c, 1, init=self.init_zero, name="proj")(a)
