@@ -5,6 +5,7 @@
     difflax evaluate --workdir DIR [--sampler edm_heun:18 deis_tab3:10] [--num 1000]
     difflax evaluate --workdir DIR --sampler deis_tab3 --steps 10
     difflax encode --vae VAE_FOLDER --data mnist --out DIR [--resolution 32] [--chunk-size 1024]
+    difflax export --workdir DIR --out FOLDER       # EMA weights + config, for load_testbed
 
 Bad input (an unknown config key or choice, a value out of range, a batch that does not
 split over the devices, an image size the model does not take, a checkpoint from another
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resolution", type=int, help="image size (default: the dataset's)")
     c.add_argument("--split", default="train", help="MNIST split: train or test")
     c.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
+    x = sub.add_parser("export", help="the run's newest EMA weights + config.json into a folder "
+                       "that difflax.load_testbed reads")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--out", required=True, help="output folder")
     return p
 
 
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
     try:
         _initialize_distributed(args)
         commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                    "encode": cmd_encode}
+                    "encode": cmd_encode, "export": cmd_export}
         return commands[args.command](args, overrides)
     except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
         print(f"difflax: error: {error}", file=sys.stderr)
@@ -237,6 +242,17 @@ def cmd_encode(args, overrides) -> int:
     paths = latents.encode_dataset(vae, variables, images, labels, args.out,
                                    chunk_size=args.chunk_size, info=info)
     _print_table([{"images": len(images), "chunks": len(paths), "out": args.out}])
+    return 0
+
+
+def cmd_export(args, overrides) -> int:
+    from difflax.testbeds import export_params
+
+    config, _, params = wd.load_run(args.workdir)
+    if jax.process_index() == 0:
+        export_params(config, params, args.out)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    _print_table([{"workdir": args.workdir, "out": args.out, "megabytes": round(size / 2**20, 2)}])
     return 0
 
 

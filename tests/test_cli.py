@@ -31,6 +31,24 @@ def test_train_writes_checkpoints_metrics_and_grid(trained):
     assert os.path.exists(os.path.join(trained, "samples", "edm_heun_3.png"))
 
 
+def test_export_then_load_testbed_gives_the_runs_ema_model(trained, tmp_path, capsys):
+    import difflax
+
+    out = str(tmp_path / "testbed")
+    assert cli.main(["export", "--workdir", trained, "--out", out]) == 0
+    config, denoiser, params = wd.load_run(trained)
+    config2, denoiser2, params2 = difflax.load_testbed(out)
+    assert denoiser2 == denoiser and config2.to_dict() == config.to_dict()
+    jax.tree.map(np.testing.assert_array_equal, params2, jax.device_get(params))
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        difflax.load_testbed(str(tmp_path / "nowhere"))
+    other = str(tmp_path / "other")  # weights of another model: named in the error
+    cfg = configs.load_config(SMOKE, ("model.model_channels=16",))
+    difflax.testbeds.export_params(cfg, params, other)
+    with pytest.raises(ValueError, match="does not hold the parameters"):
+        difflax.load_testbed(other)
+
+
 def test_train_again_resumes_and_finishes(trained, capsys):
     assert cli.main(["train", "--config", SMOKE, "--workdir", trained,
                      "--config.train.steps=6"]) == 0
