@@ -2,10 +2,10 @@
 
 A testbed is a folder with the run's resolved ``config.json`` and its EMA parameters in
 ``ema_params.safetensors`` (flat names ``"net/enc/.../kernel"``, float32), small enough to
-ship inside the package (``difflax/testbeds/<name>/``). ``README.md`` beside them gives the
+ship inside the package (``difflax/testbed_weights/<name>/``). ``README.md`` beside them gives the
 command that made them.
 
-    difflax export --workdir runs/mnist --out difflax/testbeds/mnist_edm
+    difflax export --workdir runs/mnist --out difflax/testbed_weights/mnist_edm
     config, denoiser, params = load_testbed("mnist_edm")      # or a folder path
     denoiser.apply({"params": params}, x, sigma, labels)
 """
@@ -25,7 +25,7 @@ from difflax.training import get_init_params_fn
 
 __all__ = ["SHIPPED", "export_params", "load_testbed", "testbed_dir"]
 
-SHIPPED = os.path.join(os.path.dirname(__file__), "testbeds")
+SHIPPED = os.path.join(os.path.dirname(__file__), "testbed_weights")
 WEIGHTS = "ema_params.safetensors"
 
 
