@@ -10,7 +10,7 @@ from difflax import cli
 from difflax.images import make_grid
 from difflax.pipelines import SDScheduler, StableDiffusion, scheduler_from_diffusers
 from difflax.training.parallel import make_mesh
-from sd_folders import SD_SCHEDULER, save_tiny_pipeline
+from sd_folders import save_tiny_pipeline
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -66,11 +66,12 @@ def test_generate_matches_diffusers_ddim(folders):
     ("dpmpp_2m", "DPMSolverMultistepScheduler", 4), ("unipc", "UniPCMultistepScheduler", 5)])
 def test_multistep_samplers_match_diffusers(sd1x, sampler, scheduler, steps):
     """difflax's DPM-Solver++(2M) / UniPC on the grid of diffusers' scheduler (its timesteps,
-    then sigma = 0) equal diffusers' pipeline with that scheduler, from the SD config."""
-    pipe, _, sd = sd1x
+    then sigma = 0) equal diffusers' pipeline with that scheduler, read from the folder's
+    scheduler_config.json (a DDIMScheduler's, "leading" spacing)."""
+    pipe, folder, sd = sd1x
     latents = start_latents()
-    want = diffusers_images(pipe, getattr(diffusers, scheduler).from_config(pipe.scheduler.config),
-                            latents, steps)
+    want = diffusers_images(pipe, getattr(diffusers, scheduler).from_pretrained(
+        folder, subfolder="scheduler"), latents, steps)
     got = sd.generate(PROMPTS, latents=latents, steps=steps, sampler=sampler)
     assert np.abs(got - want).max() < 1e-3
     ddim = sd.generate(PROMPTS, latents=latents, steps=4)
@@ -122,15 +123,16 @@ def test_sharded_equals_one_device(sd1x):
 
 
 def test_bfloat16_close_to_float32(sd1x):
-    """UNet and VAE in bfloat16 (float32 parameters cast in the jit): measured max |diff| of
-    the [0, 1] images 0.0063 on this tiny model (DDIM, 4 steps); bound 0.03. The parameters
-    stay float32."""
+    """UNet and VAE in bfloat16 (float32 parameters cast in the jit). Measured on this tiny
+    random model (DDIM, 4 steps, guidance 7.5, which amplifies the UNet's bfloat16 error about
+    4x): |diff| of the [0, 1] images max 0.063, mean 0.011 (without guidance 0.017, 0.0026);
+    bounds 0.2 and 0.04. The parameters stay float32."""
     _, _, sd = sd1x
     latents = start_latents()
     f32 = sd.generate(PROMPTS, latents=latents, steps=4)
     bf16 = sd.generate(PROMPTS, latents=latents, steps=4, dtype="bfloat16")
-    diff = np.abs(bf16 - f32).max()
-    assert 1e-4 < diff < 0.03, diff  # bfloat16 did run, and stays close
+    diff = np.abs(bf16 - f32)
+    assert 1e-3 < diff.max() < 0.2 and diff.mean() < 0.04, (diff.max(), diff.mean())
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(sd.unet_vars))
 
 
@@ -162,25 +164,41 @@ def test_cli_generate_writes_png_grid(sd1x, tmp_path, capsys):
     assert "unknown sampler 'heun'" in capsys.readouterr().err
 
 
+# SD 1.5's scheduler/scheduler_config.json: no timestep_spacing, so each scheduler class's
+# from_config uses its default (DDIM / PNDM "leading", DPM-Solver / UniPC "linspace")
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "trained_betas": None}
+
+
 def test_scheduler_grids_are_diffusers_timesteps():
-    for spacing, steps in (("leading", 50), ("leading", 7), ("trailing", 10)):
-        ddim = diffusers.DDIMScheduler(**SD_SCHEDULER, timestep_spacing=spacing)
-        ddim.set_timesteps(steps)
-        grid = SDScheduler(timestep_spacing=spacing).grid(steps)
-        np.testing.assert_array_equal(grid[:-1], ddim.timesteps.numpy())
-        assert grid[-1] == 0.0
+    for spacing, steps in ((None, 50), (None, 4), ("leading", 7), ("trailing", 10),
+                           ("linspace", 6)):
+        config = SD15_SCHEDULER if spacing is None else {**SD15_SCHEDULER,
+                                                         "timestep_spacing": spacing}
+        scheduler = scheduler_from_diffusers(config)
+        if spacing != "linspace":
+            ddim = diffusers.DDIMScheduler.from_config(config)
+            ddim.set_timesteps(steps)
+            grid = scheduler.grid(steps)
+            np.testing.assert_array_equal(grid[:-1], ddim.timesteps.numpy())
+            assert grid[-1] == 0.0
         for name, cls in (("dpmpp_2m", diffusers.DPMSolverMultistepScheduler),
                           ("unipc", diffusers.UniPCMultistepScheduler)):
-            multistep = cls.from_config({**ddim.config, "timestep_spacing": spacing})
+            multistep = cls.from_config(config)
             multistep.set_timesteps(steps)
-            grid = SDScheduler(timestep_spacing=spacing).grid(steps, name)
+            grid = scheduler.grid(steps, name)
             np.testing.assert_array_equal(grid[:-1], multistep.timesteps.numpy())
             assert grid[-1] == -1.0 and multistep.sigmas[-1] == 0  # sigma = 0 at t = -1
+    np.testing.assert_array_equal(SDScheduler().grid(4, "unipc"), [999, 749, 500, 250, -1])
     with pytest.raises(ValueError, match="uneven"):
         SDScheduler(timestep_spacing="trailing").grid(3)
+    with pytest.raises(ValueError, match="'ddim'.*not 'linspace'"):
+        SDScheduler(timestep_spacing="linspace").grid(4)
     with pytest.raises(ValueError, match="repeat timesteps"):
         SDScheduler().grid(1000, "unipc")
-    with pytest.raises(ValueError, match=r"timestep_spacing='linspace'.*leading"):
-        scheduler_from_diffusers({"timestep_spacing": "linspace"})
+    with pytest.raises(ValueError, match=r"timestep_spacing='even'.*leading"):
+        scheduler_from_diffusers({"timestep_spacing": "even"})
     with pytest.raises(ValueError, match="clip_sample=True"):
         scheduler_from_diffusers({"clip_sample": True})

@@ -8,14 +8,18 @@ from a local diffusers pipeline folder (unet/, text_encoder/, tokenizer/, vae/, 
     decoder -> images in [0, 1]
 
 Time grids: each sampler runs on the timesteps of the diffusers scheduler that implements it,
-for the folder's scheduler_config.json (SD: num_train_timesteps 1000, scaled-linear betas
-0.00085..0.012, "leading" spacing, steps_offset 1, set_alpha_to_one False):
+for the folder's scheduler_config.json (SD 1.5: num_train_timesteps 1000, scaled-linear betas
+0.00085..0.012, steps_offset 1, set_alpha_to_one False, no timestep_spacing):
 
-- dpmpp_2m, dpmpp_3m, dpm_multistep and unipc: DPMSolverMultistepScheduler's /
-  UniPCMultistepScheduler's, t_i = i * (1000 // (steps + 1)) + steps_offset, i = steps .. 1,
-  then sigma = 0 (final_sigmas_type "zero"; schedule time -1, `VPDiscrete.t_zero`).
-- every other sampler (ddim, deis_*, ipndm, euler, ...): DDIMScheduler's, t_i = i * (1000 //
-  steps) + steps_offset, i = steps - 1 .. 0, then t = 0 (alpha_bar_0 = 1 - beta_0, not 1).
+- dpmpp_2m, dpmpp_3m, dpm_multistep and unipc: those of DPMSolverMultistepScheduler /
+  UniPCMultistepScheduler `from_config` of that file, then sigma = 0 (final_sigmas_type
+  "zero"; schedule time -1, `VPDiscrete.t_zero`). Their spacing is the file's
+  timestep_spacing, else their default "linspace" (SD 1.5's file has none): t_i =
+  round(999 i / steps), i = steps .. 1 (4 steps: 999, 749, 500, 250); "leading":
+  t_i = i * (1000 // (steps + 1)) + steps_offset.
+- every other sampler (ddim, deis_*, ipndm, euler, ...): DDIMScheduler's (default "leading"),
+  t_i = i * (1000 // steps) + steps_offset, i = steps - 1 .. 0, then t = 0 (alpha_bar_0 =
+  1 - beta_0, not 1).
 
 With ddim (Song et al. 2021 eq. 12, eta = 0), dpmpp_2m and unipc the images equal diffusers'
 StableDiffusionPipeline with DDIMScheduler, DPMSolverMultistepScheduler and
@@ -49,7 +53,7 @@ from difflax.training.parallel import (batch_sharded, host_to_global, make_mesh,
                                        replicated)
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-SPACINGS = ("leading", "trailing")
+SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 # samplers diffusers runs with DPMSolverMultistepScheduler / UniPCMultistepScheduler, whose
 # timesteps (and final sigma = 0) they use here; all others use DDIMScheduler's
@@ -67,7 +71,7 @@ class SDScheduler:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = None  # None: the scheduler class's default, as from_config
     steps_offset: int = 1
 
     def schedule(self) -> sch.VPDiscrete:
@@ -84,32 +88,41 @@ class SDScheduler:
         MULTISTEP_SAMPLERS, else `ddim_grid`."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        return self.multistep_grid(steps) if sampler in MULTISTEP_SAMPLERS else self.ddim_grid(steps)
+        if sampler in MULTISTEP_SAMPLERS:
+            return self.multistep_grid(steps)
+        return self.ddim_grid(steps, sampler)
 
     def multistep_grid(self, steps: int) -> np.ndarray:
         """diffusers DPMSolverMultistepScheduler's (= UniPCMultistepScheduler's) timesteps for
-        `steps` steps, then -1 (sigma = 0, final_sigmas_type "zero")."""
-        n = self.num_train_timesteps
-        if self.timestep_spacing == "leading":
+        `steps` steps, then -1 (sigma = 0, final_sigmas_type "zero"). Their default spacing,
+        used when the config has none (SD 1.x's), is "linspace"."""
+        n, spacing = self.num_train_timesteps, self.timestep_spacing or "linspace"
+        if spacing == "leading":
             ts = np.arange(steps + 1)[::-1][:-1] * (n // (steps + 1)) + self.steps_offset
+        elif spacing == "linspace":
+            ts = np.round(np.linspace(0, n - 1, steps + 1))[::-1][:-1]
         else:
             ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
         if steps >= n or np.any(np.diff(ts) >= 0):
-            raise ValueError(f"{steps} steps repeat timesteps with {self.timestep_spacing!r} "
-                             f"spacing over {n} training timesteps; use fewer steps")
+            raise ValueError(f"{steps} steps repeat timesteps with {spacing!r} spacing over {n} "
+                             "training timesteps; use fewer steps")
         return np.append(ts, -1.0).astype(np.float64)
 
-    def ddim_grid(self, steps: int) -> np.ndarray:
-        """diffusers DDIMScheduler's timesteps for `steps` steps, then 0 (where
-        set_alpha_to_one=False ends)."""
-        n = self.num_train_timesteps
-        if self.timestep_spacing == "leading":
+    def ddim_grid(self, steps: int, sampler: str = "ddim") -> np.ndarray:
+        """diffusers DDIMScheduler's timesteps for `steps` steps (default spacing "leading"),
+        then 0 (where set_alpha_to_one=False ends)."""
+        n, spacing = self.num_train_timesteps, self.timestep_spacing or "leading"
+        if spacing == "linspace":
+            raise ValueError(f"sampler {sampler!r} on DDIMScheduler's timesteps needs "
+                             "timestep_spacing 'leading' or 'trailing', not 'linspace' (uneven "
+                             "DDIM steps)")
+        if spacing == "leading":
             ts = np.arange(steps)[::-1] * (n // steps) + self.steps_offset
         else:
             ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
         # DDIM steps from t to t - n // steps: a grid only if that is the next timestep
         if len(ts) > 1 and np.any(np.diff(ts) != -(n // steps)):
-            raise ValueError(f"{self.timestep_spacing!r} spacing with {steps} steps has uneven "
+            raise ValueError(f"{spacing!r} spacing with {steps} steps has uneven "
                              f"timesteps {ts.tolist()}; use steps dividing {n}")
         return np.append(ts, 0.0) if ts[-1] > 0 else ts.astype(np.float64)
 
