@@ -1,4 +1,5 @@
-"""`difflax train | sample | evaluate`: the command line, the only place that reads configs.
+"""`difflax train | sample | evaluate | encode | export | generate`: the command line, the only
+place that reads configs.
 
     difflax train --config configs/digits_edm.py[:smoke] --workdir DIR [--config.train.steps=10]
     difflax sample --workdir DIR [--sampler edm_heun] [--steps 18] [--num 64]
@@ -6,6 +7,7 @@
     difflax evaluate --workdir DIR --sampler deis_tab3 --steps 10
     difflax encode --vae VAE_FOLDER --data mnist --out DIR [--resolution 32] [--chunk-size 1024]
     difflax export --workdir DIR --out FOLDER       # EMA weights + config, for load_testbed
+    difflax generate --model SD_FOLDER --prompt "..." --out grid.png [--sampler ddim] [--steps 50]
 
 Bad input (an unknown config key or choice, a value out of range, a batch that does not
 split over the devices, an image size the model does not take, a checkpoint from another
@@ -72,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
                        "that difflax.load_testbed reads")
     x.add_argument("--workdir", required=True)
     x.add_argument("--out", required=True, help="output folder")
+    g = sub.add_parser("generate", help="Stable Diffusion text -> image: a PNG grid from a local "
+                       "diffusers folder")
+    g.add_argument("--model", required=True, help="diffusers StableDiffusionPipeline folder "
+                   "(unet/ text_encoder/ tokenizer/ vae/ scheduler/)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt")
+    g.add_argument("--sampler", default="ddim", help="a difflax sampler name (ddim, dpmpp_2m, "
+                   "unipc, deis_tab, ...)")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale "
+                   "(<= 1: none)")
+    g.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
+    g.add_argument("--num", type=int, default=1, help="images of the prompt")
+    g.add_argument("--height", type=int, help="pixels (default: the UNet's sample size x 8)")
+    g.add_argument("--width", type=int, help="pixels (default: the UNet's sample size x 8)")
+    g.add_argument("--dtype", default="float32", help="float32 or bfloat16 (UNet and VAE)")
+    g.add_argument("--out", required=True, help="PNG path of the image grid")
     return p
 
 
@@ -89,7 +108,7 @@ def main(argv=None) -> int:
     try:
         _initialize_distributed(args)
         commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                    "encode": cmd_encode, "export": cmd_export}
+                    "encode": cmd_encode, "export": cmd_export, "generate": cmd_generate}
         return commands[args.command](args, overrides)
     except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
         print(f"difflax: error: {error}", file=sys.stderr)
@@ -253,6 +272,27 @@ def cmd_export(args, overrides) -> int:
         export_params(config, params, args.out)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     _print_table([{"workdir": args.workdir, "out": args.out, "megabytes": round(size / 2**20, 2)}])
+    return 0
+
+
+def cmd_generate(args, overrides) -> int:
+    from difflax.pipelines import StableDiffusion
+
+    _check_args(args, steps=1, num=1, seed=0, height=1, width=1)
+    if not args.out.endswith(".png"):
+        raise ValueError(f"--out {args.out!r}: must end with .png")
+    sd = StableDiffusion.from_pretrained(args.model)
+    tic = time.perf_counter()
+    images = sd.generate([args.prompt] * args.num, negative_prompt=args.negative_prompt,
+                         steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                         seed=args.seed, height=args.height, width=args.width, dtype=args.dtype)
+    seconds = time.perf_counter() - tic
+    if jax.process_index() == 0:
+        save_grid(args.out, images * 2 - 1, nrow=int(np.ceil(np.sqrt(args.num))))
+    _print_table([{"sampler": args.sampler, "steps": args.steps,
+                   "nfe": sd.nfe(args.steps, args.sampler), "guidance": args.guidance,
+                   "dtype": args.dtype, "images": args.num, "size": f"{images.shape[2]}x"
+                   f"{images.shape[1]}", "seconds": round(seconds, 1), "out": args.out}])
     return 0
 
 

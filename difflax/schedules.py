@@ -108,40 +108,55 @@ class VPDiscrete(_VP):
     "log_alpha" (default) is linear in log alpha (as DPM-Solver's discrete wrapper, so log-SNR
     is smooth within a step); "alpha_bar" is linear in alpha_bar = alpha^2, as DEIS's code
     (`DiscreteVPSDE`). Values at integer steps are the same; the exact DEIS coefficients
-    (tAB's integral in t) differ.
+    (tAB's integral in t) differ. With `with_t_zero`, time -1 has alpha_bar = 1 (sigma = 0):
+    `t_zero = -1`, where diffusers' DPM-Solver / UniPC schedulers end (final_sigmas_type
+    "zero"); between -1 and 0 the same interpolation applies.
     """
 
     log_alpha_table: np.ndarray = None  # (N,) float64, log sqrt(alpha_bar_n)
     interpolation: str = "log_alpha"
+    with_t_zero: bool = False
+
+    @property
+    def t_zero(self):
+        return -1.0 if self.with_t_zero else None
+
+    def _nodes(self):
+        """(times, log alpha) of the interpolation nodes: 0..N-1, and -1 (log alpha 0)
+        first with `with_t_zero`."""
+        table = self.log_alpha_table
+        if self.with_t_zero:
+            return np.arange(-1.0, len(table)), np.concatenate([[0.0], table])
+        return np.arange(float(len(table))), table
 
     def _log_alpha(self, t):
         xp = _xp(t)
-        steps = xp.arange(len(self.log_alpha_table))
+        times, table = self._nodes()
         if self.interpolation == "alpha_bar":
-            return 0.5 * xp.log(xp.interp(t, steps, xp.asarray(np.exp(2 * self.log_alpha_table))))
-        return xp.interp(t, steps, xp.asarray(self.log_alpha_table))
+            return 0.5 * xp.log(xp.interp(t, xp.asarray(times), xp.asarray(np.exp(2 * table))))
+        return xp.interp(t, xp.asarray(times), xp.asarray(table))
 
     def d_alpha(self, t):
         t = _f(t)
         xp = _xp(t)
-        idx = xp.clip(xp.floor(t).astype(int), 0, len(self.log_alpha_table) - 2)
+        times, table = self._nodes()
+        idx = xp.clip(xp.floor(t - times[0]).astype(int), 0, len(times) - 2)
         if self.interpolation == "alpha_bar":  # d sqrt(alpha_bar) = d alpha_bar / (2 alpha)
-            slopes = xp.asarray(np.diff(np.exp(2 * self.log_alpha_table)))
+            slopes = xp.asarray(np.diff(np.exp(2 * table)))
             return slopes[idx] / (2 * self.alpha(t))
-        slopes = xp.asarray(np.diff(self.log_alpha_table))
+        slopes = xp.asarray(np.diff(table))
         return self.alpha(t) * slopes[idx]
 
     def _t_from_log_alpha(self, la):
         xp = _xp(la)
-        n = len(self.log_alpha_table)
+        times, table = self._nodes()
         # log alpha (and alpha_bar) is decreasing in t: interpolate on the reversed table.
         if self.interpolation == "alpha_bar":
-            return xp.interp(-xp.exp(2 * la), -xp.asarray(np.exp(2 * self.log_alpha_table)),
-                             xp.arange(n, dtype=float))
-        return xp.interp(-la, -xp.asarray(self.log_alpha_table), xp.arange(n, dtype=float))
+            return xp.interp(-xp.exp(2 * la), -xp.asarray(np.exp(2 * table)), xp.asarray(times))
+        return xp.interp(-la, -xp.asarray(table), xp.asarray(times))
 
     def breakpoints(self):
-        return np.arange(len(self.log_alpha_table), dtype=np.float64)
+        return self._nodes()[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -278,11 +293,12 @@ def scaled_linear_betas(num_steps: int = 1000, beta_start: float = 0.00085,
 VP_INTERPOLATIONS = ("log_alpha", "alpha_bar")
 
 
-def vp_discrete(betas="linear", *, interpolation="log_alpha") -> VPDiscrete:
+def vp_discrete(betas="linear", *, interpolation="log_alpha",
+                with_t_zero: bool = False) -> VPDiscrete:
     """Discrete VP from `betas` (array, or "linear" = DDPM, "scaled_linear" = Stable Diffusion).
 
     Time t is the step index in [0, N-1]; `interpolation` between steps: "log_alpha" or
-    DEIS's "alpha_bar" (see `VPDiscrete`).
+    DEIS's "alpha_bar"; `with_t_zero`: time -1 with sigma = 0 (see `VPDiscrete`).
     """
     if interpolation not in VP_INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}; choose one of "
@@ -295,7 +311,7 @@ def vp_discrete(betas="linear", *, interpolation="log_alpha") -> VPDiscrete:
     betas = np.asarray(betas, np.float64)
     log_alpha = 0.5 * np.cumsum(np.log1p(-betas))
     return VPDiscrete(t_min=0.0, t_max=float(len(betas) - 1), log_alpha_table=log_alpha,
-                      interpolation=interpolation)
+                      interpolation=interpolation, with_t_zero=with_t_zero)
 
 
 def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, *, t_min: float = 1e-3,

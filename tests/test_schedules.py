@@ -77,6 +77,22 @@ def test_vp_identities():
     assert rf.alpha(0.25) == 0.75 and rf.sigma(0.25) == 0.25
 
 
+@pytest.mark.parametrize("interpolation", ["log_alpha", "alpha_bar"])
+def test_vp_discrete_t_zero(interpolation):
+    """with_t_zero adds time -1 with sigma = 0 below step 0 and changes nothing at t >= 0."""
+    plain = S.vp_discrete("scaled_linear", interpolation=interpolation)
+    s = S.vp_discrete("scaled_linear", interpolation=interpolation, with_t_zero=True)
+    t = np.array([0.0, 0.3, 1.0, 500.5, 999.0])
+    for f in ("alpha", "sigma", "d_alpha"):
+        np.testing.assert_array_equal(getattr(s, f)(t), getattr(plain, f)(t))
+    assert plain.t_zero is None and s.t_zero == -1.0 and s.valid_range() == (-1.0, 999.0)
+    assert s.sigma(-1.0) == 0.0 and s.alpha(-1.0) == 1.0 and s.t_from_rho(0.0) == -1.0
+    np.testing.assert_allclose(s.t_from_rho(s.rho(np.array([-0.5, 0.0, 2.5]))), [-0.5, 0.0, 2.5],
+                               atol=1e-9)
+    np.testing.assert_allclose(s.alpha(-0.5) ** 2, (1 + (1 - 0.00085)) / 2 if
+                               interpolation == "alpha_bar" else np.sqrt(1 - 0.00085), rtol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["uniform", "quadratic", "logsnr", "edm"])
 @pytest.mark.parametrize("name", ["vp_linear", "edm", "vp_discrete"])
 def test_time_grid(kind, name):

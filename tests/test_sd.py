@@ -1,7 +1,5 @@
 """Stable Diffusion's UNet, CLIP text encoder and tokenizer against diffusers' / transformers'
 PyTorch modules, on tiny random configs saved to temporary folders."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,15 +7,12 @@ import pytest
 
 from difflax.models import load_clip_text_encoder, load_sd_unet, sd_skip_connections
 from difflax.models.sd_unet_weights import sd_unet_config_from_diffusers
+from sd_folders import SD1, perturbed, write_tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-SD1 = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-           attention_head_dim=2, norm_num_groups=8, use_linear_projection=False)
 SD2 = dict(sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=2,
            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -36,16 +31,6 @@ CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 def max_rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.abs(a - b).max() / np.abs(b).max()
-
-
-def perturbed(model, seed=1, scale=0.2):
-    """Moves every weight away from its initial value (zero-initialised output layers, unit
-    norms), so that every parameter matters in the comparison."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
 
 
 nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
@@ -195,23 +180,6 @@ def test_clip_text_encoder_rejects_unknown_activation(tmp_path):
 
     with pytest.raises(ValueError, match="hidden_act='relu'.*gelu"):
         clip_text_config_from_transformers({"hidden_act": "relu"})
-
-
-def write_tiny_tokenizer(folder, pad_token):
-    """A CLIP tokenizer folder with the 256 byte symbols (alone and word-final) and a few
-    merges, in the files of an SD checkpoint's tokenizer/ folder."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = sorted(ByteLevel.alphabet())
-    merges = ["h e", "l l", "he ll", "hell o</w>", "w o", "r l", "rl d</w>", "wo rld</w>",
-              "a n", "an d</w>"]
-    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 16, "pad_token": pad_token, "bos_token": "<|startoftext|>",
-         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
 
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])

@@ -272,7 +272,9 @@ class SDUNet(nn.Module):
     (B, M, cross_attention_dim), skip_scales=None) -> (B, h, w, out_channels)`; h and w must be
     divisible by 2 ** (levels - 1). `skip_scales`: one scale per entry of
     `sd_skip_connections(config)` (a sequence or an array of that length), multiplying the
-    skip where the decoder concatenates it (Skip-Tuning); None means all ones.
+    skip where the decoder concatenates it (Skip-Tuning); None means all ones. With bfloat16
+    latents and parameters everything but the time MLP (float32 sinusoidal features) computes
+    in bfloat16.
     """
 
     config: SDUNetConfig
@@ -296,7 +298,9 @@ class SDUNet(nn.Module):
         if latents.shape[1] % factor or latents.shape[2] % factor:
             raise ValueError(f"latents of size {latents.shape[1:3]}: height and width must be "
                              f"divisible by {factor} (2 ** (levels - 1))")
+        # the time MLP sees float32 features; the rest computes in the latents' dtype
         temb = self.embed_time(timesteps, latents.shape[0], text_embeds, time_ids)
+        temb = temb.astype(latents.dtype)
         h, skips = self.encode(latents, temb, encoder_hidden_states)
         h = self.middle(h, temb, encoder_hidden_states)
         h = self.decode(h, skips, temb, encoder_hidden_states, skip_scales)

@@ -1,17 +1,37 @@
 """Stable Diffusion (Rombach et al. 2022) text -> image over difflax's models and samplers,
 from a local diffusers pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).
 
-    prompts -> CLIP tokenizer -> text encoder -> (B, 77, D) conditioning (and "" for the
-    unconditional branch) -> classifier-free guidance (Ho & Salimans 2022, eq. 6) on the
-    UNet's prediction, eps_u + w (eps_c - eps_u), both branches in one UNet call -> a difflax
-    sampler on SD's discrete VP schedule over diffusers' timesteps -> VAE decoder -> [0, 1]
+    prompts -> CLIP tokenizer -> text encoder -> (B, 77, D) conditioning (and the negative
+    prompt's, default "", for the unconditional branch) -> classifier-free guidance (Ho &
+    Salimans 2022, eq. 6) on the UNet's prediction, eps_u + w (eps_c - eps_u), both branches
+    in one (vmapped) UNet call -> a difflax sampler on SD's discrete VP schedule -> VAE
+    decoder -> images in [0, 1]
 
-Timesteps follow diffusers' DDIMScheduler on the folder's scheduler_config.json (SD:
-num_train_timesteps 1000, scaled-linear betas 0.00085..0.012, "leading" spacing,
-steps_offset 1, set_alpha_to_one False): t_i = i * (1000 // steps) + steps_offset, i = steps-1
-.. 0, and the last step ends at t = 0 (alpha_bar_0 = 1 - beta_0, not 1). With sampler="ddim"
-(Song et al. 2021 eq. 12, eta = 0) the images equal diffusers' StableDiffusionPipeline with
-that DDIMScheduler; other difflax samplers run on the same grid.
+Time grids: each sampler runs on the timesteps of the diffusers scheduler that implements it,
+for the folder's scheduler_config.json (SD 1.5: num_train_timesteps 1000, scaled-linear betas
+0.00085..0.012, steps_offset 1, set_alpha_to_one False, no timestep_spacing):
+
+- dpmpp_2m, dpmpp_3m, dpm_multistep and unipc: those of DPMSolverMultistepScheduler /
+  UniPCMultistepScheduler `from_config` of that file, then sigma = 0 (final_sigmas_type
+  "zero"; schedule time -1, `VPDiscrete.t_zero`). Their spacing is the file's
+  timestep_spacing, else their default "linspace" (SD 1.5's file has none): t_i =
+  round(999 i / steps), i = steps .. 1 (4 steps: 999, 749, 500, 250); "leading":
+  t_i = i * (1000 // (steps + 1)) + steps_offset.
+- every other sampler (ddim, deis_*, ipndm, euler, ...): DDIMScheduler's (default "leading"),
+  t_i = i * (1000 // steps) + steps_offset, i = steps - 1 .. 0, then t = 0 (alpha_bar_0 =
+  1 - beta_0, not 1).
+
+With ddim (Song et al. 2021 eq. 12, eta = 0), dpmpp_2m and unipc the images equal diffusers'
+StableDiffusionPipeline with DDIMScheduler, DPMSolverMultistepScheduler and
+UniPCMultistepScheduler (tests/test_sd_pipeline.py).
+
+Sampling is one `jax.jit` per (steps, sampler, guidance on/off, dtype), traced once per batch
+shape and reused for other prompts, seeds and guidance scales. The batch is split over a 1-D
+device mesh (difflax.training.parallel; padded to a multiple of the device count), the
+parameters are replicated once at load time, and the images come back replicated. With
+dtype="bfloat16" the UNet and VAE decoder compute in bfloat16 (their float32 parameters are
+cast inside the compiled function); the text encoder, the sampler's state and the guidance
+combination stay float32.
 """
 from __future__ import annotations
 
@@ -28,11 +48,17 @@ from difflax.models.clip_tokenizer import load_clip_tokenizer
 from difflax.models.diffusers_weights import read_json
 from difflax.models.sd_unet_weights import load_sd_unet
 from difflax.models.vae import load_vae
-from difflax.samplers import sample
+from difflax.samplers import SAMPLERS, make_solver, sample
+from difflax.training.parallel import (batch_sharded, host_to_global, make_mesh, pad_to_mesh,
+                                       replicated)
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-SPACINGS = ("leading", "trailing")
+SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("scaled_linear", "linear")
+# samplers diffusers runs with DPMSolverMultistepScheduler / UniPCMultistepScheduler, whose
+# timesteps (and final sigma = 0) they use here; all others use DDIMScheduler's
+MULTISTEP_SAMPLERS = ("dpm_multistep", "dpmpp_2m", "dpmpp_3m", "unipc")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +71,7 @@ class SDScheduler:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = None  # None: the scheduler class's default, as from_config
     steps_offset: int = 1
 
     def schedule(self) -> sch.VPDiscrete:
@@ -55,19 +81,48 @@ class SDScheduler:
             betas = sch.ddpm_betas(n, self.beta_start, self.beta_end)
         else:
             betas = sch.scaled_linear_betas(n, self.beta_start, self.beta_end)
-        return sch.vp_discrete(betas)
+        return sch.vp_discrete(betas, with_t_zero=True)
 
-    def grid(self, steps: int) -> np.ndarray:
-        """diffusers DDIMScheduler's timesteps for `steps` steps, then 0 (where
-        set_alpha_to_one=False ends): a decreasing grid of schedule times."""
-        n = self.num_train_timesteps
-        if self.timestep_spacing == "leading":
+    def grid(self, steps: int, sampler: str = "ddim") -> np.ndarray:
+        """The decreasing grid of schedule times `sampler` runs on: `multistep_grid` for
+        MULTISTEP_SAMPLERS, else `ddim_grid`."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if sampler in MULTISTEP_SAMPLERS:
+            return self.multistep_grid(steps)
+        return self.ddim_grid(steps, sampler)
+
+    def multistep_grid(self, steps: int) -> np.ndarray:
+        """diffusers DPMSolverMultistepScheduler's (= UniPCMultistepScheduler's) timesteps for
+        `steps` steps, then -1 (sigma = 0, final_sigmas_type "zero"). Their default spacing,
+        used when the config has none (SD 1.x's), is "linspace"."""
+        n, spacing = self.num_train_timesteps, self.timestep_spacing or "linspace"
+        if spacing == "leading":
+            ts = np.arange(steps + 1)[::-1][:-1] * (n // (steps + 1)) + self.steps_offset
+        elif spacing == "linspace":
+            ts = np.round(np.linspace(0, n - 1, steps + 1))[::-1][:-1]
+        else:
+            ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+        if steps >= n or np.any(np.diff(ts) >= 0):
+            raise ValueError(f"{steps} steps repeat timesteps with {spacing!r} spacing over {n} "
+                             "training timesteps; use fewer steps")
+        return np.append(ts, -1.0).astype(np.float64)
+
+    def ddim_grid(self, steps: int, sampler: str = "ddim") -> np.ndarray:
+        """diffusers DDIMScheduler's timesteps for `steps` steps (default spacing "leading"),
+        then 0 (where set_alpha_to_one=False ends)."""
+        n, spacing = self.num_train_timesteps, self.timestep_spacing or "leading"
+        if spacing == "linspace":
+            raise ValueError(f"sampler {sampler!r} on DDIMScheduler's timesteps needs "
+                             "timestep_spacing 'leading' or 'trailing', not 'linspace' (uneven "
+                             "DDIM steps)")
+        if spacing == "leading":
             ts = np.arange(steps)[::-1] * (n // steps) + self.steps_offset
         else:
             ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
         # DDIM steps from t to t - n // steps: a grid only if that is the next timestep
         if len(ts) > 1 and np.any(np.diff(ts) != -(n // steps)):
-            raise ValueError(f"{self.timestep_spacing!r} spacing with {steps} steps has uneven "
+            raise ValueError(f"{spacing!r} spacing with {steps} steps has uneven "
                              f"timesteps {ts.tolist()}; use steps dividing {n}")
         return np.append(ts, 0.0) if ts[-1] > 0 else ts.astype(np.float64)
 
@@ -88,81 +143,140 @@ def scheduler_from_diffusers(config: dict) -> SDScheduler:
 
 
 class StableDiffusion:
-    """Loaded SD components: modules, their variables, tokenizer and scheduler settings.
-    Compiled samplers are cached per (batch shape, steps, sampler, guidance on/off)."""
+    """Loaded SD components (modules, variables, tokenizer, scheduler settings) on a device
+    mesh (default: all devices); `generate` keeps one compiled sampler per (steps, sampler,
+    guidance on/off, dtype)."""
 
-    def __init__(self, unet, unet_vars, text, text_vars, tokenizer, vae, vae_vars, scheduler):
-        self.unet, self.unet_vars = unet, unet_vars
-        self.text, self.text_vars = text, text_vars
-        self.tokenizer, self.vae, self.vae_vars = tokenizer, vae, vae_vars
+    def __init__(self, unet, unet_vars, text, text_vars, tokenizer, vae, vae_vars, scheduler,
+                 *, mesh=None):
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.unet, self.unet_vars = unet, host_to_global(unet_vars, replicated(self.mesh))
+        self.vae, self.vae_vars = vae, host_to_global(vae_vars, replicated(self.mesh))
+        self.text, self.text_vars, self.tokenizer = text, text_vars, tokenizer
         self.scheduler = scheduler
         self.schedule = scheduler.schedule()
         self.prediction = PREDICTION_TYPES[scheduler.prediction_type]
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._encode = jax.jit(text.apply)
         self._compiled = {}
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "StableDiffusion":
+    def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None) -> "StableDiffusion":
         """Loads a local diffusers Stable Diffusion folder (`save_pretrained` layout: unet/,
         text_encoder/, tokenizer/, vae/, and scheduler/scheduler_config.json, whose absence
-        means SD 1.x's settings)."""
+        means SD 1.x's settings); `mesh`: a `difflax.training.parallel.make_mesh` mesh."""
         folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"no Stable Diffusion folder at {folder!r}: expected a "
+                                    "diffusers save_pretrained folder (unet/ text_encoder/ "
+                                    "tokenizer/ vae/ scheduler/), e.g. downloaded with "
+                                    "huggingface_hub.snapshot_download")
         scheduler = scheduler_from_diffusers(
             read_json(os.path.join(folder, "scheduler", "scheduler_config.json")))
         return cls(*load_sd_unet(os.path.join(folder, "unet")),
                    *load_clip_text_encoder(os.path.join(folder, "text_encoder")),
                    load_clip_tokenizer(os.path.join(folder, "tokenizer")),
-                   *load_vae(os.path.join(folder, "vae")), scheduler)
+                   *load_vae(os.path.join(folder, "vae")), scheduler, mesh=mesh)
 
     def encode_prompts(self, prompts) -> jax.Array:
         """prompts (str or list of B str) -> the text encoder's last hidden state (B, L, D)."""
-        return self.text.apply(self.text_vars, self.tokenizer(prompts))
+        return self._encode(self.text_vars, self.tokenizer(prompts))
 
-    def generate(self, prompts=None, *, prompt_embeds=None, negative_prompt_embeds=None,
-                 latents=None, steps: int = 50, sampler: str = "ddim",
-                 guidance_scale: float = 7.5, seed: int = 0) -> np.ndarray:
-        """Images (B, H, W, 3) in [0, 1] for `prompts` (or their `prompt_embeds` (B, L, D)).
+    def nfe(self, steps: int, sampler: str = "ddim") -> int:
+        """UNet evaluations per image (each evaluates both guidance branches at once)."""
+        grid = self.scheduler.grid(steps, sampler)
+        return make_solver(self.schedule, sampler, grid, prediction=self.prediction)[1]
 
-        negative_prompt_embeds: the unconditional branch's conditioning (default: the empty
-        prompt's); guidance applies when guidance_scale > 1, as in diffusers. latents: the
-        initial latents x_T (B, h, w, C) (diffusers' `latents`, NHWC), else standard normal
-        from `seed` at the UNet's sample_size.
+    def generate(self, prompts=None, *, negative_prompt=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, steps: int = 50,
+                 sampler: str = "ddim", guidance_scale: float = 7.5, seed: int = 0,
+                 height: int | None = None, width: int | None = None,
+                 dtype: str = "float32") -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1] for `prompts` (str or B str; or `prompt_embeds`
+        (B, L, D)).
+
+        negative_prompt (str or B str) / negative_prompt_embeds: the unconditional branch
+        (default: the empty prompt); guidance applies when guidance_scale > 1, as in
+        diffusers. latents: the initial latents x_T (B, h, w, C) (diffusers' `latents`, NHWC),
+        else `initial_latents(seed, B, ...)` at height x width pixels (default: the UNet's
+        sample_size times the VAE's factor). sampler: a name in difflax.samplers.SAMPLERS, on
+        the grid `SDScheduler.grid` gives it. dtype: "float32" or "bfloat16" (see the module
+        docstring).
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
+        guided = guidance_scale > 1.0
+        contexts = self._conditioning(prompts, negative_prompt, prompt_embeds,
+                                      negative_prompt_embeds, guided)
+        batch = contexts[0].shape[0]
+        if latents is None:
+            latents = self.initial_latents(seed, batch, height, width)
+        latents = np.asarray(latents, np.float32)
+        if latents.shape[0] != batch:
+            raise ValueError(f"latents have batch size {latents.shape[0]}; the prompts {batch}")
+        key = (steps, sampler, guided, dtype)
+        if key not in self._compiled:
+            self._compiled[key] = self._sampling_fn(steps, sampler, guided, DTYPES[dtype])
+        padded = pad_to_mesh((latents,) + contexts, self.mesh)
+        x_T, *contexts = host_to_global(padded, batch_sharded(self.mesh))
+        images = self._compiled[key](self.unet_vars, self.vae_vars, x_T, tuple(contexts),
+                                     np.float32(guidance_scale))
+        return np.asarray(images)[:batch]
+
+    def initial_latents(self, seed: int, batch: int, height: int | None = None,
+                        width: int | None = None) -> np.ndarray:
+        """Standard normal x_T (batch, height / f, width / f, C), image i drawn from
+        fold_in(key(seed), i): the same for any batch size and device count."""
+        f, size = self.vae_scale_factor, self.unet.config.sample_size
+        height, width = height or size * f, width or size * f
+        if height % f or width % f:
+            raise ValueError(f"height {height} and width {width} must be multiples of the "
+                             f"VAE's factor {f}")
+        shape = (height // f, width // f, self.unet.config.in_channels)
+        key = jax.random.key(seed)
+        draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), shape)
+        return np.asarray(jax.vmap(draw)(jnp.arange(batch)))
+
+    def _conditioning(self, prompts, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                      guided):
+        """(cond,) or, with guidance, (uncond, cond): host arrays (B, L, D)."""
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of prompts or prompt_embeds")
-        cond = self.encode_prompts(prompts) if prompt_embeds is None else jnp.asarray(prompt_embeds)
-        guided = guidance_scale > 1.0
-        if guided:
-            uncond = (self.encode_prompts([""] * cond.shape[0]) if negative_prompt_embeds is None
-                      else jnp.asarray(negative_prompt_embeds))
-            cond = jnp.concatenate([uncond, cond])
-        if latents is None:
-            size, ch = self.unet.config.sample_size, self.unet.config.in_channels
-            latents = jax.random.normal(jax.random.key(seed), (cond.shape[0] // (1 + guided),
-                                                               size, size, ch))
-        key = (jnp.shape(latents), steps, sampler, guided)
-        if key not in self._compiled:
-            self._compiled[key] = self._sampling_fn(steps, sampler, guided)
-        images = self._compiled[key](self.unet_vars, self.vae_vars, jnp.asarray(latents), cond,
-                                     jnp.float32(guidance_scale))
-        return np.asarray(images)
+        if prompt_embeds is None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            prompt_embeds = self.encode_prompts(prompts)
+        cond = np.asarray(prompt_embeds, np.float32)
+        if not guided:
+            return (cond,)
+        if negative_prompt_embeds is None:
+            negative = "" if negative_prompt is None else negative_prompt
+            negative = [negative] * len(cond) if isinstance(negative, str) else list(negative)
+            if len(negative) != len(cond):
+                raise ValueError(f"{len(negative)} negative prompts for {len(cond)} prompts")
+            negative_prompt_embeds = self.encode_prompts(negative)
+        return np.asarray(negative_prompt_embeds, np.float32), cond
 
-    def _sampling_fn(self, steps, sampler, guided):
-        grid = self.scheduler.grid(steps)
+    def _sampling_fn(self, steps, sampler, guided, dtype):
+        """jit of (unet_vars, vae_vars, x_T, contexts, scale) -> images, on the mesh."""
+        grid = self.scheduler.grid(steps, sampler)
         sigma_start = float(self.schedule.sigma(grid[0]))
+        cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
 
-        def run(unet_vars, vae_vars, x_T, context, scale):
-            def model_fn(x, t):
-                if not guided:
-                    return self.unet.apply(unet_vars, x, t, context)
-                out = self.unet.apply(unet_vars, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                      context)
-                uncond, cond = jnp.split(out, 2)
-                return uncond + scale * (cond - uncond)
+        def run(unet_vars, vae_vars, x_T, contexts, scale):
+            unet_vars, context = cast(unet_vars), cast(jnp.stack(contexts))
+
+            def model_fn(x, t):  # both branches in one call: vmap over (uncond, cond)
+                apply = lambda c: self.unet.apply(unet_vars, x.astype(dtype), t, c)
+                out = jax.vmap(apply)(context).astype(x.dtype)
+                return out[0] + scale * (out[1] - out[0]) if guided else out[0]
 
             # sample starts from sigma(T) * noise; diffusers from x_T itself
             z, _ = sample(model_fn, x_T / sigma_start, schedule=self.schedule, sampler=sampler,
                           grid=grid, prediction=self.prediction)
-            images = self.vae.apply(vae_vars, z, method="decode_latents")
-            return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+            images = self.vae.apply(cast(vae_vars), z.astype(dtype), method="decode_latents")
+            return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-        return jax.jit(run)
+        repl, split = replicated(self.mesh), batch_sharded(self.mesh)
+        return jax.jit(run, in_shardings=(repl, repl, split, split, repl), out_shardings=repl)
