@@ -1,5 +1,6 @@
-"""`difflax train | sample | evaluate | encode | export | generate`: the command line, the only
-place that reads configs.
+"""`difflax train | sample | evaluate | encode | export | generate`: the command line.
+
+The only place that reads configs.
 
     difflax train --config configs/digits_edm.py[:smoke] --workdir DIR [--config.train.steps=10]
     difflax sample --workdir DIR [--sampler edm_heun] [--steps 18] [--num 64]
