@@ -130,7 +130,7 @@ def test_encoder_propagation_on_sd(model, plain):
     sequential = _sample(model, plan)
     parallel = _sample(model, encoder_propagation_plan(CFG, STEPS, key_steps=(0, 2, 4),
                                                        parallel=True))
-    np.testing.assert_allclose(parallel, sequential, atol=2e-5)
+    np.testing.assert_allclose(parallel, sequential, rtol=1e-5, atol=2e-5)  # samples of size ~30
     assert float(jnp.abs(sequential - plain).max()) > 1e-3
 
 
