@@ -8,7 +8,9 @@ every model call takes them from the cache, and the network computes only what s
 depends on fresh input. The plans are written against the graph alone ("encoder nodes",
 "the node feeding the reader of skip k", "the nodes of group g"), so they apply to every
 network that declares one: pass them a `FeatureGraph` or anything that declares it (a
-`UNetConfig`, a `SiTConfig`, a denoiser), see `difflax.models.feature_graph`.
+`UNetConfig`, a `SiTConfig`, an `SDUNetConfig`, a denoiser, an `SDUNet`), see
+`difflax.models.feature_graph`; `difflax.models.sd_unet.sd_run_fn` is the run function of
+Stable Diffusion's UNet, as `denoiser_run_fn` is of EDM's denoisers.
 
 - Faster Diffusion (Li et al. 2024, "Rethinking the Role of UNet Encoder in Diffusion
   Models", code hutaiHang/Faster-Diffusion), Sec. 3.2-3.3: *encoder propagation* caches
@@ -161,6 +163,9 @@ def deepcache_branch_node(model, branch: int) -> str:
     input convolution out of the count: their branch b is difflax's branch b + 1 (their
     CIFAR / LSUN runs use b = 2, difflax's branch 3). With two residual blocks a level their
     code reads b as level b // 3, item b % 3 (items 0, 1 the blocks, 2 the downsampling).
+    On Stable Diffusion (skips as `sd_skip_connections` lists them) their SD pipeline's
+    `cache_layer_id=L, cache_block_id=b` is branch 1 + sum_{i<L} (layers_i + 1) + b (their SD
+    1.5 runs, L = b = 0: branch 1), their `DeepCacheSDHelper(cache_branch_id=m)` branch m.
     """
     return feature_graph(model).skip_reader(branch).inputs[0]
 

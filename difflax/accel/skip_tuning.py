@@ -50,10 +50,8 @@ __all__ = ["linear_skip_scales", "per_resolution_skip_scales", "per_skip_scales"
 
 
 # ----------------------------------------------------------------------------
-# Schedules of scales (Sec. 3). `config`: the UNet's UNetConfig (or a Denoiser).
-
-def _skips(config):
-    return skip_connections(getattr(config, "net", config))
+# Schedules of scales (Sec. 3). `config`: the network's UNetConfig or SDUNetConfig, or
+# what holds one (a Denoiser, an SDUNet): its feature graph's skips.
 
 
 def linear_skip_scales(config, rho_top: float, rho_bottom: float) -> jax.Array:
@@ -65,7 +63,7 @@ def linear_skip_scales(config, rho_top: float, rho_bottom: float) -> jax.Array:
     if max(rho_top, rho_bottom) > 1:
         warnings.warn(f"rho_top={rho_top}, rho_bottom={rho_bottom}: Skip-Tuning's range is "
                       "rho < 1 (Sec. 4); rho > 1 strengthens the skips", stacklevel=2)
-    n = len(_skips(config))
+    n = len(skip_connections(config))
     frac = np.arange(n) / max(n - 1, 1)
     return jnp.asarray(rho_top + (rho_bottom - rho_top) * frac, jnp.float32)
 
@@ -73,7 +71,7 @@ def linear_skip_scales(config, rho_top: float, rho_bottom: float) -> jax.Array:
 def per_resolution_skip_scales(config, values: Mapping[int, float],
                                default: float = 1.0) -> jax.Array:
     """(n,) float32: every skip at resolution r gets `values[r]` (others `default`)."""
-    skips = _skips(config)
+    skips = skip_connections(config)
     bad = set(values) - {s.resolution for s in skips}
     if bad:
         raise ValueError(f"no skip connections at resolutions {sorted(bad)}; valid: "
@@ -87,7 +85,7 @@ def per_skip_scales(config, values):
 
     Returns an (n,) float32 array if all entries are scalars, else a tuple of n arrays.
     """
-    skips = _skips(config)
+    skips = skip_connections(config)
     if isinstance(values, Mapping):
         bad = set(values) - {s.name for s in skips}
         if bad:

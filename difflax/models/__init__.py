@@ -9,7 +9,8 @@ from difflax.models.gri_attention import GRIConfig, gri_attention
 from difflax.models.dhariwal_unet import DhariwalUNet
 from difflax.models.graph import FeatureGraph, FeatureNode, feature_graph, nodes_to_compute
 from difflax.models.precond import PRECONDS, Denoiser, make_unet
-from difflax.models.sd_unet import SDUNet, SDUNetConfig, sd_skip_connections
+from difflax.models.sd_unet import (SDUNet, SDUNetConfig, sd_feature_nodes, sd_run_fn,
+                                    sd_skip_connections)
 from difflax.models.sd_unet_weights import load_sd_unet
 from difflax.models.song_unet import SongUNet
 from difflax.models.vae import AutoencoderKL, VAEConfig, load_vae
@@ -22,7 +23,7 @@ __all__ = [
     "SongUNet", "Surgery", "UNetConfig", "adm", "config_from_edm", "convert_state_dict", "ddpmpp",
     "feature_graph", "feature_nodes", "load_edm", "make_unet", "ncsnpp", "nodes_to_compute", "read_edm_snapshot",
     "skip_connections", "AutoencoderKL", "VAEConfig", "load_vae",
-    "SDUNet", "SDUNetConfig", "load_sd_unet", "sd_skip_connections",
+    "SDUNet", "SDUNetConfig", "load_sd_unet", "sd_feature_nodes", "sd_run_fn", "sd_skip_connections",
     "CLIPTextConfig", "CLIPTextTransformer", "load_clip_text_encoder",
     "CLIPTokenizer", "load_clip_tokenizer",
 ]

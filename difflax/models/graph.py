@@ -103,16 +103,17 @@ class FeatureGraph(tuple):
 
 
 def feature_graph(model) -> FeatureGraph:
-    """The graph a model declares: a `FeatureGraph` itself, or a config (or denoiser, via its
-    `net`) with a `feature_graph()` method (`UNetConfig`, `SiTConfig`)."""
+    """The graph a model declares: a `FeatureGraph` itself, or a config with a
+    `feature_graph()` method (`UNetConfig`, `SiTConfig`, `SDUNetConfig`), or what holds one as
+    its `net` (a denoiser) or its `config` (a network module, e.g. `SDUNet`)."""
     if isinstance(model, FeatureGraph):
         return model
-    declare = getattr(model, "feature_graph", None) or getattr(getattr(model, "net", None),
-                                                               "feature_graph", None)
-    if declare is None:
-        raise TypeError(f"{type(model).__name__} declares no feature graph: pass a FeatureGraph "
-                        "or a config with a feature_graph() method (UNetConfig, SiTConfig)")
-    return declare()
+    for holder in (model, getattr(model, "net", None), getattr(model, "config", None)):
+        declare = getattr(holder, "feature_graph", None)
+        if declare is not None:
+            return declare()
+    raise TypeError(f"{type(model).__name__} declares no feature graph: pass a FeatureGraph or "
+                    "a config with a feature_graph() method (UNetConfig, SiTConfig, SDUNetConfig)")
 
 
 def nodes_to_compute(nodes, reuse=frozenset(), store=frozenset(), output=True) -> frozenset:

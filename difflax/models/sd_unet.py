@@ -2,35 +2,41 @@
 the layout and parameter names of diffusers' `UNet2DConditionModel` (SD 1.x and SD 2.x; also
 SDXL's UNet, whose "text_time" embedding adds pooled-text and size conditioning to temb).
 
-The forward pass is five stages, each a method usable on its own (feature-reuse plans and
-Skip-Tuning work on them):
+The forward pass is declared as a feature graph (`sd_feature_nodes`, difflax.models.graph),
+so that every feature-reuse plan of difflax.accel.feature_reuse runs on it, and run node by
+node with a feature cache (`SDUNet.run`, `run_graph`); `__call__` is `run` with nothing
+cached. In execution order:
 
-    embed_time  timesteps (B,) -> sinusoidal features -> MLP -> temb (B, 4 C0)
-    encode      conv_in, then the down blocks; every ResNet(+transformer) layer's output and
-                every down-sampler's output is a skip (`sd_skip_connections` lists them)
-    middle      ResNet, transformer, ResNet at the lowest resolution
-    decode      up blocks; each layer concatenates the last unused skip (times its skip scale,
-                Skip-Tuning, Ma et al. 2024 Sec. 3) to its input; nearest 2x up-sampling
-    output      GroupNorm, SiLU, conv_out -> the prediction (epsilon for SD 1.x, v for SD 2.x)
+    embed_time  timesteps (B,) -> sinusoidal features -> MLP -> temb (B, 4 C0) (not a node)
+    encoder     "conv_in", then per down block i "down_blocks_<i>.layer_<j>" (ResNet j and, in
+                a CrossAttnDownBlock2D, transformer j) and "down_blocks_<i>.downsampler"; each
+                of these outputs is a skip, in the order `sd_skip_connections` lists them
+    middle      "mid_block": ResNet, transformer, ResNet at the lowest resolution
+    decoder     per up block i (deepest first) "up_blocks_<i>.layer_<j>", concatenating the
+                last unused skip (times its skip scale: Skip-Tuning, Ma et al. 2024 Sec. 3)
+                to its input, and "up_blocks_<i>.upsampler" (nearest 2x, 3x3 conv)
+    output      "out": GroupNorm, SiLU, conv_out -> the prediction (epsilon for SD 1.x, v
+                for SD 2.x)
 
 Attention ("transformer") layers follow diffusers' `Transformer2DModel`: GroupNorm, proj_in (a
 1x1 conv in SD 1.x, a linear layer with `use_linear_projection`, SD 2.x; both are kept as
 Dense kernels here), `BasicTransformerBlock`s (self-attention, cross-attention on the text
 encoder's hidden states, GEGLU feed-forward, each after a LayerNorm, each residual), proj_out,
-residual. `attention_head_dim` in diffusers' configs is the number of heads (diffusers issue
-2011), and it is read as such here.
+residual; that last residual is a node's cacheable attention unit ("<node>.attn"). The layers
+are in difflax.models.sd_unet_blocks. `attention_head_dim` in diffusers' configs is the number
+of heads (diffusers issue 2011), and it is read as such here.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from difflax.models.unet import SkipConnection
+from difflax.models.graph import FeatureGraph, FeatureNode, run_graph
+from difflax.models.sd_unet_blocks import (DownBlock, MidBlock, TimestepEmbedding, UpBlock, conv,
+                                           group_norm, timestep_features)
+from difflax.models.unet import SkipConnection, skip_connections
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -71,210 +77,76 @@ class SDUNetConfig:
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
 
-
-def _group_norm(config: SDUNetConfig, name: str, eps: float | None = None) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=config.norm_num_groups, use_fast_variance=False, name=name,
-                        epsilon=config.norm_eps if eps is None else eps)
-
-
-def _conv(features: int, name: str, kernel: int = 3, stride: int = 1) -> nn.Conv:
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
-                   name=name)
+    def feature_graph(self) -> FeatureGraph:
+        """The forward pass as a feature graph (`sd_feature_nodes`)."""
+        return sd_feature_nodes(self)
 
 
-def timestep_features(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float):
-    """diffusers' `get_timestep_embedding` (DDPM's sinusoidal embedding, Ho et al. 2020 App. B):
-    timesteps (B,) -> (B, dim), frequencies exp(-ln(10^4) k / (dim / 2 - freq_shift)),
-    [sin, cos] or [cos, sin] with flip_sin_to_cos."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
-    args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]
-    sin, cos = jnp.sin(args), jnp.cos(args)
-    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+def sd_feature_nodes(config: SDUNetConfig) -> FeatureGraph:
+    """The forward pass's nodes in execution order (difflax.models.graph.FeatureNode).
 
+    Encoder: "conv_in" (op "conv"), "down_blocks_<i>.layer_<j>" (op "block", attention in a
+    CrossAttnDownBlock2D), "down_blocks_<i>.downsampler" (op "down", all blocks but the last).
+    Middle: "mid_block" (op "block", attention; absent when mid_block_type is None). Decoder:
+    "up_blocks_<i>.layer_<j>" (op "block", j = 0..layers, reading skip connections last to
+    first), "up_blocks_<i>.upsampler" (op "up", all blocks but the last). Output: "out".
+    Groups are diffusers' blocks ("conv_in", "down_blocks_<i>", "mid_block", "up_blocks_<i>"),
+    index the position in the group; `module` is the name with "." as "_" (the skip names of
+    `sd_skip_connections`); resolutions are at `sample_size`, channels the output channels.
+    """
+    cfg, levels = config, len(config.block_out_channels)
+    nodes = []
 
-class ResnetBlock(nn.Module):
-    """diffusers `ResnetBlock2D`: x + conv2(silu(norm2(conv1(silu(norm1(x))) + W silu(temb))))."""
+    def add(name, kind, op, res, channels, attention=False, index=0, skip=None):
+        inputs = (nodes[-1].name if nodes else "input",) + ((skip,) if skip else ())
+        group = name.split(".")[0]
+        nodes.append(FeatureNode(name, kind, op, inputs, res, channels, attention, group, index,
+                                 name.replace(".", "_")))
 
-    features: int
-    config: SDUNetConfig
-
-    @nn.compact
-    def __call__(self, x, temb):
-        h = _conv(self.features, "conv1")(nn.silu(_group_norm(self.config, "norm1")(x)))
-        h = h + nn.Dense(self.features, name="time_emb_proj")(nn.silu(temb))[:, None, None]
-        h = _conv(self.features, "conv2")(nn.silu(_group_norm(self.config, "norm2")(h)))
-        if x.shape[-1] != self.features:
-            x = _conv(self.features, "conv_shortcut", kernel=1)(x)
-        return x + h
-
-
-class Attention(nn.Module):
-    """Multi-head attention of x (B, N, C) over context (B, M, D) (x itself if None)."""
-
-    heads: int
-
-    @nn.compact
-    def __call__(self, x, context=None):
-        context = x if context is None else context
-        b, n, c = x.shape
-        split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads)
-        q, k, v = (split(nn.Dense(c, use_bias=False, name=name)(inp))
-                   for name, inp in (("to_q", x), ("to_k", context), ("to_v", context)))
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, c)
-        return nn.Dense(c, name="to_out_0")(out)
-
-
-class TransformerBlock(nn.Module):
-    """diffusers `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward."""
-
-    heads: int
-
-    @nn.compact
-    def __call__(self, x, context):
-        c = x.shape[-1]
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
-        x = x + Attention(self.heads, name="attn1")(ln("norm1")(x))
-        x = x + Attention(self.heads, name="attn2")(ln("norm2")(x), context)
-        # ff.net.0.proj and ff.net.2 in diffusers
-        hidden, gate = jnp.split(nn.Dense(8 * c, name="ff_proj")(ln("norm3")(x)), 2, axis=-1)
-        ff = nn.Dense(c, name="ff_out")(hidden * nn.gelu(gate, approximate=False))
-        return x + ff
-
-
-class SpatialTransformer(nn.Module):
-    """diffusers `Transformer2DModel` on NHWC features, with a residual."""
-
-    heads: int
-    layers: int
-    config: SDUNetConfig
-
-    @nn.compact
-    def __call__(self, x, context):
-        b, h, w, c = x.shape
-        y = _group_norm(self.config, "norm", eps=1e-6)(x).reshape(b, h * w, c)
-        y = nn.Dense(c, name="proj_in")(y)
-        for k in range(self.layers):
-            y = TransformerBlock(self.heads, name=f"transformer_blocks_{k}")(y, context)
-        return x + nn.Dense(c, name="proj_out")(y).reshape(x.shape)
-
-
-class DownBlock(nn.Module):
-    """`CrossAttnDownBlock2D` (attention) or `DownBlock2D`: returns (h, skips), one skip per
-    layer and one for the down-sampler (a 3x3 stride-2 conv, padding 1)."""
-
-    index: int
-    config: SDUNetConfig
-
-    @nn.compact
-    def __call__(self, h, temb, context):
-        cfg, i = self.config, self.index
-        features = cfg.block_out_channels[i]
-        skips = []
-        for j in range(cfg.layers_per_block[i]):
-            h = ResnetBlock(features, cfg, name=f"resnets_{j}")(h, temb)
-            if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
-                h = SpatialTransformer(cfg.attention_head_dim[i], cfg.transformer_layers_per_block[i],
-                                       cfg, name=f"attentions_{j}")(h, context)
-            skips.append(h)
-        if i < len(cfg.block_out_channels) - 1:
-            h = _conv(features, "downsamplers_0_conv", stride=2)(h)
-            skips.append(h)
-        return h, tuple(skips)
-
-
-class MidBlock(nn.Module):
-    """diffusers `UNetMidBlock2DCrossAttn`: ResNet, transformer, ResNet."""
-
-    config: SDUNetConfig
-
-    @nn.compact
-    def __call__(self, h, temb, context):
-        cfg = self.config
-        features = cfg.block_out_channels[-1]
-        h = ResnetBlock(features, cfg, name="resnets_0")(h, temb)
-        h = SpatialTransformer(cfg.attention_head_dim[-1], cfg.transformer_layers_per_block[-1],
-                               cfg, name="attentions_0")(h, context)
-        return ResnetBlock(features, cfg, name="resnets_1")(h, temb)
-
-
-class UpBlock(nn.Module):
-    """`CrossAttnUpBlock2D` or `UpBlock2D` number `index` (deepest first): each of its
-    layers_per_block + 1 layers concatenates one skip (the last of `skips` first) to its
-    input; then nearest 2x up-sampling and a 3x3 conv, except in the last block."""
-
-    index: int
-    config: SDUNetConfig
-
-    @nn.compact
-    def __call__(self, h, skips, temb, context):
-        cfg, i = self.config, self.index
-        level = len(cfg.block_out_channels) - 1 - i
-        features = cfg.block_out_channels[level]
-        for j, skip in enumerate(reversed(skips)):
-            h = jnp.concatenate([h, skip], axis=-1)
-            h = ResnetBlock(features, cfg, name=f"resnets_{j}")(h, temb)
-            if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
-                h = SpatialTransformer(cfg.attention_head_dim[level],
-                                       cfg.transformer_layers_per_block[level], cfg,
-                                       name=f"attentions_{j}")(h, context)
+    add("conv_in", "encoder", "conv", cfg.sample_size, cfg.block_out_channels[0])
+    for i, ch in enumerate(cfg.block_out_channels):
+        res, n = cfg.sample_size >> i, cfg.layers_per_block[i]
+        for j in range(n):
+            add(f"down_blocks_{i}.layer_{j}", "encoder", "block", res, ch,
+                cfg.down_block_types[i] == "CrossAttnDownBlock2D", j)
+        if i < levels - 1:
+            add(f"down_blocks_{i}.downsampler", "encoder", "down", res >> 1, ch, index=n)
+    pending = [n.name for n in nodes]
+    if cfg.mid_block_type:
+        add("mid_block", "middle", "block", nodes[-1].resolution, nodes[-1].channels, True)
+    for i, kind in enumerate(cfg.up_block_types):
+        level = levels - 1 - i
+        res, ch, n = cfg.sample_size >> level, cfg.block_out_channels[level], cfg.layers_per_block[level] + 1
+        for j in range(n):
+            add(f"up_blocks_{i}.layer_{j}", "decoder", "block", res, ch,
+                kind == "CrossAttnUpBlock2D", j, pending.pop())
         if level > 0:
-            h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-            h = _conv(features, "upsamplers_0_conv")(h)
-        return h
+            add(f"up_blocks_{i}.upsampler", "decoder", "up", res << 1, ch, index=n)
+    add("out", "output", "output", cfg.sample_size, cfg.out_channels)
+    nodes[-1] = nodes[-1]._replace(group="", module="")
+    return FeatureGraph(nodes)
 
 
 def sd_skip_connections(config: SDUNetConfig) -> tuple[SkipConnection, ...]:
     """The UNet's skip connections in encoder order, as (name, resolution at sample_size,
-    channels): index 0 is conv_in's output (the "top"), the last the deepest down block's last
-    layer (the "bottom"). Up block i consumes the skips of down block levels - 1 - i (and,
-    for the last up block, conv_in's), last first; `skip_scales[k]` scales skip k."""
-    skips = [SkipConnection("conv_in", config.sample_size, config.block_out_channels[0])]
-    for i, ch in enumerate(config.block_out_channels):
-        res = config.sample_size >> i
-        skips += [SkipConnection(f"down_blocks_{i}_layer_{j}", res, ch)
-                  for j in range(config.layers_per_block[i])]
-        if i < len(config.block_out_channels) - 1:
-            skips.append(SkipConnection(f"down_blocks_{i}_downsampler", res >> 1, ch))
-    return tuple(skips)
-
-
-def up_block_skip_indices(config: SDUNetConfig) -> tuple[tuple[int, ...], ...]:
-    """For each up block (deepest first), the indices into `sd_skip_connections` it consumes,
-    in encoder order (it consumes them last first)."""
-    n = len(sd_skip_connections(config))
-    levels = len(config.block_out_channels)
-    out = []
-    for i in range(levels):
-        take = config.layers_per_block[levels - 1 - i] + 1
-        out.append(tuple(range(n - take, n)))
-        n -= take
-    return tuple(out)
-
-
-class TimestepEmbedding(nn.Module):
-    """diffusers `TimestepEmbedding`: linear_1, SiLU, linear_2."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.silu(nn.Dense(self.features, name="linear_1")(x))
-        return nn.Dense(self.features, name="linear_2")(x)
+    channels): index 0 is conv_in's output (the "top", named "conv_in"), then per down block
+    i "down_blocks_<i>_layer_<j>" and "down_blocks_<i>_downsampler"; the last is the deepest
+    down block's last layer (the "bottom"). Up block i consumes the skips of down block
+    levels - 1 - i (and, for the last up block, conv_in's), last first; `skip_scales[k]`
+    scales skip k. The skips of the feature graph (`difflax.models.skip_connections`)."""
+    return skip_connections(config)
 
 
 class SDUNet(nn.Module):
-    """diffusers' `UNet2DConditionModel` (SD 1.x / 2.x) in Flax, NHWC.
+    """diffusers' `UNet2DConditionModel` (SD 1.x / 2.x, SDXL's UNet) in Flax, NHWC.
 
     `__call__(latents (B, h, w, in_channels), timesteps (B,) or scalar, encoder_hidden_states
-    (B, M, cross_attention_dim), skip_scales=None) -> (B, h, w, out_channels)`; h and w must be
-    divisible by 2 ** (levels - 1). `skip_scales`: one scale per entry of
-    `sd_skip_connections(config)` (a sequence or an array of that length), multiplying the
-    skip where the decoder concatenates it (Skip-Tuning); None means all ones. With bfloat16
-    latents and parameters everything but the time MLP (float32 sinusoidal features) computes
-    in bfloat16.
+    (B, M, cross_attention_dim), skip_scales=None, *, text_embeds=None, time_ids=None) ->
+    (B, h, w, out_channels)`; h and w must be divisible by 2 ** (levels - 1). `skip_scales`:
+    one scale per entry of `sd_skip_connections(config)` (a sequence or an array of that
+    length), multiplying the skip where the decoder concatenates it (Skip-Tuning); None means
+    all ones. `run` is the same forward pass with a feature cache. With bfloat16 latents and
+    parameters everything but the time MLP (float32 sinusoidal features) computes in bfloat16.
     """
 
     config: SDUNetConfig
@@ -282,29 +154,43 @@ class SDUNet(nn.Module):
     def setup(self):
         cfg = self.config
         levels = len(cfg.block_out_channels)
-        self.conv_in = _conv(cfg.block_out_channels[0], "conv_in")
+        self.conv_in = conv(cfg.block_out_channels[0])
         self.time_embedding = TimestepEmbedding(4 * cfg.block_out_channels[0])
         if cfg.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(4 * cfg.block_out_channels[0])
         self.down_blocks = [DownBlock(i, cfg) for i in range(levels)]
-        self.mid_block = MidBlock(cfg) if cfg.mid_block_type else None
+        if cfg.mid_block_type:
+            self.mid_block = MidBlock(cfg)
         self.up_blocks = [UpBlock(i, cfg) for i in range(levels)]
-        self.conv_norm_out = _group_norm(cfg, "conv_norm_out")
-        self.conv_out = _conv(cfg.out_channels, "conv_out")
+        self.conv_norm_out = group_norm(cfg)
+        self.conv_out = conv(cfg.out_channels)
 
     def __call__(self, latents, timesteps, encoder_hidden_states, skip_scales=None, *,
                  text_embeds=None, time_ids=None):
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
-        if latents.shape[1] % factor or latents.shape[2] % factor:
-            raise ValueError(f"latents of size {latents.shape[1:3]}: height and width must be "
-                             f"divisible by {factor} (2 ** (levels - 1))")
-        # the time MLP sees float32 features; the rest computes in the latents' dtype
-        temb = self.embed_time(timesteps, latents.shape[0], text_embeds, time_ids)
-        temb = temb.astype(latents.dtype)
-        h, skips = self.encode(latents, temb, encoder_hidden_states)
-        h = self.middle(h, temb, encoder_hidden_states)
-        h = self.decode(h, skips, temb, encoder_hidden_states, skip_scales)
-        return self.output(h)
+        return self.run(latents, timesteps, encoder_hidden_states, skip_scales,
+                        text_embeds=text_embeds, time_ids=time_ids)[0]
+
+    def run(self, latents, timesteps, encoder_hidden_states, skip_scales=None, *,
+            text_embeds=None, time_ids=None, cache=None, reuse=(), store=(), output=True):
+        """The forward pass with a feature cache (difflax.models.graph.run_graph over
+        `config.feature_graph()`): nodes (and "<node>.attn" transformer residuals) in `reuse`
+        come from `cache`, those in `store` are returned. latents may be None when no
+        computed node reads them (the batch is then encoder_hidden_states'). Returns
+        (prediction (B, h, w, out_channels) or None if not `output`, {name: value}).
+        """
+        if latents is not None:
+            factor = 2 ** (len(self.config.block_out_channels) - 1)
+            if latents.shape[1] % factor or latents.shape[2] % factor:
+                raise ValueError(f"latents of size {latents.shape[1:3]}: height and width must "
+                                 f"be divisible by {factor} (2 ** (levels - 1))")
+        batch = encoder_hidden_states.shape[0] if latents is None else latents.shape[0]
+        # the time MLP sees float32 features; the rest computes in the latents' dtype (or the
+        # text's, when no latents are given)
+        dtype = encoder_hidden_states.dtype if latents is None else latents.dtype
+        temb = self.embed_time(timesteps, batch, text_embeds, time_ids).astype(dtype)
+        return run_graph(self, self.config.feature_graph(), latents,
+                         (temb, encoder_hidden_states), cache=cache, reuse=reuse, store=store,
+                         output=output, skip_scales=skip_scales)
 
     def embed_time(self, timesteps, batch: int, text_embeds=None, time_ids=None):
         """timesteps (B,) or scalar (SD's discrete t in [0, 1000)) -> temb (B, 4 C0); with
@@ -323,30 +209,73 @@ class SDUNet(nn.Module):
                                 cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
         return temb + self.add_embedding(jnp.concatenate([text_embeds, ids], axis=-1))
 
-    def encode(self, latents, temb, context):
-        """conv_in and the down blocks: -> (h, skips), skips in `sd_skip_connections` order."""
-        h = self.conv_in(latents)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, temb, context)
-            skips.extend(block_skips)
-        return h, tuple(skips)
+    def input_state(self, latents):
+        """The value of the graph's "input" node: the latents themselves."""
+        return latents
 
-    def middle(self, h, temb, context):
-        """The mid block (identity if mid_block_type is None)."""
-        return h if self.mid_block is None else self.mid_block(h, temb, context)
+    def compute_node(self, node, values, context, scales, attention, train):
+        """One node's value (B, h, w, C) from its inputs' values; context is (temb,
+        encoder_hidden_states). Returns (value, transformer residual or None)."""
+        temb, text = context
+        h = values[node.inputs[0]]
+        if node.op == "conv":
+            return self.conv_in(h), None
+        if node.kind == "output":
+            return self.conv_out(nn.silu(self.conv_norm_out(h))), None
+        if node.kind == "middle":
+            return self.mid_block(h, temb, text, attention)
+        path, index = node.group.rsplit("_", 1)
+        block = getattr(self, path)[int(index)]
+        if node.op == "down":
+            return block.downsample(h), None
+        if node.op == "up":
+            return block.upsample(h), None
+        if node.kind == "encoder":
+            return block.layer(node.index, h, temb, text, attention)
+        skip, scale = values[node.inputs[1]], scales[node.inputs[1]]
+        skip = skip if scale is None else skip * scale
+        return block.layer(node.index, h, skip, temb, text, attention)
 
-    def decode(self, h, skips, temb, context, skip_scales=None):
-        """The up blocks, consuming `skips` (each times its entry of `skip_scales`)."""
-        if skip_scales is not None:
-            if len(skip_scales) != len(skips):
-                raise ValueError(f"skip_scales has {len(skip_scales)} entries; this UNet has "
-                                 f"{len(skips)} skip connections (sd_skip_connections)")
-            skips = tuple(s * skip_scales[k] for k, s in enumerate(skips))
-        for block, indices in zip(self.up_blocks, up_block_skip_indices(self.config)):
-            h = block(h, tuple(skips[k] for k in indices), temb, context)
-        return h
 
-    def output(self, h):
-        """GroupNorm, SiLU, conv_out: the prediction (B, h, w, out_channels)."""
-        return self.conv_out(nn.silu(self.conv_norm_out(h)))
+def sd_run_fn(unet: SDUNet, variables, encoder_hidden_states, *, guidance_scale=None,
+              skip_scales=None, text_embeds=None, time_ids=None):
+    """`SDUNet.run` as the model of a sampler and of feature-reuse plans
+    (`difflax.accel.sample_with_plan`), as `difflax.accel.denoiser_run_fn` is for EDM.
+
+    Time: the sampler runs on SD's discrete VP schedule (`difflax.schedules.vp_discrete`, as
+    difflax.pipelines.StableDiffusion), whose time is the UNet's timestep, passed as is; the
+    model's prediction is the UNet's output (epsilon for SD 1.x: prediction="eps"; v for SD
+    2.x: prediction="v"). encoder_hidden_states (B, M, D); with `guidance_scale` w it is
+    (2B, M, D), the unconditional half first (as the pipeline concatenates them), the UNet
+    runs on both halves in one call and the prediction is uncond + w (cond - uncond)
+    (classifier-free guidance). For batched decoding (t of k x B: k steps' times, B each) the
+    conditioning is tiled k times, as the cached features are. The cache's "out" is the
+    (guided) prediction, of the sampler's batch B.
+
+    Returns run(x (B, h, w, C) or None, t (B,) or (k B,), *, cache, reuse, store, output) ->
+    (prediction or None, {name: value}).
+    """
+    halves = 1 if guidance_scale is None else 2
+    batch = encoder_hidden_states.shape[0] // halves
+
+    def run(x, t, *, cache=None, reuse=(), store=(), output=True):
+        reuse, store = frozenset(reuse), frozenset(store)
+        if "out" in reuse:
+            return (cache["out"] if output else None), {}
+        k = t.shape[0] // batch
+        tile = lambda a: None if a is None else jnp.tile(a, (k,) + (1,) * (jnp.ndim(a) - 1))
+        times = jnp.tile(jnp.reshape(t, (k, 1, batch)), (1, halves, 1)).reshape(-1)
+        latents = None if x is None else jnp.concatenate([x] * halves)
+        out, stored = unet.apply(variables, latents, times, tile(encoder_hidden_states),
+                                 skip_scales, text_embeds=tile(text_embeds),
+                                 time_ids=tile(time_ids), cache=cache, reuse=reuse,
+                                 store=store - {"out"}, output=output or "out" in store,
+                                 method=SDUNet.run)
+        if out is not None and halves == 2:
+            uncond, cond = jnp.moveaxis(out.reshape((k, 2, batch) + out.shape[1:]), 1, 0)
+            out = (uncond + guidance_scale * (cond - uncond)).reshape((k * batch,) + out.shape[1:])
+        if "out" in store:
+            stored["out"] = out
+        return (out if output else None), stored
+
+    return run

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.graph import FeatureGraph, FeatureNode, run_graph
+from difflax.models.graph import FeatureGraph, FeatureNode, feature_graph, run_graph
 from difflax.models.gri_attention import GRIConfig
 
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
@@ -177,15 +177,16 @@ class SkipConnection(NamedTuple):
     channels: int
 
 
-def skip_connections(config: UNetConfig) -> tuple[SkipConnection, ...]:
-    """The UNet's skip connections in encoder order.
+def skip_connections(config) -> tuple[SkipConnection, ...]:
+    """The skip connections of a network's feature graph (`config`: a `UNetConfig`, an
+    `SDUNetConfig`, or anything `difflax.models.feature_graph` accepts), in encoder order.
 
     Index 0 is the first convolution's output at full resolution (the "top"), the last
     index the deepest encoder block (the "bottom"). The decoder consumes them in reverse
     order: its first block concatenates the last skip. `skip_scales[i]` scales skip i.
     """
     return tuple(SkipConnection(n.module, n.resolution, n.channels)
-                 for n in feature_nodes(config).skips)
+                 for n in feature_graph(config).skips)
 
 
 def _attends(config: UNetConfig, attention: bool, channels: int) -> bool:

@@ -1,0 +1,207 @@
+"""The layers of Stable Diffusion's UNet (difflax.models.sd_unet), under diffusers'
+`UNet2DConditionModel` names, NHWC.
+
+The down, mid and up blocks expose one method per node of the UNet's feature graph
+(`DownBlock.layer` / `downsample`, `MidBlock`, `UpBlock.layer` / `upsample`), so that
+`SDUNet.compute_node` runs the network one node at a time; a transformer ("attention")
+layer returns its residual, the cacheable attention unit of A-SDM's unit-level inheritance.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def group_norm(config, name: str | None = None, eps: float | None = None) -> nn.GroupNorm:
+    """diffusers' GroupNorm with the config's groups and epsilon (`name` only in compact code)."""
+    return nn.GroupNorm(num_groups=config.norm_num_groups, use_fast_variance=False, name=name,
+                        epsilon=config.norm_eps if eps is None else eps)
+
+
+def conv(features: int, name: str | None = None, kernel: int = 3, stride: int = 1) -> nn.Conv:
+    """A k x k convolution with padding k // 2, as torch's Conv2d(padding=k // 2)."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
+                   name=name)
+
+
+def timestep_features(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+    """diffusers' `get_timestep_embedding` (DDPM's sinusoidal embedding, Ho et al. 2020 App. B):
+    timesteps (B,) -> (B, dim), frequencies exp(-ln(10^4) k / (dim / 2 - freq_shift)),
+    [sin, cos] or [cos, sin] with flip_sin_to_cos."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers `TimestepEmbedding`: linear_1, SiLU, linear_2."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.silu(nn.Dense(self.features, name="linear_1")(x))
+        return nn.Dense(self.features, name="linear_2")(x)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers `ResnetBlock2D`: x + conv2(silu(norm2(conv1(silu(norm1(x))) + W silu(temb))))."""
+
+    features: int
+    config: object
+
+    @nn.compact
+    def __call__(self, x, temb):
+        h = conv(self.features, "conv1")(nn.silu(group_norm(self.config, "norm1")(x)))
+        h = h + nn.Dense(self.features, name="time_emb_proj")(nn.silu(temb))[:, None, None]
+        h = conv(self.features, "conv2")(nn.silu(group_norm(self.config, "norm2")(h)))
+        if x.shape[-1] != self.features:
+            x = conv(self.features, "conv_shortcut", kernel=1)(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x (B, N, C) over context (B, M, D) (x itself if None)."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        b, n, c = x.shape
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads)
+        q, k, v = (split(nn.Dense(c, use_bias=False, name=name)(inp))
+                   for name, inp in (("to_q", x), ("to_k", context), ("to_v", context)))
+        out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, c)
+        return nn.Dense(c, name="to_out_0")(out)
+
+
+class TransformerBlock(nn.Module):
+    """diffusers `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, context):
+        c = x.shape[-1]
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+        x = x + Attention(self.heads, name="attn1")(ln("norm1")(x))
+        x = x + Attention(self.heads, name="attn2")(ln("norm2")(x), context)
+        # ff.net.0.proj and ff.net.2 in diffusers
+        hidden, gate = jnp.split(nn.Dense(8 * c, name="ff_proj")(ln("norm3")(x)), 2, axis=-1)
+        ff = nn.Dense(c, name="ff_out")(hidden * nn.gelu(gate, approximate=False))
+        return x + ff
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers `Transformer2DModel` on NHWC features x (B, h, w, C), without its final
+    residual: returns proj_out(blocks(proj_in(norm(x)))) (B, h, w, C), which the caller adds
+    to x (the attention unit's residual)."""
+
+    heads: int
+    layers: int
+    config: object
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        y = group_norm(self.config, "norm", eps=1e-6)(x).reshape(b, h * w, c)
+        y = nn.Dense(c, name="proj_in")(y)
+        for k in range(self.layers):
+            y = TransformerBlock(self.heads, name=f"transformer_blocks_{k}")(y, context)
+        return nn.Dense(c, name="proj_out")(y).reshape(x.shape)
+
+
+def attend(transformer, h, context, attention):
+    """h plus the transformer's residual (taken from `attention` if given): (h, residual);
+    (h, None) without a transformer."""
+    if transformer is None:
+        return h, None
+    if attention is None:
+        attention = transformer(h, context)
+    return h + attention, attention
+
+
+class DownBlock(nn.Module):
+    """`CrossAttnDownBlock2D` (attention) or `DownBlock2D` number `index`: `layer(j, ...)` is
+    ResNet j (and transformer j), `downsample` the 3x3 stride-2 conv (padding 1) of every
+    block but the last."""
+
+    index: int
+    config: object
+
+    def setup(self):
+        cfg, i = self.config, self.index
+        features, n = cfg.block_out_channels[i], cfg.layers_per_block[i]
+        self.resnets = [ResnetBlock(features, cfg) for _ in range(n)]
+        if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
+            self.attentions = [SpatialTransformer(cfg.attention_head_dim[i],
+                                                  cfg.transformer_layers_per_block[i], cfg)
+                               for _ in range(n)]
+        if i < len(cfg.block_out_channels) - 1:
+            self.downsamplers_0_conv = conv(features, stride=2)
+
+    def layer(self, j, h, temb, context, attention=None):
+        """(B, h, w, C_in) -> ((B, h, w, C), transformer residual or None)."""
+        h = self.resnets[j](h, temb)
+        cross = self.config.down_block_types[self.index] == "CrossAttnDownBlock2D"
+        return attend(self.attentions[j] if cross else None, h, context, attention)
+
+    def downsample(self, h):
+        return self.downsamplers_0_conv(h)
+
+
+class MidBlock(nn.Module):
+    """diffusers `UNetMidBlock2DCrossAttn`: ResNet, transformer, ResNet. Returns (h, the
+    transformer's residual), the residual taken from `attention` if given."""
+
+    config: object
+
+    def setup(self):
+        cfg = self.config
+        features = cfg.block_out_channels[-1]
+        self.resnets = [ResnetBlock(features, cfg) for _ in range(2)]
+        self.attentions = [SpatialTransformer(cfg.attention_head_dim[-1],
+                                              cfg.transformer_layers_per_block[-1], cfg)]
+
+    def __call__(self, h, temb, context, attention=None):
+        h, attention = attend(self.attentions[0], self.resnets[0](h, temb), context, attention)
+        return self.resnets[1](h, temb), attention
+
+
+class UpBlock(nn.Module):
+    """`CrossAttnUpBlock2D` or `UpBlock2D` number `index` (deepest first): `layer(j, ...)`
+    concatenates a skip to its input, then ResNet j (and transformer j); `upsample` is nearest
+    2x up-sampling and a 3x3 conv, in every block but the last."""
+
+    index: int
+    config: object
+
+    def setup(self):
+        cfg, i = self.config, self.index
+        level = len(cfg.block_out_channels) - 1 - i
+        features = cfg.block_out_channels[level]
+        n = cfg.layers_per_block[level] + 1
+        self.resnets = [ResnetBlock(features, cfg) for _ in range(n)]
+        if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
+            self.attentions = [SpatialTransformer(cfg.attention_head_dim[level],
+                                                  cfg.transformer_layers_per_block[level], cfg)
+                               for _ in range(n)]
+        if level > 0:
+            self.upsamplers_0_conv = conv(features)
+
+    def layer(self, j, h, skip, temb, context, attention=None):
+        """h (B, h, w, C_h), skip (B, h, w, C_s) -> ((B, h, w, C), transformer residual or None)."""
+        h = self.resnets[j](jnp.concatenate([h, skip], axis=-1), temb)
+        cross = self.config.up_block_types[self.index] == "CrossAttnUpBlock2D"
+        return attend(self.attentions[j] if cross else None, h, context, attention)
+
+    def upsample(self, h):
+        return self.upsamplers_0_conv(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
