@@ -15,7 +15,7 @@ import ml_collections
 from difflax import configs, samplers, schedules
 from difflax.accel.feature_reuse import denoiser_run_fn
 from difflax.mesh import make_mesh
-from difflax.samplers import denoiser_model
+from difflax.samplers import denoiser_model, keyed_sample_fn
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
                               make_optimizer, restore_checkpoint)
 
@@ -95,12 +95,7 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     sample, nfe = samplers.get_sample_fn(
         model, schedule=schedules.edm(sigma_min, sigma_max), sampler=sampler, steps=steps,
         prediction="x0", mesh=mesh or make_mesh(), plan=plan, graph=net, clip=True)
-    shape = (net.img_resolution, net.img_resolution, net.in_channels)
-
-    def fn(params, key, labels):
-        return sample(params, jax.random.normal(key, (len(labels), *shape)), labels)
-
-    return fn, nfe
+    return keyed_sample_fn(sample, (net.img_resolution, net.img_resolution, net.in_channels)), nfe
 
 
 def labelled_sample_fn(sample, params, label_dim: int):

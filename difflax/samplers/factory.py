@@ -23,25 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax.mesh import batch_sharded, host_to_global, pad_to_mesh, replicated
-from difflax.samplers.solve import make_grid, make_solver, solve
+from difflax.samplers.solve import make_grid, make_solver, solve, split_sampler_name
 
 # model(params, labels (B,) | None, skip_scales | None) -> model_fn(x (B, ...), t (B,))
 ModelBuilder = Callable[[object, object, object], Callable]
 # sample_fn(params, noise (B, ...), labels (B,) | None = None, skip_scales = None) -> (B, ...)
 SampleFn = Callable[..., jax.Array]
-
-# Samplers whose order may be written after the name: "deis_tab3", "ipndm4".
-ORDER_IN_NAME = ("deis_tab", "deis_rhoab", "ipndm")
-
-
-def split_sampler_name(name: str) -> tuple[str, dict]:
-    """A sampler name with its order folded in -> (name, options): "deis_tab3" ->
-    ("deis_tab", {"order": 3}); any other name -> (name, {})."""
-    for base in ORDER_IN_NAME:
-        if name.startswith(base) and name[len(base):].isdigit():
-            return base, {"order": int(name[len(base):])}
-    return name, {}
-
 
 def denoiser_model(denoiser, *, rectified_flow: bool = False,
                    time_skip_scales: Callable | None = None) -> ModelBuilder:
@@ -101,10 +88,7 @@ def get_sample_fn(model: ModelBuilder, *, schedule, sampler: str, steps: int | N
     fn takes noise (B, ...) standard normal, labels (B,) int or None, skip_scales a pytree
     (None: the model's own); returns (B, ...).
     """
-    name, named_options = split_sampler_name(sampler)
-    if named_options and "order" in options:
-        raise ValueError(f"sampler {sampler!r} names its order; do not pass order= too")
-    options = {**named_options, **options}
+    name, options = split_sampler_name(sampler, options)
     g = make_grid(schedule, name, steps, grid)
     solver, nfe = make_solver(schedule, name, g, prediction=prediction, key=key, **options)
 
@@ -120,6 +104,17 @@ def get_sample_fn(model: ModelBuilder, *, schedule, sampler: str, steps: int | N
         return jnp.clip(out, -1.0, 1.0) if clip else out
 
     return (run if mesh is None else shard_sample_fn(run, mesh)), nfe
+
+
+def keyed_sample_fn(sample_fn: SampleFn, shape: tuple[int, ...]) -> Callable:
+    """fn(params, key, labels, skip_scales=None) -> samples: `sample_fn` on noise N(0, I) of
+    shape (len(labels), *shape) drawn from `key`, the same on any number of devices."""
+
+    def fn(params, key, labels, skip_scales=None):
+        return sample_fn(params, jax.random.normal(key, (len(labels), *shape)), labels,
+                         skip_scales)
+
+    return fn
 
 
 def _sample_with_plan(run_fn, noise, *, graph, **kwargs):
