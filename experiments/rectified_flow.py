@@ -41,7 +41,8 @@ from difflax.samplers.few_step import rf_grid, rf_schedule, straightness  # noqa
 from difflax.training import make_mesh, train  # noqa: E402
 from difflax.training.rectified_flow import (TimeDistribution,  # noqa: E402
                                              get_rectified_flow_loss_fn)
-from difflax.training.reflow import (denoiser_model_fn, generate_pairs,  # noqa: E402
+from difflax.samplers import denoiser_model  # noqa: E402
+from difflax.training.reflow import (generate_pairs,  # noqa: E402
                                      get_rectified_flow_sample_fn, get_teacher_sample_fn,
                                      load_pairs, pair_batches)
 from difflax.configs import parse_sampler  # noqa: E402
@@ -119,9 +120,9 @@ def get_straightness_fn(denoiser, config):
     shape, classes = denoiser.input_shape, max(denoiser.net.label_dim, 1)
     n = config.evaluate.straightness_num
     labels = jnp.arange(n) % classes
-    model_fn = denoiser_model_fn(denoiser, rectified_flow=True)
+    model = denoiser_model(denoiser, rectified_flow=True)
     grid = rf_grid(config.evaluate.straightness_steps)
-    fn = jax.jit(lambda p, z: jnp.mean(straightness(lambda x, t: model_fn(p, x, t, labels), z,
+    fn = jax.jit(lambda p, z: jnp.mean(straightness(model(p, labels, None), z,
                                                     schedule=rf_schedule(), grid=grid,
                                                     prediction="x0")))
     return lambda params, key: float(fn(params, jax.random.normal(key, (n, *shape))))
