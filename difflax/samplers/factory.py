@@ -30,6 +30,7 @@ ModelBuilder = Callable[[object, object, object], Callable]
 # sample_fn(params, noise (B, ...), labels (B,) | None = None, skip_scales = None) -> (B, ...)
 SampleFn = Callable[..., jax.Array]
 
+
 def denoiser_model(denoiser, *, rectified_flow: bool = False,
                    time_skip_scales: Callable | None = None) -> ModelBuilder:
     """The builder of a Flax EDM denoiser D(x; sigma, labels, skip_scales) with parameters
