@@ -19,7 +19,7 @@ import ml_collections
 
 from difflax import data
 from difflax.models import Denoiser, UNetConfig
-from difflax.samplers import SAMPLERS
+from difflax.samplers import SAMPLERS, split_sampler_name
 from difflax.training import TrainConfig
 
 # the configs/ folder of the repository (beside the difflax package)
@@ -224,7 +224,7 @@ _SAMPLER_CHOICES = ("one of " + ", ".join(SAMPLERS)
 
 
 def _known_sampler(name) -> bool:
-    return isinstance(name, str) and sampler_options(name)[0] in SAMPLERS
+    return isinstance(name, str) and split_sampler_name(name)[0] in SAMPLERS
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
@@ -239,9 +239,3 @@ def parse_sampler(spec: str) -> tuple[str, int]:
     return name, int(steps)
 
 
-def sampler_options(name: str) -> tuple[str, dict]:
-    """A sampler name with its order folded in ("deis_tab3", "ipndm4") -> (name, options)."""
-    for base in ("deis_tab", "deis_rhoab", "ipndm"):
-        if name.startswith(base) and name[len(base):].isdigit():
-            return base, {"order": int(name[len(base):])}
-    return name, {}

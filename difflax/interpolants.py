@@ -59,10 +59,10 @@ class GVP(schedules.AbstractSchedule):
     t_zero = 0.0
 
     def alpha(self, t):
-        return schedules._xp(t).cos(0.5 * math.pi * schedules._f(t))
+        return schedules.array_module(t).cos(0.5 * math.pi * schedules.as_time(t))
 
     def sigma(self, t):
-        return schedules._xp(t).sin(0.5 * math.pi * schedules._f(t))
+        return schedules.array_module(t).sin(0.5 * math.pi * schedules.as_time(t))
 
     def d_alpha(self, t):
         return -0.5 * math.pi * self.sigma(t)
@@ -71,7 +71,7 @@ class GVP(schedules.AbstractSchedule):
         return 0.5 * math.pi * self.alpha(t)
 
     def t_from_rho(self, rho):
-        return schedules._xp(rho).arctan(schedules._f(rho)) * 2 / math.pi
+        return schedules.array_module(rho).arctan(schedules.as_time(rho)) * 2 / math.pi
 
 
 def interpolant_schedule(interpolant: str) -> schedules.AbstractSchedule:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from difflax.chunks import chunk_path, open_chunks, read_chunks, write_chunk
 from difflax.data import index_batches, local_rows
 from difflax.models.vae import AutoencoderKL, VAEConfig, scale_latents
-from difflax.training.parallel import batch_sharded, make_mesh, pad_to_mesh, replicated
+from difflax.mesh import batch_sharded, make_mesh, pad_to_mesh, replicated
 
 
 def get_encode_fn(vae: AutoencoderKL):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from difflax.mesh import batch_sharded, replicated
+
 SAMPLING = ("uniform", "frequency")
 
 
@@ -164,8 +166,6 @@ def svd_compress(bank: MemoryBank, rank: int) -> MemoryBank:
 def shard_memory_bank(bank: MemoryBank, mesh) -> MemoryBank:
     """Splits the entries over the mesh's "data" axis (rows padded to a multiple of the
     device count with zero-frequency entries that sampling never picks)."""
-    from difflax.training.parallel import batch_sharded, replicated
-
     pad = -bank.size % mesh.size
     entries = jnp.pad(bank.entries, ((0, pad), (0, 0)))
     freqs = jnp.pad(bank.frequencies, (0, pad))

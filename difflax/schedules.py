@@ -20,11 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _xp(*xs):
+def array_module(*xs):
+    """jax.numpy if any argument is a jax.Array (traced or not), else numpy: schedules are
+    evaluated in float64 on the host for coefficient tables and in JAX under jit."""
     return jnp if any(isinstance(x, jax.Array) for x in xs) else np
 
 
-def _f(t):
+def as_time(t):
+    """A jax.Array unchanged, anything else as a float64 numpy array."""
     return t if isinstance(t, jax.Array) else np.asarray(t, np.float64)
 
 
@@ -62,10 +65,10 @@ class AbstractSchedule:
         return self.sigma(t) / self.alpha(t)
 
     def log_snr(self, t):
-        return _xp(t).log(self.alpha(t) / self.sigma(t))
+        return array_module(t).log(self.alpha(t) / self.sigma(t))
 
     def t_from_log_snr(self, lam):
-        return self.t_from_rho(_xp(lam).exp(-_f(lam)))
+        return self.t_from_rho(array_module(lam).exp(-as_time(lam)))
 
     def breakpoints(self) -> np.ndarray:
         """Times where alpha, sigma are not smooth (for piecewise quadrature)."""
@@ -80,24 +83,24 @@ class _VP(AbstractSchedule):
     """Variance preserving: sigma = sqrt(1 - alpha^2)."""
 
     def sigma(self, t):  # sqrt(1 - alpha^2) without cancellation at small t
-        t = _f(t)
-        return _xp(t).sqrt(-_xp(t).expm1(2.0 * self._log_alpha(t)))
+        t = as_time(t)
+        return array_module(t).sqrt(-array_module(t).expm1(2.0 * self._log_alpha(t)))
 
     def d_sigma(self, t):
-        t = _f(t)
+        t = as_time(t)
         return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
 
     def rho(self, t):  # sqrt(1/alpha^2 - 1) = sqrt(expm1(-2 log alpha)), accurate at small t
-        t = _f(t)
-        return _xp(t).sqrt(_xp(t).expm1(-2.0 * self._log_alpha(t)))
+        t = as_time(t)
+        return array_module(t).sqrt(array_module(t).expm1(-2.0 * self._log_alpha(t)))
 
     def t_from_rho(self, rho):
-        rho = _f(rho)
-        return self._t_from_log_alpha(-0.5 * _xp(rho).log1p(rho**2))
+        rho = as_time(rho)
+        return self._t_from_log_alpha(-0.5 * array_module(rho).log1p(rho**2))
 
     def alpha(self, t):
-        t = _f(t)
-        return _xp(t).exp(self._log_alpha(t))
+        t = as_time(t)
+        return array_module(t).exp(self._log_alpha(t))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,15 +133,15 @@ class VPDiscrete(_VP):
         return np.arange(float(len(table))), table
 
     def _log_alpha(self, t):
-        xp = _xp(t)
+        xp = array_module(t)
         times, table = self._nodes()
         if self.interpolation == "alpha_bar":
             return 0.5 * xp.log(xp.interp(t, xp.asarray(times), xp.asarray(np.exp(2 * table))))
         return xp.interp(t, xp.asarray(times), xp.asarray(table))
 
     def d_alpha(self, t):
-        t = _f(t)
-        xp = _xp(t)
+        t = as_time(t)
+        xp = array_module(t)
         times, table = self._nodes()
         idx = xp.clip(xp.floor(t - times[0]).astype(int), 0, len(times) - 2)
         if self.interpolation == "alpha_bar":  # d sqrt(alpha_bar) = d alpha_bar / (2 alpha)
@@ -148,7 +151,7 @@ class VPDiscrete(_VP):
         return self.alpha(t) * slopes[idx]
 
     def _t_from_log_alpha(self, la):
-        xp = _xp(la)
+        xp = array_module(la)
         times, table = self._nodes()
         # log alpha (and alpha_bar) is decreasing in t: interpolate on the reversed table.
         if self.interpolation == "alpha_bar":
@@ -170,11 +173,11 @@ class VPLinear(_VP):
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def d_alpha(self, t):
-        t = _f(t)
+        t = as_time(t)
         return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min)) * self.alpha(t)
 
     def _t_from_log_alpha(self, la):
-        xp = _xp(la)
+        xp = array_module(la)
         db = self.beta_max - self.beta_min
         return (-self.beta_min + xp.sqrt(self.beta_min**2 - 4.0 * db * la)) / db
 
@@ -190,18 +193,18 @@ class VPCosine(_VP):
 
     def _log_alpha(self, t):
         # log(cos(theta0 + d) / cos(theta0)) = log1p(-2 sin^2(d/2) - tan(theta0) sin(d))
-        xp = _xp(t)
+        xp = array_module(t)
         d = t / (1.0 + self.s) * math.pi / 2
         return xp.log1p(-2 * xp.sin(d / 2) ** 2 - math.tan(self._theta(0.0)) * xp.sin(d))
 
     def d_alpha(self, t):
-        t = _f(t)
-        xp = _xp(t)
+        t = as_time(t)
+        xp = array_module(t)
         c0 = math.cos(self._theta(0.0))
         return -xp.sin(self._theta(t)) * math.pi / (2 * (1 + self.s)) / c0
 
     def _t_from_log_alpha(self, la):
-        xp = _xp(la)
+        xp = array_module(la)
         c = xp.exp(la) * math.cos(self._theta(0.0))
         return xp.arccos(c) * 2 * (1 + self.s) / math.pi - self.s
 
@@ -214,20 +217,20 @@ class VE(AbstractSchedule):
     sigma_max: float = 50.0
 
     def alpha(self, t):
-        return _xp(t).ones_like(_f(t))
+        return array_module(t).ones_like(as_time(t))
 
     def sigma(self, t):
-        t = _f(t)
-        return self.sigma_min * _xp(t).exp(t * math.log(self.sigma_max / self.sigma_min))
+        t = as_time(t)
+        return self.sigma_min * array_module(t).exp(t * math.log(self.sigma_max / self.sigma_min))
 
     def d_alpha(self, t):
-        return _xp(t).zeros_like(_f(t))
+        return array_module(t).zeros_like(as_time(t))
 
     def d_sigma(self, t):
         return self.sigma(t) * math.log(self.sigma_max / self.sigma_min)
 
     def t_from_rho(self, rho):
-        return _xp(rho).log(_f(rho) / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+        return array_module(rho).log(as_time(rho) / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -237,19 +240,19 @@ class EDM(AbstractSchedule):
     t_zero = 0.0
 
     def alpha(self, t):
-        return _xp(t).ones_like(_f(t))
+        return array_module(t).ones_like(as_time(t))
 
     def sigma(self, t):
-        return _f(t) * 1.0
+        return as_time(t) * 1.0
 
     def d_alpha(self, t):
-        return _xp(t).zeros_like(_f(t))
+        return array_module(t).zeros_like(as_time(t))
 
     def d_sigma(self, t):
-        return _xp(t).ones_like(_f(t))
+        return array_module(t).ones_like(as_time(t))
 
     def t_from_rho(self, rho):
-        return _f(rho) * 1.0
+        return as_time(rho) * 1.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -259,19 +262,19 @@ class RectifiedFlow(AbstractSchedule):
     t_zero = 0.0
 
     def alpha(self, t):
-        return 1.0 - _f(t)
+        return 1.0 - as_time(t)
 
     def sigma(self, t):
-        return _f(t) * 1.0
+        return as_time(t) * 1.0
 
     def d_alpha(self, t):
-        return -_xp(t).ones_like(_f(t))
+        return -array_module(t).ones_like(as_time(t))
 
     def d_sigma(self, t):
-        return _xp(t).ones_like(_f(t))
+        return array_module(t).ones_like(as_time(t))
 
     def t_from_rho(self, rho):
-        rho = _f(rho)
+        rho = as_time(rho)
         return rho / (1.0 + rho)
 
 

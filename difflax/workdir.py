@@ -10,16 +10,14 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from difflax import configs, schedules
-from difflax.accel.feature_reuse import denoiser_run_fn, sample_with_plan
-from difflax.samplers import make_grid, make_solver, sample
+from difflax import configs, samplers, schedules
+from difflax.accel.feature_reuse import denoiser_run_fn
+from difflax.mesh import make_mesh
+from difflax.samplers import denoiser_model, keyed_sample_fn
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
-                              make_mesh, make_optimizer, replicated, restore_checkpoint)
-from difflax.training.parallel import batch_sharded, host_to_global, pad_to_mesh
+                              make_optimizer, restore_checkpoint)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -78,50 +76,26 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
 
     The noise is N(0, I) from `key` (the same images on any number of devices or processes);
     the batch is split over the mesh and the result replicated, so that every process of a
-    multi-host run holds all images.
+    multi-host run holds all images (`difflax.samplers.get_sample_fn` with a mesh).
 
     Compiled once per batch size and reused for any parameters (e.g. the EMA weights at
     each sampling step of a training run). The denoiser D(x; sigma) is an x0-prediction on
-    the EDM schedule (time = sigma). `labels`: (B,) int class labels (ignored by an
-    unconditional model). `plan`: a `difflax.accel.FeaturePlan` to sample with the UNet's
-    features reused (the returned nfe still counts model calls as the plain sampler does;
+    the EDM schedule (time = sigma). `sampler`: a name, its order appended where it has one
+    ("deis_tab3"). `labels`: (B,) int class labels (ignored by an unconditional model).
+    `plan`: a `difflax.accel.FeaturePlan` to sample with the UNet's features reused (the
+    returned nfe still counts model calls as the plain sampler does;
     `difflax.accel.plan_cost` says which of them are partial).
     """
-    mesh = mesh or make_mesh()
     net = denoiser.net
-    schedule = schedules.edm(sigma_min, sigma_max)
-    name, options = configs.sampler_options(sampler)
-    _, nfe = make_solver(schedule, name, make_grid(schedule, name, steps), prediction="x0",
-                         **options)  # validates the sampler and its options, counts NFE
-
-    shape = (net.img_resolution, net.img_resolution, net.in_channels)
-
-    def run(params, key, labels, n):
-        noise = jax.random.normal(key, (n, *shape))
-        noise = jnp.pad(noise, ((0, labels.shape[0] - n),) + ((0, 0),) * len(shape))
-        noise = jax.lax.with_sharding_constraint(noise, batch_sharded(mesh))
-        labels = labels if net.label_dim else None
-        if plan is not None:
-            out = sample_with_plan(denoiser_run_fn(denoiser, {"params": params}, labels), noise,
-                                   plan=plan, config=net, schedule=schedule, sampler=name,
-                                   steps=steps, prediction="x0", **options)[0]
-        else:
-            model_fn = lambda x, t: denoiser.apply({"params": params}, x, t, labels)
-            out = sample(model_fn, noise, schedule=schedule, sampler=name, steps=steps,
-                         prediction="x0", **options)[0]
-        return jnp.clip(out[:n], -1, 1)
-
-    # The output is replicated: every process holds all samples (multi-host evaluation).
-    jitted = jax.jit(run, static_argnums=3, out_shardings=replicated(mesh),
-                     in_shardings=(replicated(mesh), replicated(mesh), batch_sharded(mesh)))
-
-    def fn(params, key, labels):
-        labels = np.asarray(labels, np.int32)
-        (padded,) = pad_to_mesh((labels,), mesh)
-        return jitted(params, host_to_global(key, replicated(mesh)),
-                      host_to_global(padded, batch_sharded(mesh)), len(labels))
-
-    return fn, nfe
+    if plan is None:
+        model = denoiser_model(denoiser)
+    else:
+        model = lambda params, labels, scales: denoiser_run_fn(
+            denoiser, {"params": params}, labels, skip_scales=scales)
+    sample, nfe = samplers.get_sample_fn(
+        model, schedule=schedules.edm(sigma_min, sigma_max), sampler=sampler, steps=steps,
+        prediction="x0", mesh=mesh or make_mesh(), plan=plan, graph=net, clip=True)
+    return keyed_sample_fn(sample, (net.img_resolution, net.img_resolution, net.in_channels)), nfe
 
 
 def labelled_sample_fn(sample, params, label_dim: int):

@@ -41,10 +41,11 @@ from difflax.samplers.few_step import rf_grid, rf_schedule, straightness  # noqa
 from difflax.training import make_mesh, train  # noqa: E402
 from difflax.training.rectified_flow import (TimeDistribution,  # noqa: E402
                                              get_rectified_flow_loss_fn)
-from difflax.training.reflow import (denoiser_model_fn, generate_pairs,  # noqa: E402
+from difflax.samplers import denoiser_model  # noqa: E402
+from difflax.training.reflow import (generate_pairs,  # noqa: E402
                                      get_rectified_flow_sample_fn, get_teacher_sample_fn,
                                      load_pairs, pair_batches)
-from difflax.configs import parse_sampler, sampler_options  # noqa: E402
+from difflax.configs import parse_sampler  # noqa: E402
 from difflax.workdir import load_run  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "rectified_flow")
@@ -119,9 +120,9 @@ def get_straightness_fn(denoiser, config):
     shape, classes = denoiser.input_shape, max(denoiser.net.label_dim, 1)
     n = config.evaluate.straightness_num
     labels = jnp.arange(n) % classes
-    model_fn = denoiser_model_fn(denoiser, rectified_flow=True)
+    model = denoiser_model(denoiser, rectified_flow=True)
     grid = rf_grid(config.evaluate.straightness_steps)
-    fn = jax.jit(lambda p, z: jnp.mean(straightness(lambda x, t: model_fn(p, x, t, labels), z,
+    fn = jax.jit(lambda p, z: jnp.mean(straightness(model(p, labels, None), z,
                                                     schedule=rf_schedule(), grid=grid,
                                                     prediction="x0")))
     return lambda params, key: float(fn(params, jax.random.normal(key, (n, *shape))))
@@ -157,10 +158,9 @@ def main(argv=None):
 
     # 1. pairs from the teacher's PF-ODE
     t = config.teacher
-    name, options = sampler_options(t.sampler)
-    teacher_fn, teacher_nfe = get_teacher_sample_fn(denoiser, sampler=name, steps=t.steps,
+    teacher_fn, teacher_nfe = get_teacher_sample_fn(denoiser, sampler=t.sampler, steps=t.steps,
                                                     sigma_min=t.sigma_min, sigma_max=t.sigma_max,
-                                                    mesh=mesh, **options)
+                                                    mesh=mesh)
     t0 = time.time()
     pairs_dir = os.path.join(args.workdir, "pairs")
     generate_pairs(teacher_fn, teacher, pairs_dir, num_pairs=config.reflow.num_pairs,
@@ -175,9 +175,8 @@ def main(argv=None):
     # 2. the teacher: usual NFE, and on the rectified-flow path at 1-2 NFE (2-RF at step 0)
     rows = []
     ev_name, ev_steps = parse_sampler(t.eval_sampler)
-    ev_base, ev_options = sampler_options(ev_name)
-    fn, nfe = get_teacher_sample_fn(denoiser, sampler=ev_base, steps=ev_steps, sigma_min=t.sigma_min,
-                                    sigma_max=t.sigma_max, mesh=mesh, **ev_options)
+    fn, nfe = get_teacher_sample_fn(denoiser, sampler=ev_name, steps=ev_steps, sigma_min=t.sigma_min,
+                                    sigma_max=t.sigma_max, mesh=mesh)
     r = evaluate(fn, teacher, denoiser, config, jax.random.key(99),
                  os.path.join(args.out, f"teacher_{nfe}nfe.png"))
     straightness_fn = get_straightness_fn(denoiser, config)

@@ -10,6 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from difflax.metrics import convert_inception_weights, inception_features, load_inception  # noqa: E402
 from difflax.metrics.inception import resize_like_torch  # noqa: E402
+from fid_stand_in import random_fid_state_dict  # noqa: E402
 
 
 def _images(seed):
@@ -22,35 +23,12 @@ def _to_torch(images):
     return torch.from_numpy((images.transpose(0, 3, 1, 2) + 1) / 2)
 
 
-def _random_fid_state_dict(*args, **kwargs):
-    """Stands in for the weight download: torchvision's Inception-v3 with pytorch-fid's FID
-    blocks, random convolutions and random BN affine parameters (strict loading in
-    ``fid_inception_v3`` checks that the keys are exactly those of the real file)."""
-    torch.manual_seed(0)
-    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pf.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pf.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pf.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pf.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pf.FIDInceptionE_1(1280)
-    net.Mixed_7c = pf.FIDInceptionE_2(2048)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-    return net.state_dict()
-
-
 @pytest.fixture(scope="module")
 def torch_net(tmp_path_factory):
     """pytorch-fid's InceptionV3 (pool block) with random weights, BN statistics calibrated
     on a random batch so activations stay O(1) through all layers; and its .pth file."""
     orig = pf.load_state_dict_from_url
-    pf.load_state_dict_from_url = _random_fid_state_dict
+    pf.load_state_dict_from_url = random_fid_state_dict
     try:
         net = pf.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)
     finally:

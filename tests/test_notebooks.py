@@ -20,10 +20,10 @@ def stand_in_files(tmp_path_factory):
     """Tiny local files in place of EDM's ImageNet-64 snapshot, pytorch-fid's Inception
     weights (random, same layout) and reference statistics; a workdir that the digits
     notebooks share (the second one resumes the first one's finished run)."""
-    from test_inception import _random_fid_state_dict
+    from fid_stand_in import random_fid_state_dict
     torch = pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("stand_ins")
-    torch.save(_random_fid_state_dict(), tmp / "pt_inception-random.pth")
+    torch.save(random_fid_state_dict(), tmp / "pt_inception-random.pth")
     np.savez(tmp / "reference.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with np.load(GOLDEN) as f:
         arch = json.loads(str(f["config_json"]))

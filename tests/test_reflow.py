@@ -21,14 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import data, reference_sample, schedules
-from difflax.samplers import solve
+from difflax.samplers import denoiser_model, get_sample_fn, solve
 from difflax.samplers.few_step import rf_grid, rf_renoise, rf_schedule, straightness
 from difflax.samplers.flow import rf_euler
 from difflax.training import TrainConfig, make_mesh, train
 from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
                                              velocity_from_denoiser)
-from difflax.training.reflow import (denoiser_model_fn, generate_pairs,
-                                     get_rectified_flow_sample_fn, get_sharded_sample_fn,
+from difflax.training.reflow import (generate_pairs, get_rectified_flow_sample_fn,
                                      load_pairs, pair_batches)
 
 GM = data.gmm(dim=4, num_components=3, seed=1, spread=2.0)
@@ -44,8 +43,8 @@ class ExactDenoiser:
 
 
 def teacher_sample_fn(mesh=None):
-    fn, _ = get_sharded_sample_fn(denoiser_model_fn(ExactDenoiser()), schedule=schedules.edm(),
-                                  sampler="deis_tab", order=2, steps=6, prediction="x0", mesh=mesh)
+    fn, _ = get_sample_fn(denoiser_model(ExactDenoiser()), schedule=schedules.edm(),
+                          sampler="deis_tab2", steps=6, prediction="x0", mesh=mesh or make_mesh())
     return fn
 
 
@@ -84,8 +83,7 @@ def test_reexpressed_velocity_lands_where_the_teacher_ode_lands():
 
 
 def test_renoise_sampler_and_straightness():
-    model_fn = denoiser_model_fn(ExactDenoiser(), rectified_flow=True)
-    fn = lambda x, t: model_fn({}, x, t, None)
+    fn = denoiser_model(ExactDenoiser(), rectified_flow=True)({}, None, None)
     z = jax.random.normal(jax.random.key(1), (64, 4))
     s = rf_schedule()
     run = lambda factory, steps: solve(fn, z, schedule=s, solver=factory(s, rf_grid(steps))[0],
@@ -147,12 +145,12 @@ def test_custom_t_steps_grid_as_rfpp():
     with pytest_raises(ValueError, "not both"):
         rf_grid(2, t_steps=(1.0, 0.5))
     # Euler on it by hand: v = (x - x_hat) / t, x_{i+1} = x_i + (t_{i+1} - t_i) v
-    model_fn = denoiser_model_fn(ExactDenoiser(), rectified_flow=True)
+    model_fn = denoiser_model(ExactDenoiser(), rectified_flow=True)({}, None, None)
     z = jax.random.normal(jax.random.key(5), (8, 4))
     grid = rf_grid(t_steps=(1.0, 0.6, 0.2))
     x = grid[0] * z
     for t0, t1 in zip(grid[:-1], grid[1:]):
-        v = (x - model_fn({}, x, jnp.full((8,), t0), None)) / t0
+        v = (x - model_fn(x, jnp.full((8,), t0))) / t0
         x = x + (t1 - t0) * v
     fn, nfe = get_rectified_flow_sample_fn(ExactDenoiser(), sampler="rf_euler", t_steps=(1.0, 0.6, 0.2))
     assert nfe == 3
@@ -209,8 +207,8 @@ class TinyDenoiser(nn.Module):
 def test_two_rectified_flow_trains_from_the_teacher_with_the_loop(tmp_path):
     model = TinyDenoiser()
     teacher = model.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.ones(1))["params"]
-    fn, _ = get_sharded_sample_fn(denoiser_model_fn(model), schedule=schedules.edm(),
-                                  sampler="euler", steps=8, prediction="x0")
+    fn, _ = get_sample_fn(denoiser_model(model), schedule=schedules.edm(), sampler="euler",
+                          steps=8, prediction="x0", mesh=make_mesh())
     generate_pairs(fn, teacher, str(tmp_path / "pairs"), num_pairs=64, chunk_size=32,
                    shape=(4,), progress=False)
     pairs = load_pairs(str(tmp_path / "pairs"))

@@ -9,7 +9,7 @@ import pytest
 from difflax import cli
 from difflax.images import make_grid
 from difflax.pipelines import SDScheduler, StableDiffusion, scheduler_from_diffusers
-from difflax.training.parallel import make_mesh
+from difflax.mesh import make_mesh
 from sd_folders import save_tiny_pipeline
 
 torch = pytest.importorskip("torch")

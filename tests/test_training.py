@@ -18,6 +18,7 @@ import pytest
 import train_tiny
 from difflax import data
 from difflax.images import make_grid, save_grid
+from difflax.mesh import make_mesh, replicated, shard_batch
 from difflax.training import checkpoint as ckpt
 from difflax.training import parallel
 from difflax.training.losses import edm_loss, get_edm_loss_fn
@@ -81,7 +82,7 @@ def _run_steps(state, mesh, cfg, model, n_steps):
                                       lambda s: ema_decay(cfg, s), mesh)
     batches = data.batch_iterator("digits", cfg.batch_size, resolution=8)
     for _ in range(n_steps):
-        state, metrics = step(state, parallel.shard_batch(next(batches), mesh),
+        state, metrics = step(state, shard_batch(next(batches), mesh),
                               jax.random.key(5))
     return state, metrics
 
@@ -91,10 +92,10 @@ def test_one_and_four_devices_agree():
     assert len(jax.devices()) >= 4, "conftest forces 4 host devices"
     cfg = TrainConfig(batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9)
     model = train_tiny.TinyDenoiser()
-    mesh1, mesh4 = (parallel.make_mesh(jax.devices()[:n]) for n in (1, 4))
+    mesh1, mesh4 = (make_mesh(jax.devices()[:n]) for n in (1, 4))
     init = get_init_params_fn(model, jax.random.key(0))
     state1 = parallel.init_train_state(init, make_optimizer(cfg), mesh1)
-    state4 = jax.device_put(jax.device_get(state1), parallel.replicated(mesh4))
+    state4 = jax.device_put(jax.device_get(state1), replicated(mesh4))
     one, m1 = _run_steps(state1, mesh1, cfg, model, 3)
     four, m4 = _run_steps(state4, mesh4, cfg, model, 3)
     assert int(four.step) == 3 and len(four.params["Conv_0"]["kernel"].sharding.device_set) == 4
@@ -104,11 +105,11 @@ def test_one_and_four_devices_agree():
 
 
 def test_shard_batch_checks_divisibility():
-    mesh = parallel.make_mesh(jax.devices()[:4])
-    x = parallel.shard_batch((np.zeros((8, 2)), np.zeros(8, np.int32)), mesh)
+    mesh = make_mesh(jax.devices()[:4])
+    x = shard_batch((np.zeros((8, 2)), np.zeros(8, np.int32)), mesh)
     assert x[0].shape == (8, 2) and x[0].addressable_shards[0].data.shape == (2, 2)
     with pytest.raises(ValueError, match="divisible"):
-        parallel.shard_batch(np.zeros((6, 2)), mesh)
+        shard_batch(np.zeros((6, 2)), mesh)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -131,18 +132,18 @@ def _save_steps(directory, mesh, steps, keep=2):
 
 
 def test_checkpoint_keep_last_and_restore(tmp_path):
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     manager, abstract = _save_steps(tmp_path / "ck", mesh, [1, 2, 3, 4])
     assert manager.all_steps() == [3, 4]
     restored = ckpt.restore_checkpoint(manager, abstract)
     assert int(restored.step) == 4 and float(restored.params["Dense_0"]["kernel"][0, 0]) == 4.0
-    assert restored.params["Dense_0"]["kernel"].sharding == parallel.replicated(mesh)
+    assert restored.params["Dense_0"]["kernel"].sharding == replicated(mesh)
     empty = ckpt.make_checkpoint_manager(tmp_path / "empty")
     assert ckpt.restore_checkpoint(empty, abstract) is None
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     manager, abstract = _save_steps(tmp_path / "ck", mesh, [1, 2])
     for root, _, files in os.walk(tmp_path / "ck" / "2" / "default"):
         for name in files:
@@ -155,7 +156,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
 
 
 def test_other_architecture_is_one_clear_error(tmp_path):
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     manager, _ = _save_steps(tmp_path / "ck", mesh, [1])
     _, wider = _small_state(mesh, width=5)
     with pytest.raises(ckpt.CheckpointMismatchError) as err:

@@ -42,7 +42,7 @@ import numpy as np
 
 from difflax import schedules as sch
 from difflax.models import skip_connections
-from difflax.samplers import make_grid, make_solver, sample
+from difflax.samplers import denoiser_model, get_sample_fn
 
 __all__ = ["linear_skip_scales", "per_resolution_skip_scales", "per_skip_scales",
            "stack_skip_scales", "time_dependent_skip_scales", "get_sweep_fn", "evaluate_settings", "search",
@@ -147,33 +147,25 @@ def get_sweep_fn(denoiser, *, sampler: str, steps: int, sigma_min: float = 0.002
     `sweep(variables, skip_scales, key, labels)` with skip_scales stacked (K, ...) and
     labels (B,) int (ignored by an unconditional model) returns (K, B, R, R, C) images in
     [-1, 1]; every setting starts from the same noise (drawn from `key`), so settings
-    differ only by their scales. The
-    denoiser D(x; sigma) is an x0-prediction on the EDM schedule (time = sigma); `options`
-    go to the sampler (e.g. order=3 for "deis_tab"). With `window` (and `profile`) each
-    model call uses `time_dependent_skip_scales` at its sigma (Sec. 5.2); the samplers give
-    one time to the whole batch.
+    differ only by their scales. It is `jax.vmap` over the skip scales of the
+    `difflax.samplers.get_sample_fn` sampler. The denoiser D(x; sigma) is an x0-prediction
+    on the EDM schedule (time = sigma); `options` go to the sampler (e.g. order=3 for
+    "deis_tab"). With `window` (and `profile`) each model call uses
+    `time_dependent_skip_scales` at its sigma (Sec. 5.2); the samplers give one time to the
+    whole batch.
     """
     net = denoiser.net
-    schedule = sch.edm(sigma_min, sigma_max)
-    _, nfe = make_solver(schedule, sampler, make_grid(schedule, sampler, steps),
-                         prediction="x0", **dict(options))
+    at_t = None if window is None else (lambda scales, t: time_dependent_skip_scales(
+        scales, jnp.ravel(t)[0], window=window, profile=profile))
+    run, nfe = get_sample_fn(denoiser_model(denoiser, time_skip_scales=at_t),
+                             schedule=sch.edm(sigma_min, sigma_max), sampler=sampler,
+                             steps=steps, prediction="x0", clip=True, **options)
+    settings = jax.vmap(run, in_axes=(None, None, None, 0))
 
     @jax.jit
     def sweep(variables, skip_scales, key, labels):
         shape = (labels.shape[0], net.img_resolution, net.img_resolution, net.in_channels)
-        noise = jax.random.normal(key, shape)
-        labels = labels if net.label_dim else None
-
-        def one(scales):
-            def model_fn(x, t):
-                at_t = scales if window is None else time_dependent_skip_scales(
-                    scales, jnp.ravel(t)[0], window=window, profile=profile)
-                return denoiser.apply(variables, x, t, labels, skip_scales=at_t)
-
-            return sample(model_fn, noise, schedule=schedule, sampler=sampler, steps=steps,
-                          prediction="x0", **options)[0]
-
-        return jnp.clip(jax.vmap(one)(skip_scales), -1.0, 1.0)
+        return settings(variables["params"], jax.random.normal(key, shape), labels, skip_scales)
 
     return sweep, nfe
 
@@ -185,33 +177,20 @@ def evaluate_settings(sweep, variables, skip_scales, *, metric, key, num_samples
 
     `metric` is a `difflax.metrics.FrechetMetric` (e.g. `digits_frechet_metric`); batch i
     uses key fold_in(key, i) and labels drawn uniformly from `num_classes`, the same for all
-    settings. Returns K dicts {metric.name: float, "class_accuracy": float (if classify_fn)}.
+    settings (`difflax.metrics.evaluate_samples` with `settings=K`). Returns K dicts
+    {metric.name: float, "class_accuracy": float (if classify_fn)}.
     """
-    from difflax.metrics import frechet  # the metrics package is heavy: import on use
+    from difflax.metrics import evaluate_samples  # the metrics package is heavy: import on use
 
-    k = jax.tree.leaves(skip_scales)[0].shape[0]
-    stats, correct, done = [None] * k, np.zeros(k), 0
-    for i in range(-(-num_samples // batch_size)):
-        kb = jax.random.fold_in(key, i)
-        labels = jax.random.randint(jax.random.fold_in(kb, 1), (batch_size,), 0, num_classes)
-        images = sweep(variables, skip_scales, kb, labels)
-        take = min(batch_size, num_samples - done)
-        for j in range(k):
-            feats = np.asarray(metric.feature_fn(images[j, :take]), np.float64)
-            stats[j] = frechet.update_stats(stats[j] or frechet.init_stats(feats.shape[1]), feats)
-            if classify_fn is not None:
-                pred = np.asarray(jnp.argmax(classify_fn(images[j, :take]), -1))
-                correct[j] += np.sum(pred == np.asarray(labels[:take]))
-        done += take
-    rows = []
-    for j in range(k):
-        mu, sigma = frechet.stats_mean_cov(stats[j])
-        row = {metric.name: frechet.frechet_distance(mu, sigma, metric.mu, metric.sigma,
-                                                     method="eigh")}
-        if classify_fn is not None:
-            row["class_accuracy"] = float(correct[j] / done)
-        rows.append(row)
-    return rows
+    def sample_fn(kb, n):
+        labels = jax.random.randint(jax.random.fold_in(kb, 1), (n,), 0, num_classes)
+        return sweep(variables, skip_scales, kb, labels), labels
+
+    rows = evaluate_samples(sample_fn, key=key, num_samples=num_samples, batch_size=batch_size,
+                            frechet_metrics=[metric], classify_fn=classify_fn, progress=False,
+                            frechet_method="eigh",
+                            settings=jax.tree.leaves(skip_scales)[0].shape[0])
+    return [{k: v for k, v in row.items() if k != "num_samples"} for row in rows]
 
 
 def search(sweep, variables, settings: Mapping[object, object], *, metric, key,

@@ -86,7 +86,8 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
                      frechet_metrics: Sequence[FrechetMetric] = (),
                      classify_fn: Callable[[jax.Array], jax.Array] | None = None,
                      progress: bool = True, frechet_method: str = "sqrtm",
-                     bootstrap: int = 0, level: float = 0.95) -> dict[str, float]:
+                     bootstrap: int = 0, level: float = 0.95,
+                     settings: int | None = None) -> dict[str, float] | list[dict[str, float]]:
     """Draws ``num_samples`` images in batches and computes metrics on the fly.
 
     Args:
@@ -108,51 +109,70 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
         accuracy's from that many bootstrap resamples. The features (N, D) are then kept in
         memory. Groups and resamples are drawn with ``fold_in(key, number of batches)``.
       level: confidence level of the intervals.
+      settings: K if ``sample_fn`` returns images (K, B, H, W, C), K settings of one sampler
+        on the same noise and labels (a Skip-Tuning sweep); each is evaluated on its own.
     Returns:
       ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``,
-      plus the intervals' ends if ``bootstrap``.
+      plus the intervals' ends if ``bootstrap``; with ``settings``, a list of K such dicts.
     """
     if num_samples < 2:
         raise ValueError("need at least 2 samples for covariance statistics")
-    stats = [None] * len(frechet_metrics)
-    kept = [[] for _ in frechet_metrics]  # features, for the intervals
-    hits = []  # (B,) bools per labelled batch
+    streams = [_Stream(len(frechet_metrics)) for _ in range(settings or 1)]
     done = 0
     num_batches = -(-num_samples // batch_size)
     with tqdm(total=num_samples, disable=not progress, unit="img", desc="evaluate") as bar:
         for i in range(num_batches):
             images, labels = _split_batch(sample_fn(jax.random.fold_in(key, i), batch_size))
             take = min(batch_size, num_samples - done)
-            images = images[:take]
-            for j, metric in enumerate(frechet_metrics):
-                feats = np.asarray(metric.feature_fn(images), np.float64)
-                stats[j] = _frechet.update_stats(stats[j] or _frechet.init_stats(feats.shape[1]), feats)
-                if bootstrap:
-                    kept[j].append(feats)
-            if labels is not None and classify_fn is not None:
-                pred = np.asarray(jnp.argmax(classify_fn(images), axis=-1))
-                hits.append(pred == np.asarray(labels)[:take])
+            for j, stream in enumerate(streams):
+                stream.add((images if settings is None else images[j])[:take], labels, take,
+                           frechet_metrics, classify_fn, bootstrap)
             done += take
             bar.update(take)
-    results: dict[str, float] = {}
     ci_key = jax.random.fold_in(key, num_batches)
-    for metric, s, feats in zip(frechet_metrics, stats, kept):
-        mu, sigma = _frechet.stats_mean_cov(s)
-        results[metric.name] = _frechet.frechet_distance(mu, sigma, metric.mu, metric.sigma,
+    results = [stream.results(frechet_metrics, done, frechet_method, bootstrap, level, ci_key)
+               for stream in streams]
+    return results[0] if settings is None else results
+
+
+class _Stream:
+    """Running statistics of one stream of samples: per metric, and the class hits."""
+
+    def __init__(self, num_metrics: int):
+        self.stats = [None] * num_metrics
+        self.kept = [[] for _ in range(num_metrics)]  # features, for the intervals
+        self.hits = []  # (B,) bools per labelled batch
+
+    def add(self, images, labels, take, frechet_metrics, classify_fn, bootstrap):
+        for j, metric in enumerate(frechet_metrics):
+            feats = np.asarray(metric.feature_fn(images), np.float64)
+            self.stats[j] = _frechet.update_stats(
+                self.stats[j] or _frechet.init_stats(feats.shape[1]), feats)
+            if bootstrap:
+                self.kept[j].append(feats)
+        if labels is not None and classify_fn is not None:
+            pred = np.asarray(jnp.argmax(classify_fn(images), axis=-1))
+            self.hits.append(pred == np.asarray(labels)[:take])
+
+    def results(self, frechet_metrics, done, frechet_method, bootstrap, level, ci_key):
+        results: dict[str, float] = {}
+        for metric, s, feats in zip(frechet_metrics, self.stats, self.kept):
+            mu, sigma = _frechet.stats_mean_cov(s)
+            results[metric.name] = _frechet.frechet_distance(mu, sigma, metric.mu, metric.sigma,
                                                              method=frechet_method)
-        if bootstrap:
-            _add_interval(results, metric.name, frechet_jackknife_interval(
-                np.concatenate(feats), metric.mu, metric.sigma, key=ci_key,
-                groups=min(25, done), level=level))
-    if hits:
-        hits = np.concatenate(hits)
-        results["class_accuracy"] = float(hits.mean())
-        if bootstrap:
-            _add_interval(results, "class_accuracy", bootstrap_interval(
-                lambda idx: hits[idx].mean(), len(hits), key=ci_key, num_resamples=bootstrap,
-                level=level))
-    results["num_samples"] = done
-    return results
+            if bootstrap:
+                _add_interval(results, metric.name, frechet_jackknife_interval(
+                    np.concatenate(feats), metric.mu, metric.sigma, key=ci_key,
+                    groups=min(25, done), level=level))
+        if self.hits:
+            hits = np.concatenate(self.hits)
+            results["class_accuracy"] = float(hits.mean())
+            if bootstrap:
+                _add_interval(results, "class_accuracy", bootstrap_interval(
+                    lambda idx: hits[idx].mean(), len(hits), key=ci_key,
+                    num_resamples=bootstrap, level=level))
+        results["num_samples"] = done
+        return results
 
 
 def _add_interval(results, name, interval):

@@ -49,8 +49,7 @@ from difflax.models.diffusers_weights import read_json
 from difflax.models.sd_unet_weights import load_sd_unet
 from difflax.models.vae import load_vae
 from difflax.samplers import SAMPLERS, make_solver, sample
-from difflax.training.parallel import (batch_sharded, host_to_global, make_mesh, pad_to_mesh,
-                                       replicated)
+from difflax.mesh import batch_sharded, host_to_global, make_mesh, pad_to_mesh, replicated
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 SPACINGS = ("leading", "trailing", "linspace")

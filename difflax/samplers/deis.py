@@ -12,16 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax.samplers import coefficients as coef
-from difflax.samplers.multistep import ExponentialMultistep
+from difflax.samplers.multistep import check_order, multistep_solver
 from difflax.samplers.term import AbstractGridSolver
-
-
-def _check_order(name, order, valid, n_steps):
-    if order not in valid:
-        raise ValueError(f"{name}: order must be one of {tuple(valid)}, got {order!r}")
-    if order > max(n_steps - 1, 0) and order > min(valid):
-        raise ValueError(f"{name}: order {order} needs at least {order + 1} steps, the grid has "
-                         f"{n_steps}; use order <= {max(n_steps - 1, min(valid))}")
 
 
 def check_alpha_positive(name, schedule, grid):
@@ -31,11 +23,6 @@ def check_alpha_positive(name, schedule, grid):
         raise ValueError(f"{name} works in rho = sigma / alpha and needs alpha > 0 on the grid; "
                          f"it starts at t = {grid[0]} where alpha = 0: start below it "
                          "(e.g. t_max=0.999) or use 'ddim', 'rf_euler' or 'rf_heun'")
-
-
-def _multistep(times, a, b, form):
-    return ExponentialMultistep(times=jnp.asarray(times), a=jnp.asarray(a), b=jnp.asarray(b),
-                                form=form)
 
 
 def ddim(schedule, grid, *, prediction="eps"):
@@ -48,7 +35,7 @@ def ddim(schedule, grid, *, prediction="eps"):
     if form == "eps":
         check_alpha_positive("ddim", schedule, grid)
     a, b = coef.logsnr_multistep(schedule, grid, 0, form)
-    return _multistep(grid, a, b, form), len(grid) - 1
+    return multistep_solver(grid, a, b, form), len(grid) - 1
 
 
 def deis_tab(schedule, grid, *, order=2, lower_order_final=False):
@@ -57,18 +44,18 @@ def deis_tab(schedule, grid, *, order=2, lower_order_final=False):
     t is the schedule's own time: on the EDM schedule t = sigma = rho, so there deis_tab is
     the same method as deis_rhoab (DEIS defines tAB on the VP SDE's time).
     """
-    _check_order("deis_tab", order, range(4), len(grid) - 1)
+    check_order("deis_tab", order, range(4), len(grid) - 1)
     check_alpha_positive("deis_tab", schedule, grid)
     a, b = coef.eps_multistep(schedule, grid, order, "t", lower_order_final)
-    return _multistep(grid, a, b, "eps"), len(grid) - 1
+    return multistep_solver(grid, a, b, "eps"), len(grid) - 1
 
 
 def deis_rhoab(schedule, grid, *, order=2, lower_order_final=False):
     """rhoAB-DEIS: eps extrapolated by a degree-`order` polynomial in rho (sec. 4)."""
-    _check_order("deis_rhoab", order, range(1, 4), len(grid) - 1)
+    check_order("deis_rhoab", order, range(1, 4), len(grid) - 1)
     check_alpha_positive("deis_rhoab", schedule, grid)
     a, b = coef.eps_multistep(schedule, grid, order, "rho", lower_order_final)
-    return _multistep(grid, a, b, "eps"), len(grid) - 1
+    return multistep_solver(grid, a, b, "eps"), len(grid) - 1
 
 
 def deis_logrho(schedule, grid, *, order=1, lower_order_final=False):
@@ -76,10 +63,10 @@ def deis_logrho(schedule, grid, *, order=1, lower_order_final=False):
 
     The same method as DPM-Solver multistep in the noise form (degree 1 = DPM-Solver-2M).
     """
-    _check_order("deis_logrho", order, range(0, 4), len(grid) - 1)
+    check_order("deis_logrho", order, range(0, 4), len(grid) - 1)
     check_alpha_positive("deis_logrho", schedule, grid)
     a, b = coef.eps_multistep(schedule, grid, order, "logrho", lower_order_final)
-    return _multistep(grid, a, b, "eps"), len(grid) - 1
+    return multistep_solver(grid, a, b, "eps"), len(grid) - 1
 
 
 def ipndm(schedule, grid, *, order=4):
@@ -87,10 +74,10 @@ def ipndm(schedule, grid, *, order=4):
     warm-started through the lower orders (no Runge-Kutta start), each step scaled by DDIM's
     eps coefficient alpha_{i+1} (rho_{i+1} - rho_i), as DEIS's code. DEIS's code runs it on a
     grid uniform in t (VP only); `sample` picks that grid for VP schedules by default."""
-    _check_order("ipndm", order, range(1, 5), len(grid))
+    check_order("ipndm", order, range(1, 5), len(grid))
     check_alpha_positive("ipndm", schedule, grid)
     a, b = coef.ipndm(schedule, grid, order)
-    return _multistep(grid, a, b, "eps"), len(grid) - 1
+    return multistep_solver(grid, a, b, "eps"), len(grid) - 1
 
 
 class RhoRungeKutta(AbstractGridSolver):

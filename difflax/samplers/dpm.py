@@ -15,14 +15,15 @@ Tables: `coefficients.dpm_solver_multistep`.
 from __future__ import annotations
 
 from difflax.samplers import coefficients as coef
-from difflax.samplers.deis import _check_order, _multistep, check_alpha_positive
+from difflax.samplers.deis import check_alpha_positive
+from difflax.samplers.multistep import check_order, multistep_solver
 
 
 def dpm_multistep(schedule, grid, *, order=2, form="x0", lower_order_final=None,
                   solver_type="midpoint"):
     """DPM-Solver(++)-`order`M; form "x0" = DPM-Solver++ (data), "eps" = DPM-Solver (noise)."""
     n = len(grid) - 1
-    _check_order(f"dpm ({order}M)", order, range(1, 4), n + 1)
+    check_order(f"dpm ({order}M)", order, range(1, 4), n + 1)
     if form not in ("x0", "eps"):
         raise ValueError(f"form must be one of ('x0', 'eps'), got {form!r}")
     check_alpha_positive("dpm", schedule, grid)
@@ -30,7 +31,7 @@ def dpm_multistep(schedule, grid, *, order=2, form="x0", lower_order_final=None,
         lower_order_final = n < 15
     a, b = coef.dpm_solver_multistep(schedule, grid, order - 1, form, lower_order_final,
                                      solver_type)
-    return _multistep(grid, a, b, form), n
+    return multistep_solver(grid, a, b, form), n
 
 
 def dpmpp_2m(schedule, grid, *, lower_order_final=None, solver_type="midpoint"):

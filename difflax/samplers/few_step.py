@@ -17,14 +17,13 @@
 """
 from __future__ import annotations
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from difflax import schedules
 from difflax.samplers.flow import FlowEuler
-from difflax.samplers.term import AbstractGridSolver, DiffusionTerm
+from difflax.samplers.term import AbstractGridSolver, solve
 
 T_MAX = 1.0 - 1e-5
 
@@ -70,14 +69,9 @@ def rf_grid(steps: int | None = None, t_max: float = T_MAX, *, t_steps=None) -> 
 
 def euler_trajectory(model_fn, noise, *, schedule, grid, prediction="velocity") -> jax.Array:
     """States of the Euler (rf_euler) solution at every grid time: (N + 1, B, ...)."""
-    g = np.asarray(grid, np.float64)
-    ts = jnp.asarray(g, noise.dtype)
-    term = DiffusionTerm(model_fn, schedule, prediction)
-    x_T = jnp.asarray(float(schedule.sigma(g[0])), noise.dtype) * noise
-    sol = diffrax.diffeqsolve(term, FlowEuler(times=ts), ts[0], ts[-1], None, x_T,
-                              stepsize_controller=diffrax.StepTo(ts=ts),
-                              saveat=diffrax.SaveAt(ts=ts), max_steps=len(g) - 1)
-    return sol.ys
+    ts = jnp.asarray(np.asarray(grid, np.float64), jnp.asarray(noise).dtype)
+    return solve(model_fn, noise, schedule=schedule, solver=FlowEuler(times=ts), grid=grid,
+                 prediction=prediction, trajectory=True)
 
 
 def straightness(model_fn, noise, *, schedule, grid, prediction="velocity") -> jax.Array:

@@ -9,6 +9,21 @@ import jax.numpy as jnp
 from difflax.samplers.term import AbstractGridSolver
 
 
+def check_order(name: str, order, valid, n_steps: int) -> None:
+    """A one-line error naming the valid orders, or the steps a multistep `order` needs."""
+    if order not in valid:
+        raise ValueError(f"{name}: order must be one of {tuple(valid)}, got {order!r}")
+    if order > max(n_steps - 1, 0) and order > min(valid):
+        raise ValueError(f"{name}: order {order} needs at least {order + 1} steps, the grid has "
+                         f"{n_steps}; use order <= {max(n_steps - 1, min(valid))}")
+
+
+def multistep_solver(times, a, b, form: str) -> "ExponentialMultistep":
+    """An `ExponentialMultistep` from host tables: times (N+1,), a (N,), b (N, Q+1)."""
+    return ExponentialMultistep(times=jnp.asarray(times), a=jnp.asarray(a), b=jnp.asarray(b),
+                                form=form)
+
+
 class ExponentialMultistep(AbstractGridSolver):
     """x_{i+1} = A_i x_i + sum_j B_ij p_{i-j} with p the model's `form` ("eps" or "x0").
 

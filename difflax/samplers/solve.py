@@ -1,8 +1,9 @@
-"""diffrax glue: `sample`, the one entry point, and adaptive reference solutions.
+"""diffrax glue: the samplers by name, `sample`, the one entry point, and adaptive reference
+solutions.
 
 A sampler is a time grid plus a diffrax solver (an update rule whose coefficient tables are
-computed on the host); `sample` runs it with diffeqsolve + StepTo(ts=grid) on the
-probability-flow ODE term. NFE is counted on the host from the sampler's structure (one per
+computed on the host); `sample` runs it with `term.solve` (diffeqsolve + StepTo(ts=grid)) on
+the probability-flow ODE term. NFE is counted on the host from the sampler's structure (one per
 model call) and returned as a Python int.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from difflax import schedules as sch
 from difflax.parameterization import PREDICTIONS
 from difflax.samplers import deis, dpm, edm, few_step, flow, sde, unipc
-from difflax.samplers.term import DiffusionTerm
+from difflax.samplers.term import DiffusionTerm, solve
 
 # name -> factory(schedule, grid, **options) -> (solver, nfe). A literal dict, no registry.
 SAMPLERS = {
@@ -37,6 +38,23 @@ SAMPLERS = {
     "rf_renoise": few_step.rf_renoise,
     "euler_maruyama": sde.euler_maruyama,
 }
+
+
+# Samplers whose order may be written after the name: "deis_tab3", "ipndm4".
+ORDER_IN_NAME = ("deis_tab", "deis_rhoab", "ipndm")
+
+
+def split_sampler_name(name: str, options: dict | None = None) -> tuple[str, dict]:
+    """A sampler name with its order folded in -> (name, options): "deis_tab3" ->
+    ("deis_tab", {"order": 3}); any other name -> (name, options). The one place such names
+    are read; naming the order twice is an error."""
+    options = dict(options or {})
+    for base in ORDER_IN_NAME:
+        if name.startswith(base) and name[len(base):].isdigit():
+            if "order" in options:
+                raise ValueError(f"sampler {name!r} names its order; do not pass order= too")
+            return base, {**options, "order": int(name[len(base):])}
+    return name, options
 
 
 def default_grid_kind(schedule, sampler=None) -> str:
@@ -63,6 +81,8 @@ def make_grid(schedule, sampler, steps=None, grid=None, grid_kind=None, **grid_o
 
 def make_solver(schedule, sampler, grid, *, prediction="eps", key=None, **options):
     """(solver, nfe) for a sampler name, with options checked against its signature."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}")
     factory = SAMPLERS[sampler]
@@ -88,7 +108,7 @@ def sample(model_fn, noise, *, schedule, sampler, steps=None, grid=None, predict
         "velocity", "score"), x (B, ...), t (B,) in the schedule's own time.
       noise: standard normal (B, ...).
       schedule: a `difflax.schedules` schedule.
-      sampler: a name in SAMPLERS.
+      sampler: a name in SAMPLERS, or one with its order appended ("deis_tab3").
       steps / grid: number of steps on a grid of kind `grid_kind` (default per schedule,
         `kappa` for the power / edm kinds), or an explicit decreasing grid (concrete array).
       key: for stochastic samplers (edm_heun with s_churn > 0, euler_maruyama).
@@ -97,8 +117,7 @@ def sample(model_fn, noise, *, schedule, sampler, steps=None, grid=None, predict
     Returns:
       (samples (B, ...), nfe) with nfe a Python int. Works under jax.jit and jax.vmap.
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+    sampler, options = split_sampler_name(sampler, options)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}")
     g = make_grid(schedule, sampler, steps, grid, grid_kind,
@@ -106,19 +125,6 @@ def sample(model_fn, noise, *, schedule, sampler, steps=None, grid=None, predict
     solver, nfe = make_solver(schedule, sampler, g, prediction=prediction, key=key, **options)
     return solve(model_fn, noise, schedule=schedule, solver=solver, grid=g,
                  prediction=prediction), nfe
-
-
-def solve(model_fn, noise, *, schedule, solver, grid, prediction="eps"):
-    """diffeqsolve of a grid solver with StepTo(ts=grid); returns the final state."""
-    g = np.asarray(grid, np.float64)
-    dtype = jnp.asarray(noise).dtype
-    x_T = jnp.asarray(float(schedule.sigma(g[0])), dtype) * noise
-    term = DiffusionTerm(model_fn, schedule, prediction)
-    ts = jnp.asarray(g, dtype)
-    sol = diffrax.diffeqsolve(term, solver, ts[0], ts[-1], None, x_T,
-                              stepsize_controller=diffrax.StepTo(ts=ts),
-                              saveat=diffrax.SaveAt(t1=True), max_steps=len(g) - 1)
-    return sol.ys[0]
 
 
 REFERENCE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8}

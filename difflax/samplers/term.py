@@ -1,4 +1,5 @@
-"""The probability-flow ODE as a diffrax term that also answers in any parameterisation."""
+"""The probability-flow ODE as a diffrax term that also answers in any parameterisation, the
+grid solvers' base class, and `solve`: diffeqsolve + StepTo on a grid, in one place."""
 from __future__ import annotations
 
 from typing import Callable, ClassVar
@@ -6,6 +7,7 @@ from typing import Callable, ClassVar
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from difflax.parameterization import convert
 from difflax.schedules import AbstractSchedule
@@ -81,3 +83,19 @@ class AbstractGridSolver(diffrax.AbstractSolver):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+
+def solve(model_fn, noise, *, schedule, solver, grid, prediction="eps", trajectory=False):
+    """diffeqsolve of a grid solver with StepTo(ts=grid) from x_T = sigma(grid[0]) noise: the
+    final state (B, ...), or with `trajectory` the states at every grid time (N + 1, B, ...).
+    Every grid sampler of difflax runs through here."""
+    g = np.asarray(grid, np.float64)
+    dtype = jnp.asarray(noise).dtype
+    x_T = jnp.asarray(float(schedule.sigma(g[0])), dtype) * noise
+    term = DiffusionTerm(model_fn, schedule, prediction)
+    ts = jnp.asarray(g, dtype)
+    saveat = diffrax.SaveAt(ts=ts) if trajectory else diffrax.SaveAt(t1=True)
+    sol = diffrax.diffeqsolve(term, solver, ts[0], ts[-1], None, x_T,
+                              stepsize_controller=diffrax.StepTo(ts=ts),
+                              saveat=saveat, max_steps=len(g) - 1)
+    return sol.ys if trajectory else sol.ys[0]

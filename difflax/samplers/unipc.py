@@ -9,7 +9,8 @@ order, whatever the number of steps). The authors' `UniPC` class defaults to bh1
 from __future__ import annotations
 
 from difflax.samplers import coefficients as coef
-from difflax.samplers.deis import _check_order, _multistep, check_alpha_positive
+from difflax.samplers.deis import check_alpha_positive
+from difflax.samplers.multistep import check_order, multistep_solver
 
 
 def unipc(schedule, grid, *, order=2, variant="bh2", form="x0", lower_order_final=True,
@@ -17,7 +18,7 @@ def unipc(schedule, grid, *, order=2, variant="bh2", form="x0", lower_order_fina
     """UniPC-`order` (`form` "x0" = diffusers' predict_x0=True, "eps" = its noise form);
     `disable_corrector`: step indices whose corrector is skipped, as diffusers' option."""
     n = len(grid) - 1
-    _check_order("unipc", order, range(1, 4), n + 1)
+    check_order("unipc", order, range(1, 4), n + 1)
     if form not in ("x0", "eps"):
         raise ValueError(f"unipc: form must be one of ('x0', 'eps'), got {form!r}")
     check_alpha_positive("unipc", schedule, grid)
@@ -26,4 +27,4 @@ def unipc(schedule, grid, *, order=2, variant="bh2", form="x0", lower_order_fina
                          "grid at t_min > t_zero")
     a, b = coef.unipc(schedule, grid, order, form, variant, lower_order_final,
                       tuple(disable_corrector))
-    return _multistep(grid, a, b, form), n
+    return multistep_solver(grid, a, b, form), n

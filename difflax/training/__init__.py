@@ -10,9 +10,8 @@ from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flo
                                              rectified_flow_loss, velocity_from_denoiser)
 from difflax.training.reflow import (generate_pairs, get_rectified_flow_sample_fn,
                                      get_teacher_sample_fn, load_pairs, pair_batches)
-from difflax.training.parallel import (abstract_train_state, batch_sharded,
-                                       get_train_step_fn, init_train_state, make_mesh,
-                                       replicated, shard_batch)
+from difflax.mesh import batch_sharded, make_mesh, replicated, shard_batch
+from difflax.training.parallel import abstract_train_state, get_train_step_fn, init_train_state
 from difflax.training.state import (TrainConfig, TrainState, create_train_state, ema_decay,
                                     ema_update, learning_rate_schedule, make_optimizer)
 

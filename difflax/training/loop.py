@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difflax.images import save_grid
+from difflax.mesh import host_to_global, make_mesh, replicated, shard_batch
 from difflax.training import checkpoint as ckpt
 from difflax.training import parallel
 from difflax.training.losses import get_edm_loss_fn, model_signature
@@ -90,7 +91,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     replaces the fresh initialisation (e.g. a teacher's parameters for Reflow). Returns the
     final state.
     """
-    mesh = parallel.make_mesh() if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else mesh
     primary = jax.process_index() == 0
     k_init, k_train = jax.random.split(jax.random.key(cfg.seed))
     tx = make_optimizer(cfg)
@@ -107,13 +108,13 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     loss_fn = loss_fn or get_edm_loss_fn(model)
     step_fn = parallel.get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, cfg), mesh,
                                          lr_fn=learning_rate_schedule(cfg))
-    key = parallel.host_to_global(k_train, parallel.replicated(mesh))
+    key = host_to_global(k_train, replicated(mesh))
     batches = make_batches(start)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and primary))
     history, tick = [], time.perf_counter()
     try:
         for step in range(start + 1, cfg.steps + 1):
-            state, metrics = step_fn(state, parallel.shard_batch(next(batches), mesh), key)
+            state, metrics = step_fn(state, shard_batch(next(batches), mesh), key)
             history.append(metrics)
             if _due(cfg.log_every, step) or step == cfg.steps:
                 record = _summarise(jax.device_get(history), time.perf_counter() - tick, step)

@@ -12,7 +12,7 @@ Chunk i's noise and labels depend only on (seed, i), each chunk is written to a 
 file and renamed into place, and chunks already on disk are skipped: a run killed at any
 point (SIGKILL included) and started again on the same directory finishes with the same
 files as an uninterrupted one (tested). The sampling batch is sharded over the devices of the
-mesh (difflax.training.parallel); on several processes, process 0 writes.
+mesh (difflax.mesh); on several processes, process 0 writes.
 
 Training (rfpp Sec. 4, "initialising with a pre-trained diffusion model"): the 2-rectified
 flow is the teacher's own network used as a velocity (`velocity_from_denoiser`), its
@@ -31,72 +31,27 @@ from tqdm.auto import tqdm
 from difflax import schedules
 from difflax.chunks import chunk_path, open_chunks, read_chunks, write_chunk
 from difflax.data import index_batches
-from difflax.samplers import make_grid, make_solver, solve
+from difflax.mesh import make_mesh
+from difflax.samplers import denoiser_model, get_sample_fn
 from difflax.samplers.few_step import rf_grid, rf_schedule
-from difflax.training.parallel import (batch_sharded, host_to_global, make_mesh, pad_to_mesh,
-                                       replicated)
 
-# model_fn(params, x (B, ...), t (B,), labels (B,) int) -> prediction
-ModelFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
 # sample_fn(params, noise (B, ...), labels (B,)) -> samples (B, ...)
 PairSampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
 
 # ----------------------------------------------------------------------------
-# Sampling, sharded over the mesh.
-
-
-def get_sharded_sample_fn(model_fn: ModelFn, *, schedule, sampler: str, steps: int | None = None,
-                          grid=None, prediction: str = "eps", mesh=None, **options):
-    """(fn(params, noise, labels) -> samples, nfe) for any sampler in `difflax.SAMPLERS`.
-
-    Runs `difflax.samplers.solve` from x_T = sigma(t_max) noise under one `jax.jit`, the batch
-    split over `mesh` (padded to a multiple of its size); params are replicated. Compiled
-    once per batch size.
-    """
-    mesh = mesh or make_mesh()
-    g = make_grid(schedule, sampler, steps, grid)
-    solver, nfe = make_solver(schedule, sampler, g, prediction=prediction, **options)
-
-    def run(params, noise, labels, n):
-        fn = lambda x, t: model_fn(params, x, t, labels)
-        out = solve(fn, noise, schedule=schedule, solver=solver, grid=g, prediction=prediction)
-        return out[:n]
-
-    # The output is replicated: every process holds the whole batch (multi-host pairs).
-    jitted = jax.jit(run, static_argnums=3, out_shardings=replicated(mesh),
-                     in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)))
-
-    def fn(params, noise, labels):
-        padded = pad_to_mesh((noise, np.asarray(labels, np.int32)), mesh)
-        return jitted(params, *host_to_global(padded, batch_sharded(mesh)), noise.shape[0])
-
-    return fn, nfe
-
-
-def denoiser_model_fn(denoiser, *, rectified_flow: bool = False) -> ModelFn:
-    """model_fn of a Flax EDM denoiser D(x; sigma): an x0-prediction in EDM time (sigma), or with
-    `rectified_flow` in rectified-flow time t, x0 = D(x_t / (1 - t); t / (1 - t)) (the same
-    field as `velocity_from_denoiser`, expressed as a data prediction)."""
-    label_dim = denoiser.net.label_dim if hasattr(denoiser, "net") else 0
-
-    def model_fn(params, x, t, labels):
-        labels = labels if label_dim else None
-        if not rectified_flow:
-            return denoiser.apply({"params": params}, x, t, labels)
-        tb = t.reshape((-1,) + (1,) * (x.ndim - 1))
-        return denoiser.apply({"params": params}, x / (1 - tb), t / (1 - t), labels)
-
-    return model_fn
+# Teacher and student samplers (`difflax.samplers.get_sample_fn`, sharded over the mesh).
 
 
 def get_teacher_sample_fn(denoiser, *, sampler: str = "edm_heun", steps: int = 18,
                           sigma_min: float = 0.002, sigma_max: float = 80.0, mesh=None,
                           **options):
-    """(fn(params, noise, labels) -> samples, nfe): the teacher's PF-ODE on the EDM schedule."""
-    return get_sharded_sample_fn(denoiser_model_fn(denoiser),
-                                 schedule=schedules.edm(sigma_min, sigma_max), sampler=sampler,
-                                 steps=steps, prediction="x0", mesh=mesh, **options)
+    """(fn(params, noise, labels) -> samples, nfe): the teacher's PF-ODE on the EDM schedule,
+    not clipped; `sampler` any name of `difflax.SAMPLERS` ("deis_tab" with order=3, or
+    "deis_tab3"). The batch is split over `mesh` (default: all devices)."""
+    return get_sample_fn(denoiser_model(denoiser), schedule=schedules.edm(sigma_min, sigma_max),
+                         sampler=sampler, steps=steps, prediction="x0",
+                         mesh=mesh or make_mesh(), **options)
 
 
 def get_rectified_flow_sample_fn(denoiser, *, sampler: str = "rf_euler", steps: int = 1,
@@ -105,9 +60,8 @@ def get_rectified_flow_sample_fn(denoiser, *, sampler: str = "rf_euler", steps: 
     EDM denoiser (`velocity_from_denoiser`): rf_euler, rf_heun or rf_renoise on
     `rf_grid(steps)`, or on rfpp's custom grid `rf_grid(t_steps=t_steps)` if given."""
     grid = rf_grid(steps) if t_steps is None else rf_grid(t_steps=t_steps)
-    return get_sharded_sample_fn(denoiser_model_fn(denoiser, rectified_flow=True),
-                                 schedule=rf_schedule(), sampler=sampler, grid=grid,
-                                 prediction="x0", mesh=mesh)
+    return get_sample_fn(denoiser_model(denoiser, rectified_flow=True), schedule=rf_schedule(),
+                         sampler=sampler, grid=grid, prediction="x0", mesh=mesh or make_mesh())
 
 
 # ----------------------------------------------------------------------------
