@@ -456,11 +456,18 @@ def _tables(plan: FeaturePlan, schedule, grid):
         position[start:start + length] = np.arange(length)
         if plan.parallel:
             chunk_kind[start] = sizes.index(length) + 1
+    return tuple(sizes), chunk_kind, position, noise_injection_coefficients(plan, schedule, grid)
+
+
+def noise_injection_coefficients(plan: FeaturePlan, schedule, grid) -> np.ndarray:
+    """(steps,) weights of the initial noise x_T added before each step (Faster Diffusion's
+    prior noise injection): ``plan.noise_injection`` (times the state's scale relative to the
+    first step's) where t / T < ``plan.injection_tau`` (T = the number of discrete steps on
+    VP discrete schedules), else 0."""
     g = np.asarray(grid, np.float64)[:-1]
     scale = np.sqrt(np.asarray(schedule.alpha(g)) ** 2 + np.asarray(schedule.sigma(g)) ** 2)
     horizon = schedule.t_max + 1 if isinstance(schedule, VPDiscrete) else schedule.t_max
-    injection = np.where(g / horizon < plan.injection_tau, plan.noise_injection * scale / scale[0], 0.0)
-    return tuple(sizes), chunk_kind, position, injection
+    return np.where(g / horizon < plan.injection_tau, plan.noise_injection * scale / scale[0], 0.0)
 
 
 def cache_capable_samplers(schedule, grid, prediction: str = "x0") -> tuple[str, ...]:
