@@ -11,7 +11,7 @@ adjacent steps of a sampling trajectory (Faster Diffusion's Fig. 2 analogue).
 parameter and FLOP counts, multi-UNet switching.
 """
 from difflax.accel.assembly import (MultiUNetDenoiser, count_params, denoiser_flops,
-                                    inherit_params, student, switch_sigma)
+                                    get_multi_unet_fn, inherit_params, student, switch_sigma)
 from difflax.accel.feature_reuse import (FASTER_DIFFUSION_KEY_STEPS, FeaturePlan, PlanCost,
                                          cache_capable_samplers, deepcache_plan, deepcache_refresh_steps,
                                          denoiser_run_fn, encoder_nodes,
@@ -26,7 +26,7 @@ from difflax.accel.skip_tuning import (denoising_loss_by_sigma, evaluate_setting
                                        time_dependent_skip_scales)
 
 __all__ = [
-    "MultiUNetDenoiser", "count_params", "denoiser_flops", "inherit_params",
+    "MultiUNetDenoiser", "count_params", "denoiser_flops", "get_multi_unet_fn", "inherit_params",
     "student", "switch_sigma",
     "FeatureSimilarity", "adjacent_step_similarity",
     "FASTER_DIFFUSION_KEY_STEPS", "FeaturePlan", "PlanCost", "cache_capable_samplers",

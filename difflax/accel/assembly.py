@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -199,3 +200,12 @@ class MultiUNetDenoiser(nn.Module):
                        lambda m, x: m.full(x, sigma, class_labels, **kwargs),
                        lambda m, x: m.light(x, sigma, class_labels, **kwargs), self, x)
 
+
+def get_multi_unet_fn(full_fn: Callable, light_fn: Callable, switch: float) -> Callable:
+    """model_fn(x, t) for `difflax.sample` from two model functions: full_fn where t > switch."""
+
+    def model_fn(x, t):
+        s = jnp.asarray(t).reshape(-1)[0]
+        return jax.lax.cond(s > switch, full_fn, light_fn, x, t)
+
+    return model_fn
