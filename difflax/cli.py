@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, help="pixels (default: the UNet's sample size x 8)")
     g.add_argument("--width", type=int, help="pixels (default: the UNet's sample size x 8)")
     g.add_argument("--dtype", default="float32", help="float32 or bfloat16 (UNet and VAE)")
+    g.add_argument("--plan", default="none", help="feature reuse: none, faster_diffusion (its "
+                   "SD setting: key steps, parallel decoding, noise injection 0.003) or "
+                   "deepcache:N (a full step every N, the paper's SD branch)")
     g.add_argument("--out", required=True, help="PNG path of the image grid")
     return p
 
@@ -283,18 +286,38 @@ def cmd_generate(args, overrides) -> int:
     if not args.out.endswith(".png"):
         raise ValueError(f"--out {args.out!r}: must end with .png")
     sd = StableDiffusion.from_pretrained(args.model)
+    plan = _generate_plan(args.plan, sd.unet, args.steps)
     tic = time.perf_counter()
     images = sd.generate([args.prompt] * args.num, negative_prompt=args.negative_prompt,
                          steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
-                         seed=args.seed, height=args.height, width=args.width, dtype=args.dtype)
+                         seed=args.seed, height=args.height, width=args.width, dtype=args.dtype,
+                         plan=plan)
     seconds = time.perf_counter() - tic
     if jax.process_index() == 0:
         save_grid(args.out, images * 2 - 1, nrow=int(np.ceil(np.sqrt(args.num))))
-    _print_table([{"sampler": args.sampler, "steps": args.steps,
+    _print_table([{"sampler": args.sampler, "steps": args.steps, "plan": args.plan,
                    "nfe": sd.nfe(args.steps, args.sampler), "guidance": args.guidance,
                    "dtype": args.dtype, "images": args.num, "size": f"{images.shape[2]}x"
                    f"{images.shape[1]}", "seconds": round(seconds, 1), "out": args.out}])
     return 0
+
+
+def _generate_plan(name: str, unet, steps: int):
+    """--plan of `difflax generate` -> a FeaturePlan (None for "none"): Faster Diffusion's SD
+    setting (Sec. 3.4, 4: its key steps for `steps`, parallel decoding, prior noise injection
+    0.003) or DeepCache's SD 1.5 runs (branch 1: cache_layer_id = cache_block_id = 0) with a
+    full step every N."""
+    from difflax.accel import deepcache_plan, encoder_propagation_plan
+
+    kind, _, arg = name.partition(":")
+    if kind == "none" and not arg:
+        return None
+    if kind == "faster_diffusion" and not arg:
+        return encoder_propagation_plan(unet, steps, parallel=True, noise_injection=0.003)
+    if kind == "deepcache" and arg.isdigit() and int(arg) >= 1:
+        return deepcache_plan(unet, steps, branch=1, interval=int(arg))
+    raise ValueError(f"unknown --plan {name!r}; valid: none, faster_diffusion, deepcache:N "
+                     "(N >= 1)")
 
 
 def _fid_metric(metrics, args):

@@ -136,6 +136,28 @@ def test_bfloat16_close_to_float32(sd1x):
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(sd.unet_vars))
 
 
+def test_plans_and_skip_scales_in_generate(sd1x):
+    """`plan=` runs the feature-reuse plans of difflax.accel on the pipeline's UNet: the full
+    plan is the plain sampler, DeepCache (a full step every 2 of 4) changes the images a little;
+    Skip-Tuning scales of 1 are the plain sampler, 0.8 on every skip changes the images."""
+    from difflax.accel import deepcache_plan, full_plan, linear_skip_scales
+
+    _, _, sd = sd1x
+    latents = start_latents()
+    plain = sd.generate(PROMPTS, latents=latents, steps=4)
+    full = sd.generate(PROMPTS, latents=latents, steps=4, plan=full_plan(4))
+    np.testing.assert_allclose(full, plain, atol=1e-5)
+    cached = sd.generate(PROMPTS, latents=latents, steps=4,
+                         plan=deepcache_plan(sd.unet, 4, branch=1, interval=2))
+    assert 1e-4 < np.abs(cached - plain).max() and np.abs(cached - plain).mean() < 0.2
+    ones = sd.generate(PROMPTS, latents=latents, steps=4,
+                       skip_scales=linear_skip_scales(sd.unet.config, 1.0, 1.0))
+    np.testing.assert_allclose(ones, plain, atol=1e-5)
+    scaled = sd.generate(PROMPTS, latents=latents, steps=4,
+                         skip_scales=linear_skip_scales(sd.unet.config, 0.8, 0.8))
+    assert np.abs(scaled - plain).max() > 1e-3
+
+
 def test_bad_sampler_or_dtype_names_the_choices(sd1x):
     _, _, sd = sd1x
     with pytest.raises(ValueError, match=r"unknown sampler 'dpm\+\+'.*'ddim'.*'unipc'"):
@@ -162,6 +184,18 @@ def test_cli_generate_writes_png_grid(sd1x, tmp_path, capsys):
     assert cli.main(["generate", "--model", str(folder), "--prompt", "x", "--sampler", "heun",
                      "--out", str(out)]) == 2
     assert "unknown sampler 'heun'" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "x", "--plan", "deepcache",
+                     "--out", str(out)]) == 2
+    assert "unknown --plan 'deepcache'; valid: none, faster_diffusion" in capsys.readouterr().err
+    from difflax.accel import deepcache_plan
+
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "hello world", "--steps", "3",
+                     "--sampler", "deis_tab", "--plan", "deepcache:2", "--out", str(out)]) == 0
+    assert "| deepcache:2 " in capsys.readouterr().out
+    want = sd.generate(["hello world"], steps=3, sampler="deis_tab",
+                       plan=deepcache_plan(sd.unet, 3, branch=1, interval=2))
+    png = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(png - make_grid(want * 2 - 1, nrow=1).repeat(4, 0).repeat(4, 1)).max() <= 1
 
 
 # SD 1.5's scheduler/scheduler_config.json: no timestep_spacing, so each scheduler class's

@@ -272,6 +272,7 @@ def sd_run_fn(unet: SDUNet, variables, encoder_hidden_states, *, guidance_scale=
                                  store=store - {"out"}, output=output or "out" in store,
                                  method=SDUNet.run)
         if out is not None and halves == 2:
+            out = out.astype(jnp.float32)  # guidance in float32 when the UNet runs in bfloat16
             uncond, cond = jnp.moveaxis(out.reshape((k, 2, batch) + out.shape[1:]), 1, 0)
             out = (uncond + guidance_scale * (cond - uncond)).reshape((k * batch,) + out.shape[1:])
         if "out" in store:

@@ -25,10 +25,12 @@ With ddim (Song et al. 2021 eq. 12, eta = 0), dpmpp_2m and unipc the images equa
 StableDiffusionPipeline with DDIMScheduler, DPMSolverMultistepScheduler and
 UniPCMultistepScheduler (tests/test_sd_pipeline.py).
 
-Sampling is one `jax.jit` per (steps, sampler, guidance on/off, dtype), traced once per batch
-shape and reused for other prompts, seeds and guidance scales. The batch is split over a 1-D
-device mesh (difflax.training.parallel; padded to a multiple of the device count), the
-parameters are replicated once at load time, and the images come back replicated. With
+Sampling is one `jax.jit` per (steps, sampler, guidance on/off, dtype, feature plan), traced
+once per batch shape and reused for other prompts, seeds, guidance scales and skip scales.
+The model is `difflax.models.sd_unet.sd_run_fn` (guidance, the feature cache of a plan) under
+the sampler of `difflax.samplers.get_sample_fn`. The batch is split over a 1-D device mesh
+(difflax.mesh; padded to a multiple of the device count), the parameters are replicated once
+at load time, and the images come back replicated. With
 dtype="bfloat16" the UNet and VAE decoder compute in bfloat16 (their float32 parameters are
 cast inside the compiled function); the text encoder, the sampler's state and the guidance
 combination stay float32.
@@ -46,9 +48,10 @@ from difflax import schedules as sch
 from difflax.models.clip import load_clip_text_encoder
 from difflax.models.clip_tokenizer import load_clip_tokenizer
 from difflax.models.diffusers_weights import read_json
+from difflax.models.sd_unet import sd_run_fn
 from difflax.models.sd_unet_weights import load_sd_unet
 from difflax.models.vae import load_vae
-from difflax.samplers import SAMPLERS, make_solver, sample
+from difflax.samplers import SAMPLERS, get_sample_fn, make_solver
 from difflax.mesh import batch_sharded, host_to_global, make_mesh, pad_to_mesh, replicated
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -144,7 +147,7 @@ def scheduler_from_diffusers(config: dict) -> SDScheduler:
 class StableDiffusion:
     """Loaded SD components (modules, variables, tokenizer, scheduler settings) on a device
     mesh (default: all devices); `generate` keeps one compiled sampler per (steps, sampler,
-    guidance on/off, dtype)."""
+    guidance on/off, dtype, plan)."""
 
     def __init__(self, unet, unet_vars, text, text_vars, tokenizer, vae, vae_vars, scheduler,
                  *, mesh=None):
@@ -163,7 +166,7 @@ class StableDiffusion:
     def from_pretrained(cls, folder: str | os.PathLike, *, mesh=None) -> "StableDiffusion":
         """Loads a local diffusers Stable Diffusion folder (`save_pretrained` layout: unet/,
         text_encoder/, tokenizer/, vae/, and scheduler/scheduler_config.json, whose absence
-        means SD 1.x's settings); `mesh`: a `difflax.training.parallel.make_mesh` mesh."""
+        means SD 1.x's settings); `mesh`: a `difflax.mesh.make_mesh` mesh."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"no Stable Diffusion folder at {folder!r}: expected a "
@@ -190,7 +193,7 @@ class StableDiffusion:
                  negative_prompt_embeds=None, latents=None, steps: int = 50,
                  sampler: str = "ddim", guidance_scale: float = 7.5, seed: int = 0,
                  height: int | None = None, width: int | None = None,
-                 dtype: str = "float32") -> np.ndarray:
+                 dtype: str = "float32", plan=None, skip_scales=None) -> np.ndarray:
         """Images (B, H, W, 3) in [0, 1] for `prompts` (str or B str; or `prompt_embeds`
         (B, L, D)).
 
@@ -200,7 +203,11 @@ class StableDiffusion:
         else `initial_latents(seed, B, ...)` at height x width pixels (default: the UNet's
         sample_size times the VAE's factor). sampler: a name in difflax.samplers.SAMPLERS, on
         the grid `SDScheduler.grid` gives it. dtype: "float32" or "bfloat16" (see the module
-        docstring).
+        docstring). plan: a feature-reuse plan (`difflax.accel.FeaturePlan` for `steps` steps,
+        e.g. `encoder_propagation_plan(pipe.unet, 50)`, `deepcache_plan(pipe.unet, 50,
+        branch=1, interval=3)`) over the UNet's feature graph. skip_scales: Skip-Tuning's
+        scales on the UNet's skips (`difflax.accel.linear_skip_scales(pipe.unet.config, ...)`);
+        None: 1 everywhere.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}")
@@ -215,13 +222,14 @@ class StableDiffusion:
         latents = np.asarray(latents, np.float32)
         if latents.shape[0] != batch:
             raise ValueError(f"latents have batch size {latents.shape[0]}; the prompts {batch}")
-        key = (steps, sampler, guided, dtype)
+        key = (steps, sampler, guided, dtype, plan)
         if key not in self._compiled:
-            self._compiled[key] = self._sampling_fn(steps, sampler, guided, DTYPES[dtype])
+            self._compiled[key] = self._sampling_fn(steps, sampler, guided, DTYPES[dtype], plan)
         padded = pad_to_mesh((latents,) + contexts, self.mesh)
         x_T, *contexts = host_to_global(padded, batch_sharded(self.mesh))
         images = self._compiled[key](self.unet_vars, self.vae_vars, x_T, tuple(contexts),
-                                     np.float32(guidance_scale))
+                                     np.float32(guidance_scale),
+                                     host_to_global(skip_scales, replicated(self.mesh)))
         return np.asarray(images)[:batch]
 
     def initial_latents(self, seed: int, batch: int, height: int | None = None,
@@ -257,25 +265,36 @@ class StableDiffusion:
             negative_prompt_embeds = self.encode_prompts(negative)
         return np.asarray(negative_prompt_embeds, np.float32), cond
 
-    def _sampling_fn(self, steps, sampler, guided, dtype):
-        """jit of (unet_vars, vae_vars, x_T, contexts, scale) -> images, on the mesh."""
+    def _sampling_fn(self, steps, sampler, guided, dtype, plan):
+        """jit of (unet_vars, vae_vars, x_T, contexts, scale, skip_scales) -> images, on the
+        mesh: the sampler of `difflax.samplers.get_sample_fn` over `sd_run_fn` (guidance,
+        feature cache), then the VAE decoder."""
         grid = self.scheduler.grid(steps, sampler)
         sigma_start = float(self.schedule.sigma(grid[0]))
         cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
 
-        def run(unet_vars, vae_vars, x_T, contexts, scale):
-            unet_vars, context = cast(unet_vars), cast(jnp.stack(contexts))
+        def model(params, labels, skip_scales):
+            unet_vars, context, scale = params
+            run = sd_run_fn(self.unet, cast(unet_vars), cast(context), skip_scales=skip_scales,
+                            guidance_scale=scale if guided else None)
 
-            def model_fn(x, t):  # both branches in one call: vmap over (uncond, cond)
-                apply = lambda c: self.unet.apply(unet_vars, x.astype(dtype), t, c)
-                out = jax.vmap(apply)(context).astype(x.dtype)
-                return out[0] + scale * (out[1] - out[0]) if guided else out[0]
+            def run_in_dtype(x, t, **cached):  # the sampler's state stays float32
+                out, stored = run(None if x is None else x.astype(dtype), t, **cached)
+                return (None if out is None else out.astype(jnp.float32)), stored
 
-            # sample starts from sigma(T) * noise; diffusers from x_T itself
-            z, _ = sample(model_fn, x_T / sigma_start, schedule=self.schedule, sampler=sampler,
-                          grid=grid, prediction=self.prediction)
+            return run_in_dtype if plan is not None else lambda x, t: run_in_dtype(x, t)[0]
+
+        sample_fn, _ = get_sample_fn(model, schedule=self.schedule, sampler=sampler, grid=grid,
+                                     prediction=self.prediction, plan=plan, graph=self.unet)
+
+        def run(unet_vars, vae_vars, x_T, contexts, scale, skip_scales):
+            # contexts: (cond,) or (uncond, cond), concatenated as sd_run_fn expects them;
+            # the sampler starts from sigma(T) * noise, diffusers from x_T itself
+            params = (unet_vars, jnp.concatenate(contexts), scale)
+            z = sample_fn(params, x_T / sigma_start, None, skip_scales)
             images = self.vae.apply(cast(vae_vars), z.astype(dtype), method="decode_latents")
             return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
         repl, split = replicated(self.mesh), batch_sharded(self.mesh)
-        return jax.jit(run, in_shardings=(repl, repl, split, split, repl), out_shardings=repl)
+        return jax.jit(run, in_shardings=(repl, repl, split, split, repl, repl),
+                       out_shardings=repl)
