@@ -6,7 +6,7 @@
 SiT-S-like at digits scale: 16x16x1 images, patch 4 (16 tokens), hidden 96, depth 4; the
 linear interpolant with a velocity target (SiT's best setting, Sec. 3), Heun ODE sampling.
 GMem's snippets are the 64-d features of a digits classifier trained offline with its own
-seed (difflax.memory.digits_snippet_encoder), one per training image. Variant `:smoke` is a
+seed (difflax.gmem.digits_snippet_encoder), one per training image. Variant `:smoke` is a
 tiny run for tests and quick checks.
 """
 import ml_collections

@@ -10,7 +10,7 @@
 Nothing is downloaded: `data.latents` is an .npz of pre-computed latents (`latents`
 (N, 32, 32, 4), scaled by 0.18215, and `labels` (N,)) and `memory.features` an .npz of
 encoder features (`features` (N, 768), same order), both made on your machine
-(e.g. with GMem's `extract_features.py`). `difflax.memory.build_memory_bank` /
+(e.g. with GMem's `extract_features.py`). `difflax.gmem.build_memory_bank` /
 `save_memory_bank` turn the features into a bank.
 """
 import ml_collections

@@ -32,7 +32,7 @@ import numpy as np
 
 from difflax import schedules
 from difflax.parameterization import convert
-from difflax.samplers import reference_sample, sample, solve
+from difflax.samplers import get_sample_fn, reference_sample, solve
 from difflax.samplers.term import AbstractGridSolver
 
 INTERPOLANTS = ("linear", "gvp", "vp")
@@ -160,7 +160,8 @@ def sample_ode(sit_fn, noise, *, interpolant: str = "linear", prediction: str = 
     noise: (B, ...) standard normal; `steps` intervals of a uniform grid in t (SiT's
     num_sampling_steps = steps + 1) for "euler" / "heun" (difflax `rf_euler` / `rf_heun`; Heun
     with a full last step, 2 `steps` NFE, as SiT's torchdiffeq fixed-grid Heun),
-    or adaptive "dopri5" / "tsit5" (difflax `reference_sample`, SiT's default). Starts from
+    or adaptive "dopri5" / "tsit5" (difflax `reference_sample`, SiT's default). The grid
+    methods are built with the one sampling factory, `difflax.samplers.get_sample_fn`. Starts from
     x = sigma(t0) noise, difflax's convention. Returns (samples, nfe); nfe is a Python int
     for the grid methods and the traced number of accepted adaptive steps otherwise.
     """
@@ -175,8 +176,9 @@ def sample_ode(sit_fn, noise, *, interpolant: str = "linear", prediction: str = 
                                 atol=atol)
     grid = 1.0 - np.linspace(t0, t1, steps + 1)
     options = {"final_correction": True} if method == "heun" else {}
-    return sample(model_fn, noise, schedule=schedule, sampler=f"rf_{method}", grid=grid,
-                  prediction=kind, **options)
+    fn, nfe = get_sample_fn(lambda params, labels, skip_scales: model_fn, schedule=schedule,
+                            sampler=f"rf_{method}", grid=grid, prediction=kind, **options)
+    return fn(None, noise), nfe
 
 
 # ----------------------------------------------------------------------------

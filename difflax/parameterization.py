@@ -78,3 +78,12 @@ def convert(out, from_kind, to_kind, x, alpha, sigma, d_alpha=None, d_sigma=None
         return (x - s * out) / a
     x0, eps = to_x0_eps(out, from_kind, x, alpha, sigma, d_alpha, d_sigma)
     return from_x0_eps(x0, eps, to_kind, alpha, sigma, d_alpha, d_sigma)
+
+
+def path_coefficients(schedule, t, x):
+    """(alpha, sigma, d_alpha, d_sigma) of `schedule` at times t (B,), each reshaped to
+    (B, 1, ..., 1) against x (B, ...): the forward process x_t = alpha x_0 + sigma eps and its
+    velocity dx_t/dt = d_alpha x_0 + d_sigma eps, what a flow-matching loss regresses on."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return tuple(jnp.reshape(f(t), shape)
+                 for f in (schedule.alpha, schedule.sigma, schedule.d_alpha, schedule.d_sigma))

@@ -41,7 +41,7 @@ from difflax.images import save_grid  # noqa: E402
 from difflax.metrics import evaluate_digits  # noqa: E402
 from difflax.models import Denoiser, adm  # noqa: E402
 from difflax.samplers import make_grid  # noqa: E402
-from difflax.samplers.few_step import euler_trajectory  # noqa: E402
+from difflax.samplers.flow import euler_trajectory  # noqa: E402
 from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run  # noqa: E402
 
 FULL = dict(sampler="ddim", steps=50, num=500, batch=250, time_batch=100, big_steps=20,

@@ -31,15 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import configs, data
+from difflax.gmem import (build_memory_bank, digits_snippet_encoder, get_draw_fn, kmeans_compress,
+                          lerp, sample_entries, sample_from_bank, slerp, svd_compress, train_sit)
 from difflax.images import save_grid
-from difflax.interpolants import get_sit_fn, sample_ode
-from difflax.memory import (build_memory_bank, digits_snippet_encoder, kmeans_compress, lerp,
-                            sample_entries, slerp, svd_compress)
 from difflax.metrics import digits_frechet_metric, digits_logits, evaluate_samples, load_digits_classifier
-from difflax.models.sit import SiT, SiTConfig, init_sit
-from difflax.training import (TrainConfig, ema_decay, get_train_step_fn, init_train_state,
-                              learning_rate_schedule, make_mesh, make_optimizer, shard_batch)
-from difflax.training.interpolant_loss import get_interpolant_loss_fn
+from difflax.models.sit import SiT, SiTConfig
+from difflax.training import TrainConfig, make_mesh
 
 SNIPPET_DIM = 64
 
@@ -71,73 +68,53 @@ def make_bank(config, encoder, images):
     return bank
 
 
-def get_draw_fn(model, config):
-    """Jitted draw(params, noise, y, snippet) -> images in [-1, 1]; compiled once per shape."""
+def draw_fn(model, config):
+    """Jitted draw(params, noise, y, snippet) -> images in [-1, 1] (`difflax.gmem.get_draw_fn`)."""
     s, tr = config.sample, config.transport
-
-    @jax.jit
-    def draw(params, noise, y, snippet):
-        fn = get_sit_fn(model, {"params": params}, y=y, snippet=snippet, cfg_scale=s.cfg_scale)
-        x, _ = sample_ode(fn, noise, interpolant=tr.interpolant, prediction=tr.prediction,
-                          method=s.method, steps=s.steps)
-        return jnp.clip(x, -1, 1)
-
-    return draw
+    return get_draw_fn(model, interpolant=tr.interpolant, prediction=tr.prediction,
+                       method=s.method, steps=s.steps, cfg_scale=s.cfg_scale)
 
 
 def run_one(name, config, *, memory, train_x, train_y, bank, metric, classify, mesh):
     """Trains one model, evaluating at config.evaluate.at_steps; returns (rows, ema params)."""
-    cfg_model = sit_config(config, memory=memory)
-    model = SiT(cfg_model)
+    model = SiT(sit_config(config, memory=memory))
     t = dict(config.train)
     t["grad_clip"] = t["grad_clip"] or None
     tcfg = TrainConfig(**t)
-    tx = make_optimizer(tcfg)
     tr = config.transport
-    loss_fn = get_interpolant_loss_fn(model, interpolant=tr.interpolant, prediction=tr.prediction,
-                                      loss_weight=tr.loss_weight or None)
-    state = init_train_state(lambda: init_sit(cfg_model, jax.random.key(tcfg.seed))["params"], tx, mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    step_fn = get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, tcfg), mesh,
-                                lr_fn=learning_rate_schedule(tcfg))
     snippets = np.asarray(bank.snippets_of(jnp.arange(len(train_x)))) if memory else None
-    draw = get_draw_fn(model, config)
+    draw = draw_fn(model, config)
     ev, res = config.evaluate, config.data.resolution
 
     def sample_fn(params, key, b):
+        if memory:
+            images, idx = sample_from_bank(draw, params, bank, key, b, (res, res, 1),
+                                           by=config.memory.sampling)
+            return images, None if bank.size != len(train_y) else train_y[np.asarray(idx)]
         k_noise, k_cond = jax.random.split(key)
         noise = jax.random.normal(k_noise, (b, res, res, 1))
-        if memory:
-            idx = sample_entries(bank, k_cond, b, by=config.memory.sampling)
-            labels = None if bank.size != len(train_y) else train_y[np.asarray(idx)]
-            return draw(params, noise, None, bank.lookup(idx)), labels
         labels = jax.random.randint(k_cond, (b,), 0, 10)
         return draw(params, noise, labels, None), labels
 
-    key = jax.random.key(tcfg.seed + 1)
-    rows, train_seconds, losses = [], 0.0, []
-    for step in range(1, tcfg.steps + 1):
-        idx = np.random.default_rng((tcfg.seed, step)).integers(0, len(train_x), tcfg.batch_size)
-        batch = (train_x[idx], train_y[idx]) + ((snippets[idx],) if memory else ())
+    rows = []
+
+    def evaluate(step, state, losses, train_seconds):
         tic = time.perf_counter()
-        state, m = step_fn(state, shard_batch(batch, mesh), key)
-        losses.append(m["loss"])
-        if step in ev.at_steps or step == tcfg.steps:
-            losses = [float(v) for v in losses]
-            train_seconds += time.perf_counter() - tic
-            tic = time.perf_counter()
-            out = evaluate_samples(functools.partial(sample_fn, state.ema_params),
-                                   key=jax.random.key(config.sample.seed), num_samples=ev.num,
-                                   batch_size=ev.batch_size, frechet_metrics=[metric],
-                                   classify_fn=classify, progress=False)
-            rows.append(dict(model=name, step=step, fd_digits=round(out["fd_digits"], 3),
-                             class_accuracy=round(out.get("class_accuracy", float("nan")), 3),
-                             loss=round(float(np.mean(losses[-50:])), 4),
-                             train_seconds=round(train_seconds, 1),
-                             eval_seconds=round(time.perf_counter() - tic, 1), params=n_params))
-            print(json.dumps(rows[-1]), flush=True)
-        else:
-            train_seconds += time.perf_counter() - tic
+        out = evaluate_samples(functools.partial(sample_fn, state.ema_params),
+                               key=jax.random.key(config.sample.seed), num_samples=ev.num,
+                               batch_size=ev.batch_size, frechet_metrics=[metric],
+                               classify_fn=classify, progress=False)
+        rows.append(dict(model=name, step=step, fd_digits=round(out["fd_digits"], 3),
+                         class_accuracy=round(out.get("class_accuracy", float("nan")), 3),
+                         loss=round(float(np.mean(losses[-50:])), 4),
+                         train_seconds=round(train_seconds, 1),
+                         eval_seconds=round(time.perf_counter() - tic, 1),
+                         params=sum(x.size for x in jax.tree.leaves(state.params))))
+        print(json.dumps(rows[-1]), flush=True)
+
+    state = train_sit(model, tcfg, mesh, images=train_x, labels=train_y, snippets=snippets,
+                      interpolant=tr.interpolant, prediction=tr.prediction,
+                      loss_weight=tr.loss_weight or None, eval_at=ev.at_steps, on_eval=evaluate)
     return rows, model, state.ema_params
 
 
@@ -147,7 +124,7 @@ def write_grids(out_dir, config, model, params, bank, encoder, train_x, new_x):
     Rows of 10: the source image (bank / new) then 9 samples with different noise; for the
     interpolations, 10 weights from snippet a to snippet b with one noise per row.
     """
-    draw = get_draw_fn(model, config)
+    draw = draw_fn(model, config)
     res = config.data.resolution
     key = jax.random.key(config.sample.seed + 7)
     noise = jax.random.normal(key, (90, res, res, 1))

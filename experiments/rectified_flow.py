@@ -8,7 +8,7 @@ beat uniform time + L2 (rfpp Table 1, Sec. 3)?
    the same steps on the same pairs: uniform time + squared L2 (the 2-RF baseline of Liu et
    al.), U-shaped time + pseudo-Huber, U-shaped time + LPIPS-Huber (rfpp's recipe).
 3. fd_digits / class accuracy at 1 and 2 NFE (RF Euler; rfpp's re-noising sampler is the
-   same update at 1 and 2 steps, see difflax/samplers/few_step.py), straightness (8 Euler
+   same update at 1 and 2 steps, see difflax/samplers/flow.py), straightness (8 Euler
    steps), for these and for the teacher itself: at its usual NFE, and re-expressed on the
    rectified-flow path at 1 and 2 NFE (= each 2-RF before training).
 
@@ -37,14 +37,12 @@ from difflax import configs  # noqa: E402
 from difflax.images import save_grid  # noqa: E402
 from difflax.metrics import evaluate_digits  # noqa: E402
 from difflax.metrics.lpips import get_lpips_fn, load_lpips, random_lpips_params  # noqa: E402
-from difflax.samplers.few_step import rf_grid, rf_schedule, straightness  # noqa: E402
-from difflax.training import make_mesh, train  # noqa: E402
-from difflax.training.rectified_flow import (TimeDistribution,  # noqa: E402
-                                             get_rectified_flow_loss_fn)
+from difflax.rfpp import (TimeDistribution, generate_pairs,  # noqa: E402
+                          get_rectified_flow_loss_fn, get_rectified_flow_sample_fn,
+                          get_teacher_sample_fn, load_pairs, pair_batches, rf_grid, rf_schedule,
+                          straightness)
 from difflax.samplers import denoiser_model  # noqa: E402
-from difflax.training.reflow import (generate_pairs,  # noqa: E402
-                                     get_rectified_flow_sample_fn, get_teacher_sample_fn,
-                                     load_pairs, pair_batches)
+from difflax.training import make_mesh, train  # noqa: E402
 from difflax.configs import parse_sampler  # noqa: E402
 from difflax.workdir import load_run  # noqa: E402
 

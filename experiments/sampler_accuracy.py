@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from difflax import schedules as S
 from difflax.data import gmm
-from difflax.samplers import reference_sample, sample
+from difflax.samplers import get_sample_fn, reference_sample
 
 NFES = (3, 4, 5, 6, 8, 10, 15, 20, 50)
 # name, sampler, options, steps for a given NFE (None: this NFE is not reachable)
@@ -93,8 +93,9 @@ def run(out_dir, n=1000, dim=64, nfes=NFES, schedule_keys=tuple(SCHEDULES)):
         grid = S.time_grid(sched, steps, kind)
         if "order" in opts:  # lower the order where the grid is too short for it
             opts = dict(opts, order=min(opts["order"], steps if smp == "ipndm" else steps - 1))
-        x, used = sample(model, noise, schedule=sched, sampler=smp, grid=grid,
-                         prediction="x0", **opts)
+        fn, used = get_sample_fn(lambda params, labels, skip_scales: model, schedule=sched,
+                                 sampler=smp, grid=grid, prediction="x0", **opts)
+        x = fn(None, noise)
         err, flips = robust_error(mix, x, ref)
         sw = sliced_w1(x, truth, jax.random.key(2))
         rows.append((sname, name, used, err, sw, flips))

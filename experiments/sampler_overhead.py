@@ -3,9 +3,9 @@
 For a small random-weight DDPM++ UNet behind EDM preconditioning (x0-prediction, time = sigma)
 on the EDM schedule, measures
   - T_net: median wall time of one jitted D(x; sigma) on the batch (after warm-up);
-  - per sampler: compile time of `jax.jit(fn).lower(...).compile()` for a whole
-    `difflax.sample` run, its median wall time, and overhead = wall / (NFE x T_net)
-    (goal <= 1.05);
+  - per sampler: compile time of `jax.jit(fn).lower(...).compile()` for a whole sampling
+    run (the pure function of `difflax.samplers.get_sample_fn`), its median wall time, and
+    overhead = wall / (NFE x T_net) (goal <= 1.05);
   - for Euler (= DDIM here) and EDM Heun, the same sampler as a plain Python loop calling the
     jitted network each step, its wall time, overhead, and the ratio difflax / loop.
 Writes OUT/table.md (also printed), OUT/sampler_overhead.json (raw numbers) and
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from difflax import schedules as S
 from difflax.models import Denoiser, ddpmpp
-from difflax.samplers import make_grid, sample  # = difflax.sample
+from difflax.samplers import get_sample_fn, make_grid
 
 # label -> (sampler name, options); orders are lowered when the grid is too short for them
 SAMPLERS = {
@@ -104,10 +104,10 @@ def run(out_dir, batch, steps, labels, reps):
         nfe = {}
 
         def fn(params, noise, key, name=name, opts=opts, nfe=nfe):
-            x, nfe["n"] = sample(lambda x, t: den.apply(params, x, t), noise,
-                                 schedule=sched, sampler=name, steps=steps,
-                                 prediction="x0", key=key, **opts)
-            return x
+            sample_fn, nfe["n"] = get_sample_fn(
+                lambda p, labels, skip_scales: lambda x, t: den.apply(p, x, t), schedule=sched,
+                sampler=name, steps=steps, prediction="x0", key=key, **opts)
+            return sample_fn(params, noise)
 
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(params, noise, key).compile()

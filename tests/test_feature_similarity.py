@@ -8,7 +8,7 @@ from difflax import schedules
 from difflax.accel import adjacent_step_similarity, denoiser_run_fn
 from difflax.models import Denoiser, ddpmpp, feature_nodes
 from difflax.samplers import make_grid
-from difflax.samplers.few_step import euler_trajectory
+from difflax.samplers.flow import euler_trajectory
 
 NET = ddpmpp(img_resolution=8, in_channels=1, out_channels=1, label_dim=0, model_channels=8,
              channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.memory import (MemoryBank, build_memory_bank, kmeans_compress, lerp, load_memory_bank,
-                            sample_entries, sample_snippets, save_memory_bank, shard_memory_bank,
-                            slerp, svd_compress, interpolate_snippets)
+from difflax.gmem import (MemoryBank, build_memory_bank, interpolate_snippets, kmeans_compress,
+                          lerp, load_memory_bank, sample_entries, sample_snippets,
+                          save_memory_bank, shard_memory_bank, slerp, svd_compress)
 from difflax.training import make_mesh
 
 RNG = np.random.default_rng(0)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
-                                             huber_constant, interpolate, pseudo_huber,
-                                             rectified_flow_loss, rms_l2, squared_l2,
-                                             velocity_from_denoiser)
+from difflax.rfpp import (TimeDistribution, get_rectified_flow_loss_fn, huber_constant,
+                          linear_path, pseudo_huber, rectified_flow_loss, rms_l2, squared_l2,
+                          velocity_from_denoiser)
 
 DISTS = [TimeDistribution("uniform"), TimeDistribution("u_shaped", a=4.0),
          TimeDistribution("u_shaped", a=1.5), TimeDistribution("logit_normal", mean=-0.5, std=1.2)]
@@ -77,7 +76,9 @@ def test_rectified_flow_loss_hand_computed():
     x = jnp.array([[1.0, -1.0], [0.5, 0.0]])
     z = jnp.array([[0.0, 2.0], [-1.0, 1.0]])
     t = jnp.array([0.25, 0.5])
-    np.testing.assert_allclose(interpolate(x, z, t), [[0.75, -0.25], [-0.25, 0.5]])
+    x_t, target = linear_path(x, z, t)
+    np.testing.assert_allclose(x_t, [[0.75, -0.25], [-0.25, 0.5]])
+    np.testing.assert_array_equal(target, z - x)
     # a velocity model v(x_t, t) = 2 x_t: errors against z - x = [[-1, 3], [-1.5, 1]]
     v = lambda x_t, t, c: 2 * x_t
     err = np.array([[1.5 + 1, -0.5 - 3], [-0.5 + 1.5, 1.0 - 1]])
@@ -94,7 +95,7 @@ def test_rectified_flow_loss_hand_computed():
                                rtol=1e-6)
     # LPIPS-Huber: (1 - t) Huber(v, z - x) + LPIPS(x_t - t v, x), with a stand-in "LPIPS"
     fake_lpips = lambda a, b: jnp.sum(jnp.abs(a - b), axis=1)
-    x_t = np.asarray(interpolate(x, z, t))
+    x_t = np.asarray(x_t)
     x_hat = x_t - np.asarray(t)[:, None] * 2 * x_t
     perc = np.sum(np.abs(x_hat - np.asarray(x)), 1)
     hub = (np.sqrt(np.sum(err**2, 1) + c**2) - c) / 2
@@ -126,7 +127,7 @@ def test_denoiser_velocity_is_the_exact_rectified_flow_velocity():
     x = gm.sample(key, 64)
     z = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
     t = jax.random.uniform(jax.random.fold_in(key, 2), (64,), minval=0.05, maxval=0.95)
-    x_t = interpolate(x, z, t)
+    x_t = linear_path(x, z, t)[0]
     # E[x | x_t] on the RF path directly (alpha = 1 - t, sigma = t): no EDM variables at all
     x0 = jax.vmap(gm.posterior_mean)(x_t, 1 - t, t)
     np.testing.assert_allclose(v(x_t, t, None), (x_t - x0) / t[:, None], rtol=2e-4, atol=2e-4)

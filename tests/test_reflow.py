@@ -21,14 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import data, reference_sample, schedules
+from difflax.rfpp import (TimeDistribution, generate_pairs, get_rectified_flow_loss_fn,
+                          get_rectified_flow_sample_fn, load_pairs, pair_batches, rf_grid,
+                          rf_schedule, straightness, velocity_from_denoiser)
 from difflax.samplers import denoiser_model, get_sample_fn, solve
-from difflax.samplers.few_step import rf_grid, rf_renoise, rf_schedule, straightness
-from difflax.samplers.flow import rf_euler
+from difflax.samplers.flow import rf_euler, rf_renoise
 from difflax.training import TrainConfig, make_mesh, train
-from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
-                                             velocity_from_denoiser)
-from difflax.training.reflow import (generate_pairs, get_rectified_flow_sample_fn,
-                                     load_pairs, pair_batches)
 
 GM = data.gmm(dim=4, num_components=3, seed=1, spread=2.0)
 NUM_PAIRS, CHUNK = 40, 8

@@ -11,7 +11,7 @@ and compared with the previous step, per sample:
     cosine_i = <f_{i+1}, f_i> / (|f_{i+1}| |f_i|),   change_i = |f_{i+1} - f_i| / |f_i|
 
 with f the node's output flattened per sample (all its tensors, e.g. NCSN++'s aux path), averaged over the batch. A trajectory from a
-single-step sampler comes from `difflax.samplers.few_step.euler_trajectory` (Euler on the
+single-step sampler comes from `difflax.samplers.flow.euler_trajectory` (Euler on the
 EDM schedule, prediction "x0", is DDIM).
 """
 from __future__ import annotations

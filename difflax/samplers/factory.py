@@ -1,7 +1,7 @@
 """The one sampling factory: a model, a schedule, a sampler and a grid in, a sampler function out.
 
 Every caller builds its sampler here: `difflax.workdir.get_sample_fn` (the CLI), Reflow's
-teacher and student (`difflax.training.reflow`), Skip-Tuning sweeps
+teacher and student (`difflax.rfpp.reflow`), Skip-Tuning sweeps
 (`difflax.accel.skip_tuning.get_sweep_fn`), the experiments and the notebooks. The factory
 parses the sampler's name ("deis_tab3"), builds its grid and diffrax solver once on the host
 (counting NFE), and returns either the pure function (to `jit` or `vmap`: a sweep over skip
@@ -36,7 +36,7 @@ def denoiser_model(denoiser, *, rectified_flow: bool = False,
     """The builder of a Flax EDM denoiser D(x; sigma, labels, skip_scales) with parameters
     `params`: an x0-prediction in EDM time (t = sigma), or with `rectified_flow` in
     rectified-flow time t, x0 = D(x_t / (1 - t); t / (1 - t)) (the field of
-    `difflax.training.velocity_from_denoiser`, expressed as a data prediction).
+    `difflax.rfpp.velocity_from_denoiser`, expressed as a data prediction).
 
     Labels reach the network only if it is class-conditional (`denoiser.net.label_dim`).
     `time_skip_scales(skip_scales, t)`: the scales a model call at times t (B,) uses

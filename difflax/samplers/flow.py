@@ -1,9 +1,18 @@
 """Rectified-flow samplers: Euler and Heun on the velocity dx/dt in the schedule's own time
 (Liu et al. 2023; Heun as used by Lee et al. 2024, "Improving the Training of Rectified
-Flows"). For the rectified-flow schedule Euler coincides with DDIM. Heun skips its correction
-on a final step to sigma = 0 (2N - 1 NFE there), as EDM does and rfpp's `generate.py`; with
-`final_correction=True` every step is a full Heun step (2N NFE), as torchdiffeq's fixed-grid
-Heun that SiT's ODE sampler uses.
+Flows" (rfpp)), and rfpp's re-noising sampler. For the rectified-flow schedule Euler coincides
+with DDIM. Heun skips its correction on a final step to sigma = 0 (2N - 1 NFE there), as EDM
+does and rfpp's `generate.py`; with `final_correction=True` every step is a full Heun step
+(2N NFE), as torchdiffeq's fixed-grid Heun that SiT's ODE sampler uses.
+
+`rf_renoise` is rfpp's "new" sampler (`generate.py --sampler new`): from the data prediction
+x_hat = x_t - t v at t_i, the next state re-noises x_hat with the *initial* noise z1,
+
+    x_{i+1} = (1 - t_{i+1}) x_hat + t_{i+1} z1,
+
+instead of Euler's x_{i+1} = (1 - t_{i+1}) x_hat + t_{i+1} z_hat (z_hat = x_hat + v, the
+model's own noise estimate). One step of either is the same; from two steps on they differ.
+rfpp's grids and its straightness measure are in `difflax.rfpp`.
 """
 from __future__ import annotations
 
@@ -11,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.samplers.term import AbstractGridSolver
+from difflax import schedules
+from difflax.samplers.term import AbstractGridSolver, solve
 
 
 class FlowEuler(AbstractGridSolver):
@@ -50,3 +60,31 @@ def rf_heun(schedule, grid, *, final_correction: bool = False):
     to_zero = to_zero & (not final_correction)
     solver = FlowHeun(times=jnp.asarray(grid), to_zero=jnp.asarray(to_zero))
     return solver, 2 * (len(grid) - 1) - int(to_zero.sum())
+
+
+class FlowRenoise(AbstractGridSolver):
+    """x_{i+1} = (1 - t_{i+1}) x_hat(x_i, t_i) + t_{i+1} z1, z1 = x at the first time; (N+1,)."""
+
+    times: jax.Array
+
+    def _init_state(self, y0):
+        return y0
+
+    def _step(self, term, i, x, z1):
+        x_hat = term.predict(self.times[i], x, "x0")
+        t_next = self.times[i + 1]
+        return ((1 - t_next) * x_hat + t_next * z1).astype(x.dtype), z1
+
+
+def rf_renoise(schedule, grid):
+    """(solver, nfe) of the re-noising sampler; the schedule must be a rectified flow."""
+    if not isinstance(schedule, schedules.RectifiedFlow):
+        raise ValueError("rf_renoise runs on the rectified-flow schedule (x_t = (1 - t) x + t z)")
+    return FlowRenoise(times=jnp.asarray(grid)), len(grid) - 1
+
+
+def euler_trajectory(model_fn, noise, *, schedule, grid, prediction="velocity") -> jax.Array:
+    """States of the Euler (rf_euler) solution at every grid time: (N + 1, B, ...)."""
+    ts = jnp.asarray(np.asarray(grid, np.float64), jnp.asarray(noise).dtype)
+    return solve(model_fn, noise, schedule=schedule, solver=FlowEuler(times=ts), grid=grid,
+                 prediction=prediction, trajectory=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from difflax import schedules as sch
 from difflax.parameterization import PREDICTIONS
-from difflax.samplers import deis, dpm, edm, few_step, flow, sde, unipc
+from difflax.samplers import deis, dpm, edm, flow, sde, unipc
 from difflax.samplers.term import DiffusionTerm, solve
 
 # name -> factory(schedule, grid, **options) -> (solver, nfe). A literal dict, no registry.
@@ -35,7 +35,7 @@ SAMPLERS = {
     "edm_heun": edm.edm_heun,
     "rf_euler": flow.rf_euler,
     "rf_heun": flow.rf_heun,
-    "rf_renoise": few_step.rf_renoise,
+    "rf_renoise": flow.rf_renoise,
     "euler_maruyama": sde.euler_maruyama,
 }
 

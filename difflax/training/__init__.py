@@ -1,15 +1,12 @@
-"""Training: EDM loss, train state, data-parallel step, checkpoints and the loop; rectified
-flows and Reflow (rfpp); distillation (A-SDM)."""
+"""Training: EDM loss, train state, data-parallel step, checkpoints and the loop; SiT's
+interpolant loss; distillation (A-SDM). Rectified flows and Reflow are in `difflax.rfpp`."""
 from difflax.training.checkpoint import (CheckpointMismatchError, make_checkpoint_manager,
                                          restore_checkpoint, save_checkpoint)
 from difflax.training.distill import (DistillConfig, PruningStage, get_distill_loss_fn,
                                       init_student_params, progressive_distill)
 from difflax.training.loop import get_init_params_fn, train
-from difflax.training.losses import checked_labels, edm_loss, get_edm_loss_fn, model_signature
-from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
-                                             rectified_flow_loss, velocity_from_denoiser)
-from difflax.training.reflow import (generate_pairs, get_rectified_flow_sample_fn,
-                                     get_teacher_sample_fn, load_pairs, pair_batches)
+from difflax.models.precond import checked_labels, model_signature
+from difflax.training.losses import edm_loss, get_edm_loss_fn
 from difflax.mesh import batch_sharded, make_mesh, replicated, shard_batch
 from difflax.training.parallel import abstract_train_state, get_train_step_fn, init_train_state
 from difflax.training.state import (TrainConfig, TrainState, create_train_state, ema_decay,
@@ -23,7 +20,4 @@ __all__ = [
     "get_edm_loss_fn", "get_init_params_fn", "get_train_step_fn", "init_train_state",
     "make_checkpoint_manager", "make_mesh", "make_optimizer", "model_signature", "learning_rate_schedule",
     "replicated", "restore_checkpoint", "save_checkpoint", "shard_batch", "train",
-    "TimeDistribution", "generate_pairs", "get_rectified_flow_loss_fn",
-    "get_rectified_flow_sample_fn", "get_teacher_sample_fn", "load_pairs", "pair_batches",
-    "rectified_flow_loss", "velocity_from_denoiser",
 ]

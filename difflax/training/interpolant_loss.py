@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from difflax.interpolants import (SIT_PREDICTIONS, check_choice, default_eps, interpolant_schedule,
                                   time_interval)
 from difflax.models.sit import repa_loss
+from difflax.parameterization import path_coefficients
 
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
 
@@ -40,9 +41,7 @@ def interpolant_loss(sit_fn, x: jax.Array, *, key: jax.Array, interpolant: str =
     t = jax.random.uniform(k_t, (b,), x.dtype, t0, t1)
     noise = jax.random.normal(k_noise, x.shape, x.dtype)
     s = 1.0 - t
-    expand = lambda a: a.reshape((b,) + (1,) * (x.ndim - 1))
-    alpha, sigma = expand(schedule.alpha(s)), expand(schedule.sigma(s))
-    d_alpha, d_sigma = expand(schedule.d_alpha(s)), expand(schedule.d_sigma(s))
+    alpha, sigma, d_alpha, d_sigma = path_coefficients(schedule, s, x)
     out = sit_fn(alpha * x + sigma * noise, t)
     out, aux = out if has_aux else (out, None)
     check_choice("prediction", prediction, tuple(SIT_PREDICTIONS))

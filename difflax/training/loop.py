@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from difflax.images import save_grid
 from difflax.mesh import host_to_global, make_mesh, replicated, shard_batch
+from difflax.models.precond import model_signature
 from difflax.training import checkpoint as ckpt
 from difflax.training import parallel
-from difflax.training.losses import get_edm_loss_fn, model_signature
+from difflax.training.losses import get_edm_loss_fn
 from difflax.training.state import (TrainConfig, TrainState, ema_decay,
                                     learning_rate_schedule, make_optimizer)
 

@@ -11,35 +11,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from difflax.models.precond import checked_labels
+
 # D(x_noisy (B, ...), sigma (B,), class_labels (B, L) or None) -> (B, ...)
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
-
-
-def model_signature(model) -> tuple[tuple[int, ...], int]:
-    """(input_shape, label_dim) that `model` declares: one example's shape and its number of
-    classes (0: unconditional). `difflax.models.Denoiser` reads them from its UNet config; any
-    other Flax denoiser used for training declares both as attributes."""
-    if not (hasattr(model, "input_shape") and hasattr(model, "label_dim")):
-        raise ValueError(f"{type(model).__name__} declares no input_shape and label_dim; "
-                         "training reads both from the model (difflax.models.Denoiser has them)")
-    return tuple(model.input_shape), int(model.label_dim)
-
-
-def checked_labels(model, x: jax.Array, labels: jax.Array | None) -> jax.Array | None:
-    """One-hot class labels (B, label_dim) for a conditional model, None for an unconditional
-    one, after checking the batch against the model: images x (B, *input_shape) and integer
-    labels (B,) exactly when the model is conditional. Raises ValueError on a mismatch."""
-    shape, label_dim = model_signature(model)
-    if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"the data's examples have shape {tuple(x.shape[1:])} but the model "
-                         f"takes {shape}")
-    if label_dim and labels is None:
-        raise ValueError(f"the model is conditional on {label_dim} classes but the batch has "
-                         "no labels; pass (images, labels)")
-    if not label_dim and labels is not None:
-        raise ValueError("the model is unconditional (label_dim 0) but the batch has labels; "
-                         "pass (images, None), or build a conditional model")
-    return jax.nn.one_hot(labels, label_dim, dtype=x.dtype) if label_dim else None
 
 
 def edm_loss(denoise_fn: DenoiseFn, x: jax.Array, *, key: jax.Array,

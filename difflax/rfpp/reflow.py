@@ -33,7 +33,7 @@ from difflax.chunks import chunk_path, open_chunks, read_chunks, write_chunk
 from difflax.data import index_batches
 from difflax.mesh import make_mesh
 from difflax.samplers import denoiser_model, get_sample_fn
-from difflax.samplers.few_step import rf_grid, rf_schedule
+from difflax.rfpp.few_step import rf_grid, rf_schedule
 
 # sample_fn(params, noise (B, ...), labels (B,)) -> samples (B, ...)
 PairSampleFn = Callable[[object, jax.Array, jax.Array], jax.Array]

@@ -1,4 +1,5 @@
-"""GMem's explicit memory bank: L2-normalised snippets of an encoder over the training set.
+"""GMem's explicit memory bank: L2-normalised snippets of an encoder over the training set,
+its compression, sampling and interpolation.
 
 Tang et al. 2024, "Generative Modeling with Explicit Memory" (GMem, code LINs-lab/GMem
 `datasets/construct_memory_bank.py`, `utils/svd_utils.py`), Sec. 3: every training image x_i

@@ -1,19 +1,15 @@
-"""One- and two-step rectified-flow sampling (Lee, Lin & Fanti 2024, rfpp) and straightness.
+"""rfpp's few-step sampling: its schedule and time grids, and straightness.
 
-- `rf_renoise`: rfpp's "new" sampler (`generate.py --sampler new`): from the data prediction
-  x_hat = x_t - t v at t_i, the next state re-noises x_hat with the *initial* noise z1,
-
-      x_{i+1} = (1 - t_{i+1}) x_hat + t_{i+1} z1,
-
-  instead of Euler's x_{i+1} = (1 - t_{i+1}) x_hat + t_{i+1} z_hat (z_hat = x_hat + v, the
-  model's own noise estimate). One step of either is the same; from two steps on they differ.
-  A diffrax grid solver like difflax's others, in `difflax.SAMPLERS` as "rf_renoise".
+- `rf_schedule()`: the rectified-flow schedule x_t = (1 - t) x + t z on [0, 1 - 1e-5]: rfpp
+  starts sampling at t = 1 - 1e-5, where x_t = t z and the EDM re-expression of the velocity
+  (`velocity_from_denoiser`) sees sigma = t / (1 - t) = 1e5.
+- `rf_grid(steps)`: rfpp's uniform grid from 1 - 1e-5 down to 0; `rf_grid(t_steps=...)`
+  rfpp's custom grid (`generate.py --t_steps 1,0.75,0.5,0.25`). Samplers on them: `rf_euler`,
+  `rf_heun` and rfpp's re-noising `rf_renoise` (`difflax.samplers.flow`), by name through
+  `difflax.samplers.get_sample_fn` (`difflax.rfpp.get_rectified_flow_sample_fn`).
 - `straightness` (Liu et al. 2023, Def. 2.4; rfpp `utils.straightness`): along the Euler
   trajectory of the flow on a grid, S = sum_i dt_i ||v_i - (x_T - x_0) / T||^2 / T per example
   (mean over elements), v_i = (x_i - x_{i+1}) / dt_i; 0 for a straight flow.
-- `rf_grid(steps)`: rfpp's uniform grid, starting at t = 1 - 1e-5 (where x_t = t z, and the
-  EDM re-expression sees sigma = t / (1 - t) = 1e5), ending at 0; `rf_grid(t_steps=...)`
-  rfpp's custom grid (`generate.py --t_steps 1,0.75,0.5,0.25`).
 """
 from __future__ import annotations
 
@@ -22,34 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import schedules
-from difflax.samplers.flow import FlowEuler
-from difflax.samplers.term import AbstractGridSolver, solve
+from difflax.samplers.flow import euler_trajectory
 
 T_MAX = 1.0 - 1e-5
 
 
-class FlowRenoise(AbstractGridSolver):
-    """x_{i+1} = (1 - t_{i+1}) x_hat(x_i, t_i) + t_{i+1} z1, z1 = x at the first time; (N+1,)."""
-
-    times: jax.Array
-
-    def _init_state(self, y0):
-        return y0
-
-    def _step(self, term, i, x, z1):
-        x_hat = term.predict(self.times[i], x, "x0")
-        t_next = self.times[i + 1]
-        return ((1 - t_next) * x_hat + t_next * z1).astype(x.dtype), z1
-
-
-def rf_renoise(schedule, grid):
-    """(solver, nfe) of the re-noising sampler; the schedule must be a rectified flow."""
-    if not isinstance(schedule, schedules.RectifiedFlow):
-        raise ValueError("rf_renoise runs on the rectified-flow schedule (x_t = (1 - t) x + t z)")
-    return FlowRenoise(times=jnp.asarray(grid)), len(grid) - 1
-
-
 def rf_schedule(t_max: float = T_MAX) -> schedules.RectifiedFlow:
+    """The rectified-flow schedule on [0, t_max] (noise at t = 1)."""
     return schedules.rectified_flow(t_min=0.0, t_max=t_max)
 
 
@@ -65,13 +40,6 @@ def rf_grid(steps: int | None = None, t_max: float = T_MAX, *, t_steps=None) -> 
     if t.ndim != 1 or len(t) < 1 or np.any(t <= 0) or np.any(t > 1) or np.any(np.diff(t) >= 0):
         raise ValueError(f"t_steps must be decreasing times in (0, 1], got {t_steps}")
     return np.concatenate([[t_max], t[1:], [0.0]])
-
-
-def euler_trajectory(model_fn, noise, *, schedule, grid, prediction="velocity") -> jax.Array:
-    """States of the Euler (rf_euler) solution at every grid time: (N + 1, B, ...)."""
-    ts = jnp.asarray(np.asarray(grid, np.float64), jnp.asarray(noise).dtype)
-    return solve(model_fn, noise, schedule=schedule, solver=FlowEuler(times=ts), grid=grid,
-                 prediction=prediction, trajectory=True)
 
 
 def straightness(model_fn, noise, *, schedule, grid, prediction="velocity") -> jax.Array:
