@@ -179,6 +179,7 @@ RULES = {
     "train.keep_checkpoints": _integer(1),
     "train.sample_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
     "train.seed": _integer(0),
+    "train.tensorboard": _BOOL,
     "sample.steps": _integer(1),
     "sample.num": _integer(1),
     "sample.sigma_min": _number(0),

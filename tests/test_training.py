@@ -218,3 +218,40 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     assert_trees_close(resumed.opt_state, reference.opt_state, rtol=1e-5, atol=1e-7)
     logged = [json.loads(l)["step"] for l in open(workdir / "metrics.jsonl")]
     assert logged == list(range(5, steps + 1, 5))  # lines after the checkpoint were dropped
+
+    # TensorBoard: the same losses as metrics.jsonl, the grids; on resume the killed run's
+    # events after its last checkpoint are purged, as TensorBoard reads the files
+    for run in ("ref", "killed"):
+        scalars, images = tensorboard_events(tmp_path / run / "tensorboard")
+        jsonl = {l["step"]: l["loss"] for l in map(json.loads, open(tmp_path / run / "metrics.jsonl"))}
+        assert sorted(scalars["train/loss"]) == sorted(jsonl)
+        np.testing.assert_allclose([scalars["train/loss"][k] for k in sorted(jsonl)],
+                                   [jsonl[k] for k in sorted(jsonl)], rtol=1e-6)
+        assert sorted(images["samples"]) == [20, 40]
+    assert len(os.listdir(workdir / "tensorboard")) == 2  # the killed run's file and the resumed
+
+
+def tensorboard_events(directory):
+    """({tag: {step: value}}, {tag: {step: image bytes}}) of the event files in `directory`,
+    read in order; a SessionLog START at step s drops the earlier files' events at steps >= s
+    (TensorBoard's purge of a restarted run)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars, images = {}, {}
+    for name in sorted(os.listdir(directory)):
+        data = open(os.path.join(directory, name), "rb").read()
+        pos = 0
+        while pos < len(data):  # TFRecords: length (8), its crc (4), data, its crc (4)
+            n = int.from_bytes(data[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                for table in (*scalars.values(), *images.values()):
+                    for step in [k for k in table if k >= event.step]:
+                        del table[step]
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    images.setdefault(v.tag, {})[event.step] = v.image.encoded_image_string
+                else:
+                    scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    return scalars, images

@@ -44,7 +44,8 @@ class TinyDenoiser(nn.Module):
 
 def config(steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=BATCH, lr=1e-2, warmup_steps=5, log_every=5,
-                       ckpt_every=10, keep_checkpoints=2, sample_every=20, seed=0)
+                       ckpt_every=10, keep_checkpoints=2, sample_every=20, seed=0,
+                       tensorboard=True)
 
 
 def slow(batches, delay):

@@ -5,10 +5,13 @@
       metrics.jsonl         one JSON line per logging step: step, loss, grad_norm, lr,
                             steps_per_sec (averaged over the steps since the last line)
       samples/<step>.png    grids from the optional `sample_fn` callback
+      tensorboard/          with `TrainConfig.tensorboard`: TensorBoard event files of the
+                            same scalars (as "train/<name>") and grids ("samples")
 
 Starting `train` on a workdir that holds checkpoints continues from the newest one; since
 batch i and the step's key depend only on (seed, i), the resumed run ends with the same
-parameters as an uninterrupted one.
+parameters as an uninterrupted one. Lines and events logged after that checkpoint by a killed
+run are dropped (metrics.jsonl is trimmed; TensorBoard is told to purge them).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from difflax.images import save_grid
+from difflax.images import make_grid, save_grid
 from difflax.mesh import host_to_global, make_mesh, replicated, shard_batch
 from difflax.models.precond import model_signature
 from difflax.training import checkpoint as ckpt
@@ -67,6 +70,47 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class EventLog:
+    """TensorBoard event files in workdir/tensorboard, written synchronously (tensorboardX's
+    `EventsWriter`, no background thread), so what is logged before a checkpoint is on disk
+    with it. A run resumed at step `start` opens a new file that starts with a SessionLog
+    START at start + 1: TensorBoard then drops the earlier files' events of later steps (those
+    of a killed run after its last checkpoint)."""
+
+    def __init__(self, workdir: str, start: int):
+        try:
+            from tensorboardX import summary
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+        except ImportError as e:
+            raise ImportError("train.tensorboard = True needs tensorboardX: pip install "
+                              "'difflax[tensorboard]' (or set train.tensorboard = False)") from e
+        os.makedirs(os.path.join(workdir, "tensorboard"), exist_ok=True)
+        self._summary, self._event = summary, Event
+        self._writer = EventsWriter(os.path.join(workdir, "tensorboard", "events"))
+        self._writer.write_event(Event(step=start + 1, wall_time=time.time(),
+                                       session_log=SessionLog(status=SessionLog.START)))
+
+    def scalars(self, record: dict, step: int) -> None:
+        """Each value of `record` but "step" as the scalar "train/<name>"."""
+        for name, value in record.items():
+            if name != "step":
+                self._write(self._summary.scalar(f"train/{name}", value), step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A uint8 image (H, W, C), C in {1, 3}."""
+        self._write(self._summary.image(tag, image, dataformats="HWC"), step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def _write(self, summary, step: int) -> None:
+        self._writer.write_event(self._event(summary=summary, step=step, wall_time=time.time()))
+
+
 def _summarise(history: list[dict], seconds: float, step: int) -> dict:
     means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
     return {"step": step, **means, "steps_per_sec": len(history) / max(seconds, 1e-9)}
@@ -106,6 +150,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if primary:
         _trim_metrics(metrics_path, start)
+    events = EventLog(workdir, start) if cfg.tensorboard and primary else None
     loss_fn = loss_fn or get_edm_loss_fn(model)
     step_fn = parallel.get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, cfg), mesh,
                                          lr_fn=learning_rate_schedule(cfg))
@@ -124,13 +169,19 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
                                 steps_s=f"{record['steps_per_sec']:.1f}")
                 if primary:
                     _log(metrics_path, record)
-            if _due(cfg.ckpt_every, step) or step == cfg.steps:
-                ckpt.save_checkpoint(manager, state)
+                if events is not None:
+                    events.scalars(record, step)
             if sample_fn is not None and _due(cfg.sample_every, step):
                 images = np.asarray(jax.device_get(sample_fn(state.ema_params, step)))
                 if primary:
                     save_grid(os.path.join(workdir, "samples", f"{step:07d}.png"), images,
                               sample_nrow)
+                if events is not None:
+                    events.image("samples", make_grid(images, sample_nrow), step)
+            if _due(cfg.ckpt_every, step) or step == cfg.steps:
+                if events is not None:  # the events up to a checkpoint are on disk before it
+                    events.flush()
+                ckpt.save_checkpoint(manager, state)
             bar.update(1)
     finally:
         bar.close()
@@ -138,4 +189,6 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
             batches.close()
         manager.wait_until_finished()
         manager.close()
+        if events is not None:
+            events.close()
     return state

@@ -40,6 +40,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 0
     seed: int = 0
+    tensorboard: bool = False  # also write TensorBoard events (needs tensorboardX)
 
 
 @flax.struct.dataclass
