@@ -4,8 +4,9 @@
 as data: schedules over depth, vmapped sweeps, search, and the loss-by-noise-level analysis.
 `faster_diffusion`: Faster Diffusion's encoder propagation (key steps, parallel decoding,
 prior noise injection) as a feature plan. `deepcache`: DeepCache's deep-branch reuse (branch
-node, uniform and non-uniform refresh steps) as a feature plan. `asdm`: A-SDM, its feature
-inheritance plans and its model assembly.
+node, uniform and non-uniform refresh steps) as a feature plan. `asdm`: A-SDM (a package
+whose docstring maps the papers to the code): model assembly (surgery, CLME-CondConv, GRI
+attention, multi-UNet switching), feature inheritance plans, the distillation loss's terms.
 `feature_similarity`: the diagnostic behind the plans, how much each feature node changes
 between adjacent steps of a sampling trajectory (Faster Diffusion's Fig. 2 analogue).
 
@@ -13,9 +14,9 @@ The plans are `FeaturePlan`s of the feature cache shared by all of them, which l
 the sampling factory in `difflax.samplers.cached` (`sample_with_plan`, `plan_cost`, ...); its
 public names are re-exported here, beside the plans that use them.
 """
-from difflax.accel.asdm import inheritance_nodes, inheritance_plan
-from difflax.accel.assembly import (MultiUNetDenoiser, count_params, denoiser_flops,
-                                    get_multi_unet_fn, inherit_params, student, switch_sigma)
+from difflax.accel.asdm import (MultiUNetDenoiser, count_params, denoiser_flops,
+                                get_multi_unet_fn, inherit_params, inheritance_nodes,
+                                inheritance_plan, student, switch_sigma)
 from difflax.accel.deepcache import (deepcache_branch_node, deepcache_plan,
                                      deepcache_refresh_steps, quad_center_steps)
 from difflax.accel.faster_diffusion import (FASTER_DIFFUSION_KEY_STEPS, PriorNoiseInjection,

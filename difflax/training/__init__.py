@@ -1,9 +1,10 @@
 """Training: EDM loss, train state, data-parallel step, checkpoints and the loop; rectified
-flows and Reflow (rfpp); distillation (A-SDM)."""
+flows and Reflow (rfpp); distillation (A-SDM: its terms in difflax.accel.asdm, the loss in
+the loop and the pruning stages here; `DistillConfig`, `PruningStage` re-exported)."""
 from difflax.training.checkpoint import (CheckpointMismatchError, make_checkpoint_manager,
                                          restore_checkpoint, save_checkpoint)
-from difflax.training.distill import (DistillConfig, PruningStage, get_distill_loss_fn,
-                                      init_student_params, progressive_distill)
+from difflax.accel.asdm import DistillConfig, PruningStage
+from difflax.training.distill import get_distill_loss_fn, init_student_params, progressive_distill
 from difflax.training.loop import get_init_params_fn, train
 from difflax.training.losses import checked_labels, edm_loss, get_edm_loss_fn, model_signature
 from difflax.training.rectified_flow import (TimeDistribution, get_rectified_flow_loss_fn,
