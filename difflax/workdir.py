@@ -13,9 +13,8 @@ import jax
 import ml_collections
 
 from difflax import configs, samplers, schedules
-from difflax.accel.feature_reuse import denoiser_run_fn
 from difflax.mesh import make_mesh
-from difflax.samplers import denoiser_model, keyed_sample_fn
+from difflax.samplers import denoiser_model, denoiser_run_fn, keyed_sample_fn
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
                               make_optimizer, restore_checkpoint)
 
@@ -82,9 +81,9 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     each sampling step of a training run). The denoiser D(x; sigma) is an x0-prediction on
     the EDM schedule (time = sigma). `sampler`: a name, its order appended where it has one
     ("deis_tab3"). `labels`: (B,) int class labels (ignored by an unconditional model).
-    `plan`: a `difflax.accel.FeaturePlan` to sample with the UNet's features reused (the
+    `plan`: a `difflax.samplers.FeaturePlan` to sample with the UNet's features reused (the
     returned nfe still counts model calls as the plain sampler does;
-    `difflax.accel.plan_cost` says which of them are partial).
+    `difflax.samplers.plan_cost` says which of them are partial).
     """
     net = denoiser.net
     if plan is None:

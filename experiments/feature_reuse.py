@@ -1,6 +1,6 @@
 """Feature reuse on the default job's digits model: quality and speed of every plan.
 
-Plans (difflax.accel.feature_reuse) at the same sampler and steps as the full model:
+Plans (difflax.accel.faster_diffusion, deepcache, asdm) at the same sampler and steps as the full model:
 Faster Diffusion's encoder propagation (the paper's key steps, uniform key steps, parallel
 decoding, prior noise injection), DeepCache (deep branch below a skip, every N steps) and
 A-SDM feature inheritance (block / layer / unit, alternating steps). For each: fd_digits
@@ -71,7 +71,7 @@ def digits_plans(net, steps):
 
 
 def label(plan):
-    extra = " + noise injection" if plan.noise_injection else ""
+    extra = " + noise injection" if plan.injection else ""
     keys = sum(plan.refresh)
     return f"{plan.name}{extra}" + ("" if plan.name == "full" else f" ({keys} refresh steps)")
 

@@ -25,13 +25,13 @@ import jax
 import numpy as np
 
 from difflax import configs, data, schedules
-from difflax.accel import assembly
+from difflax.accel import asdm
+from difflax.accel.asdm import DistillConfig, PruningStage
 from difflax.images import save_grid
 from difflax.samplers import make_grid
 from difflax.metrics import digits_features, evaluate_digits, load_digits_classifier
 from difflax.training import TrainConfig
-from difflax.training.distill import (DistillConfig, PruningStage, init_student_params,
-                                      progressive_distill)
+from difflax.training.distill import init_student_params, progressive_distill
 from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run
 
 
@@ -59,7 +59,7 @@ def distill_variant(c, teacher, t_params, surgery, weights, workdir, clf):
     per = -(-len(drop) // d.stages)  # progressive: a share of the blocks per stage
     stages = [PruningStage(drop[:min(len(drop), per * (i + 1))], d.steps // d.stages)
               for i in range(d.stages)]
-    make = lambda blocks: assembly.student(teacher, **dict(surgery, drop_blocks=blocks))
+    make = lambda blocks: asdm.student(teacher, **dict(surgery, drop_blocks=blocks))
     make_batches = lambda start: data.batch_iterator(
         "digits", d.batch_size, seed=0, start_step=start, resolution=net.img_resolution,
         labels=bool(net.label_dim))
@@ -88,7 +88,7 @@ def run(c, out_dir, students_dir):
     net, clf = teacher.net, load_digits_classifier()
     shape = (net.img_resolution, net.img_resolution, net.in_channels)
     models = {"teacher": (teacher, t_params, "-")}
-    undistilled = assembly.student(teacher, drop_blocks=tuple(c.surgery.drop_blocks))
+    undistilled = asdm.student(teacher, drop_blocks=tuple(c.surgery.drop_blocks))
     models["pruned, not distilled"] = (undistilled, init_student_params(undistilled, t_params)[0], "0")
     for name, (surgery, weights) in variants(c).items():
         tic = time.time()
@@ -102,7 +102,7 @@ def run(c, out_dir, students_dir):
     light, l_params, _ = models[c.switch.student]
     grid = make_grid(schedules.edm(s.sigma_min, s.sigma_max), "deis_tab", e.steps)
     for k in c.switch.full_steps:
-        multi = assembly.MultiUNetDenoiser(teacher, light, switch=assembly.switch_sigma(grid, k))
+        multi = asdm.MultiUNetDenoiser(teacher, light, switch=asdm.switch_sigma(grid, k))
         models[f"switch: teacher {k} / {c.switch.student} {e.steps - k} NFE"] = (
             multi, {"full": t_params, "light": l_params}, "-")
 
@@ -122,11 +122,11 @@ def run(c, out_dir, students_dir):
         fn = labelled_sample_fn(samplers[name], params, net.label_dim)
         metrics = evaluate_digits(fn, key=key, num_samples=e.num, batch_size=e.batch_size,
                                   resolution=net.img_resolution, progress=False)
-        is_multi = isinstance(model, assembly.MultiUNetDenoiser)
+        is_multi = isinstance(model, asdm.MultiUNetDenoiser)
         rows[name] = dict(
             distill_steps=steps,
-            params=None if is_multi else assembly.count_params(params),
-            mflops=None if is_multi else assembly.denoiser_flops(model, params) / 1e6,
+            params=None if is_multi else asdm.count_params(params),
+            mflops=None if is_multi else asdm.denoiser_flops(model, params) / 1e6,
             call_speedup=call_time["teacher"] / call_time[name],
             sample_speedup=sample_time["teacher"] / sample_time[name],
             call_seconds=call_time[name], sample_seconds=sample_time[name],

@@ -1,4 +1,5 @@
-"""A-SDM model assembly: ME-CondConv, GRI attention, UNet surgery, inheritance, switching."""
+"""A-SDM model assembly (difflax.accel.asdm): ME-CondConv, GRI attention, UNet surgery,
+inheritance, switching."""
 import math
 
 import flax.linen as nn
@@ -7,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.accel import assembly
+from difflax.accel import asdm
+from difflax.accel.asdm import CondConv2d, GRIConfig, clme_experts, gri_attention
 from difflax.models import Denoiser, Surgery, ddpmpp
-from difflax.models.condconv import CondConv2d, clme_experts
-from difflax.models.gri_attention import GRIConfig, gri_attention
 from difflax.models.layers import Conv2d, Init
 from difflax.models.unet_block import UNetBlock
 from difflax.training.loop import get_init_params_fn
@@ -102,7 +102,7 @@ def test_clme_experts_cycle_through_removed_kernels():
 
 
 def _block(gri=None):
-    return UNetBlock(16, attention=True, num_heads=2, skip_scale=math.sqrt(0.5), gri=gri,
+    return UNetBlock(16, attention=True, num_heads=2, skip_scale=math.sqrt(0.5), attend=gri,
                      init_zero=Init("xavier_uniform"))
 
 
@@ -148,20 +148,20 @@ def test_surgery_names_valid_choices():
     with pytest.raises(ValueError, match="drop_attention entry 'enc.8x8_block0'.*'enc.4x4_block0'"):
         ddpmpp(**{**NET.__dict__, "surgery": {"drop_attention": ("enc.8x8_block0",)}})
     with pytest.raises(ValueError, match="GRI window 3 .* valid choices: 0 or \\[1, 2, 4\\]"):
-        ddpmpp(**{**NET.__dict__, "surgery": Surgery(attention="gri", gri_window=3)})
+        asdm.student(Denoiser(net=NET), attention="gri", gri_window=3)
     with pytest.raises(ValueError, match="unknown attention 'sparse'; valid choices: 'full', 'gri'"):
-        Surgery(attention="sparse")
+        asdm.student(Denoiser(net=NET), attention="sparse")
 
 
 def test_student_inherits_the_teacher_and_costs_less(teacher, run_fn):
     denoiser, params = teacher
-    pruned = assembly.student(denoiser, drop_blocks=DROP, drop_attention=("dec.4x4_block1",))
-    p_params, report = assembly.inherit_params(_init(pruned, 7), params, dropped=DROP)
+    pruned = asdm.student(denoiser, drop_blocks=DROP, drop_attention=("dec.4x4_block1",))
+    p_params, report = asdm.inherit_params(_init(pruned, 7), params, dropped=DROP)
     assert not report["new"] and report["inherited"] == len(jax.tree.leaves(p_params))
     assert "conv0" not in p_params["model"]["enc_4x4_block0"]
     assert "qkv" not in p_params["model"]["dec_4x4_block1"]
-    assert assembly.count_params(p_params) < assembly.count_params(params)
-    assert assembly.denoiser_flops(pruned, p_params) < 0.9 * assembly.denoiser_flops(denoiser, params)
+    assert asdm.count_params(p_params) < asdm.count_params(params)
+    assert asdm.denoiser_flops(pruned, p_params) < 0.9 * asdm.denoiser_flops(denoiser, params)
     out, nodes = run_fn(pruned, p_params, 1.0)
     assert out.shape == X.shape and bool(jnp.all(jnp.isfinite(out)))
     # a dropped block without projection is the identity: dec.4x4_in1 passes in0's output on
@@ -175,9 +175,9 @@ def test_student_inherits_the_teacher_and_costs_less(teacher, run_fn):
 
 def test_clme_condconv_student_takes_removed_kernels(teacher, run_fn):
     denoiser, params = teacher
-    student = assembly.student(denoiser, drop_blocks=DROP, condconv_experts=3, attention="gri",
+    student = asdm.student(denoiser, drop_blocks=DROP, condconv_experts=3, attention="gri",
                                gri_window=2, gri_pool=2)
-    s_params, report = assembly.inherit_params(_init(student, 7), params, dropped=DROP)
+    s_params, report = asdm.inherit_params(_init(student, 7), params, dropped=DROP)
     t = params["model"]
     experts = s_params["model"]["enc_4x4_block0"]["condconv"]["experts"]
     # own conv0 (8 -> 16) first; its conv1 (16 -> 16) does not fit; then the nearest removed
@@ -200,23 +200,23 @@ def test_clme_condconv_student_takes_removed_kernels(teacher, run_fn):
 
 def test_switch_sigma_splits_the_grid():
     grid = np.array([80.0, 10.0, 1.0, 0.1, 0.0])
-    assert assembly.switch_sigma(grid, 2) == pytest.approx(math.sqrt(10.0))
-    full = [t > assembly.switch_sigma(grid, 2) for t in grid]
+    assert asdm.switch_sigma(grid, 2) == pytest.approx(math.sqrt(10.0))
+    full = [t > asdm.switch_sigma(grid, 2) for t in grid]
     assert full == [True, True, False, False, False]
-    assert not any(t > assembly.switch_sigma(grid, 0) for t in grid)
-    assert all(t > assembly.switch_sigma(grid, 5) for t in grid)
+    assert not any(t > asdm.switch_sigma(grid, 0) for t in grid)
+    assert all(t > asdm.switch_sigma(grid, 5) for t in grid)
 
 
 def test_multi_unet_runs_the_full_model_above_the_switch(teacher, run_fn):
     denoiser, params = teacher
-    light = assembly.student(denoiser, drop_blocks=DROP)
-    l_params, _ = assembly.inherit_params(_init(light, 7), params, dropped=DROP)
-    multi = assembly.MultiUNetDenoiser(denoiser, light, switch=2.0)
+    light = asdm.student(denoiser, drop_blocks=DROP)
+    l_params, _ = asdm.inherit_params(_init(light, 7), params, dropped=DROP)
+    multi = asdm.MultiUNetDenoiser(denoiser, light, switch=2.0)
     both = {"full": params, "light": l_params}
     assert set(jax.eval_shape(lambda: _init(multi))) == {"full", "light"}
     multi_fn = jax.jit(lambda p, sigma: multi.apply({"params": p}, X, jnp.full(4, sigma), LABELS))
     for sigma, model, p in ((5.0, denoiser, params), (0.5, light, l_params)):
         np.testing.assert_allclose(multi_fn(both, sigma), run_fn(model, p, sigma)[0],
                                    rtol=1e-5, atol=1e-5)
-    fn = assembly.get_multi_unet_fn(lambda x, t: x * 0 + 1.0, lambda x, t: x * 0 - 1.0, 2.0)
+    fn = asdm.get_multi_unet_fn(lambda x, t: x * 0 + 1.0, lambda x, t: x * 0 - 1.0, 2.0)
     assert float(fn(X, jnp.full(4, 3.0)).mean()) == 1.0 and float(fn(X, jnp.full(4, 1.0)).mean()) == -1.0

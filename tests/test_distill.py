@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from difflax import data
-from difflax.accel import assembly
+from difflax.accel import asdm
+from difflax.accel.asdm import DistillConfig, PruningStage, feature_loss
 from difflax.models import Denoiser, ddpmpp
 from difflax.training import TrainConfig
-from difflax.training.distill import (DistillConfig, PruningStage, feature_loss,
-                                      get_distill_loss_fn, init_student_params,
-                                      progressive_distill)
+from difflax.training.distill import get_distill_loss_fn, init_student_params, progressive_distill
 from difflax.training.loop import get_init_params_fn
 
 NET = ddpmpp(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=8,
@@ -57,7 +56,7 @@ def test_progressive_distill_runs_stages_through_the_training_loop(teacher_param
     of the last stage's architecture, closer to the teacher than at its start. (CLME and
     CondConv students: tests/test_assembly.py; their initialisation takes a compilation.)"""
     drop = ("dec.4x4_in1", "enc.8x8_block0")
-    make = lambda blocks: assembly.student(TEACHER, drop_blocks=blocks)
+    make = lambda blocks: asdm.student(TEACHER, drop_blocks=blocks)
     cfg = TrainConfig(batch_size=8, lr=3e-3, warmup_steps=1, ema_decay=0.0, log_every=4,
                       ckpt_every=100, keep_checkpoints=1)
     make_batches = lambda start: data.batch_iterator("digits", 8, seed=0, start_step=start,

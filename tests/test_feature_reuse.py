@@ -9,7 +9,6 @@ from difflax.accel import (deepcache_plan, deepcache_refresh_steps, denoiser_run
                            encoder_nodes, encoder_propagation_plan, faster_diffusion_key_steps,
                            full_plan, inheritance_nodes, inheritance_plan, plan_cost,
                            quad_center_steps, sample_with_plan)
-from difflax.accel.feature_reuse import noise_injection_coefficients
 from difflax.models import Denoiser, ddpmpp, feature_nodes
 from difflax.models.sit import SiT, SiTConfig
 from difflax.samplers import sample
@@ -181,13 +180,13 @@ def test_noise_injection_where_t_over_T_is_below_tau():
     vp = schedules.vp_linear()  # T = t_max = 1; alpha^2 + sigma^2 = 1
     plan = encoder_propagation_plan(NET, 20, parallel=True, noise_injection=0.003)
     grid = np.linspace(vp.t_max, vp.t_min, 21)  # step starts 1, 0.95, ..., 0.05
-    injection = noise_injection_coefficients(plan, vp, grid)
+    injection = plan.injection.coefficients(vp, grid)
     np.testing.assert_allclose(injection, [0] * 11 + [0.003] * 9, rtol=1e-6)  # t = 0.5 is not < 0.5
     tau = encoder_propagation_plan(NET, 20, noise_injection=0.003, tau=0.8)
-    np.testing.assert_allclose(noise_injection_coefficients(tau, vp, grid), [0] * 5 + [0.003] * 15, rtol=1e-6)
+    np.testing.assert_allclose(tau.injection.coefficients(vp, grid), [0] * 5 + [0.003] * 15, rtol=1e-6)
     sd = schedules.vp_discrete("scaled_linear")  # Stable Diffusion's DDIM-50 timesteps, T = 1000
     ts = np.append(np.arange(0, 1000, 20)[::-1] + 1, 0.0)  # 981, 961, ..., 1 then 0
-    injection = noise_injection_coefficients(encoder_propagation_plan(NET, 50, noise_injection=0.003), sd, ts)
+    injection = encoder_propagation_plan(NET, 50, noise_injection=0.003).injection.coefficients(sd, ts)
     np.testing.assert_array_equal(injection > 0, ts[:-1] / 1000 < 0.5)
     assert (injection > 0).sum() == 25
 

@@ -1,5 +1,5 @@
 """Feature-reuse plans and Skip-Tuning schedules on Stable Diffusion's UNet: the plans of
-difflax.accel.feature_reuse run on its feature graph unchanged (a tiny random SD UNet, DDIM
+difflax.accel run on its feature graph unchanged (a tiny random SD UNet, DDIM
 with classifier-free guidance on SD's discrete schedule)."""
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from difflax import schedules
 from difflax.accel import (deepcache_plan, encoder_nodes, encoder_propagation_plan, full_plan,
                            inheritance_plan, linear_skip_scales, per_resolution_skip_scales,
                            per_skip_scales, plan_cost, sample_with_plan)
-from difflax.accel.feature_reuse import deepcache_branch_node
+from difflax.accel.deepcache import deepcache_branch_node
 from difflax.models import SDUNet, SDUNetConfig, feature_graph, sd_skip_connections
 from difflax.models.sd_unet import sd_run_fn
 from difflax.models.sd_unet_weights import init_sd_unet

@@ -3,9 +3,7 @@ encoder and tokenizer, weight conversion, and the feature graph the networks dec
 (difflax.models.graph)."""
 from difflax.models.clip import CLIPTextConfig, CLIPTextTransformer, load_clip_text_encoder
 from difflax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
-from difflax.models.condconv import CondConv2d, clme_experts
 from difflax.models.convert import config_from_edm, convert_state_dict, load_edm, read_edm_snapshot
-from difflax.models.gri_attention import GRIConfig, gri_attention
 from difflax.models.dhariwal_unet import DhariwalUNet
 from difflax.models.graph import FeatureGraph, FeatureNode, feature_graph, nodes_to_compute
 from difflax.models.precond import PRECONDS, Denoiser, make_unet
@@ -18,7 +16,7 @@ from difflax.models.unet import (MODEL_TYPES, SkipConnection, Surgery, UNetConfi
                                  feature_nodes, ncsnpp, prunable_blocks, skip_connections)
 
 __all__ = [
-    "CondConv2d", "GRIConfig", "clme_experts", "gri_attention", "prunable_blocks",
+    "prunable_blocks",
     "MODEL_TYPES", "PRECONDS", "Denoiser", "DhariwalUNet", "FeatureGraph", "FeatureNode", "SkipConnection",
     "SongUNet", "Surgery", "UNetConfig", "adm", "config_from_edm", "convert_state_dict", "ddpmpp",
     "feature_graph", "feature_nodes", "load_edm", "make_unet", "ncsnpp", "nodes_to_compute", "read_edm_snapshot",

@@ -3,7 +3,8 @@
 A network that supports feature reuse declares its forward pass as a `FeatureGraph`: a
 tuple of typed `FeatureNode`s in execution order, each naming the nodes it reads. Every
 feature-reuse method (Faster Diffusion's encoder propagation, DeepCache's deep branch,
-A-SDM's feature inheritance, in `difflax.accel.feature_reuse`) and the diagnostics of
+A-SDM's feature inheritance, in difflax.accel; the cache's sampler in
+`difflax.samplers.cached`) and the diagnostics of
 `difflax.accel.feature_similarity` are written against this graph only: "the encoder
 nodes", "the node feeding the block that reads skip k", "the nodes of group g". They never
 see a network's config, so a network that declares a graph gets every plan.

@@ -3,7 +3,7 @@ the layout and parameter names of diffusers' `UNet2DConditionModel` (SD 1.x and 
 SDXL's UNet, whose "text_time" embedding adds pooled-text and size conditioning to temb).
 
 The forward pass is declared as a feature graph (`sd_feature_nodes`, difflax.models.graph),
-so that every feature-reuse plan of difflax.accel.feature_reuse runs on it, and run node by
+so that every feature-reuse plan of difflax.accel runs on it, and run node by
 node with a feature cache (`SDUNet.run`, `run_graph`); `__call__` is `run` with nothing
 cached. In execution order:
 
@@ -240,7 +240,7 @@ class SDUNet(nn.Module):
 def sd_run_fn(unet: SDUNet, variables, encoder_hidden_states, *, guidance_scale=None,
               skip_scales=None, text_embeds=None, time_ids=None):
     """`SDUNet.run` as the model of a sampler and of feature-reuse plans
-    (`difflax.accel.sample_with_plan`), as `difflax.accel.denoiser_run_fn` is for EDM.
+    (`difflax.samplers.sample_with_plan`), as `difflax.samplers.denoiser_run_fn` is for EDM.
 
     Time: the sampler runs on SD's discrete VP schedule (`difflax.schedules.vp_discrete`, as
     difflax.pipelines.StableDiffusion), whose time is the UNet's timestep, passed as is; the

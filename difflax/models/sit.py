@@ -18,7 +18,7 @@ guidance is the zero snippet through the projection, i.e. its bias (GMem's `c_nu
 zeros_like(c)`).
 
 The forward pass is a feature graph (difflax.models.graph, `SiTConfig.feature_graph`): one
-node per transformer block, so that the feature-reuse plans of `difflax.accel.feature_reuse`
+node per transformer block, so that the feature-reuse plans of difflax.accel
 run on SiT (Faster Diffusion's encoder propagation on DiT: the first blocks as the encoder).
 
 SiT's interpolants and samplers are in `difflax.interpolants`, its loss in

@@ -12,14 +12,13 @@ module that runs the graph with a feature cache and `skip_scales` (Skip-Tuning, 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from difflax.models.graph import FeatureGraph, FeatureNode, feature_graph, run_graph
-from difflax.models.gri_attention import GRIConfig
 
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
 
@@ -31,36 +30,25 @@ def _check_choice(name, value, choices):
 
 @dataclasses.dataclass(frozen=True)
 class Surgery:
-    """A-SDM model assembly of a UNet (difflax.accel.assembly).
+    """Structural edits of a UNet, by block name (A-SDM's model assembly builds them,
+    difflax.accel.asdm).
 
     `drop_blocks` names blocks (nodes of `feature_nodes`, e.g. "enc.16x16_block1") whose
-    residual branch is removed, replaced by a `condconv_experts`-expert CondConv if that is
-    > 0; `drop_attention` names blocks whose attention unit is removed; `attention="gri"`
-    makes the remaining attention units GRI attention with `gri_window`, `gri_pool`,
-    `gri_combine` (difflax.models.gri_attention). `UNetConfig` checks the names.
+    residual branch is removed, or replaced by `branch` if given; `drop_attention` names
+    blocks whose attention unit is removed; `attention`, if given, replaces the softmax
+    attention of the remaining attention units. `branch` and `attention` are the hooks of
+    `UNetBlock` (its docstring gives their signatures): hashable callables, e.g. frozen
+    dataclasses. `UNetConfig` checks the names.
     """
 
     drop_blocks: Sequence[str] = ()
     drop_attention: Sequence[str] = ()
-    condconv_experts: int = 0
-    attention: str = "full"
-    gri_window: int = 4
-    gri_pool: int = 2
-    gri_combine: str = "joint"
+    branch: Callable | None = None
+    attention: Callable | None = None
 
     def __post_init__(self):
         for name in ("drop_blocks", "drop_attention"):
             object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
-        _check_choice("attention", self.attention, ("full", "gri"))
-        if self.condconv_experts < 0:
-            raise ValueError(f"condconv_experts must be >= 0 (0: no CondConv), not {self.condconv_experts}")
-
-    @property
-    def gri(self) -> GRIConfig | None:
-        """The GRI layout of the attention units, None for full attention."""
-        if self.attention != "gri":
-            return None
-        return GRIConfig(window=self.gri_window, pool=self.gri_pool, combine=self.gri_combine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +60,9 @@ class UNetConfig:
     `resample_filter` concern SongUNet only. The defaults are SongUNet's in EDM; `adm()`
     gives ADM's. Sequences are stored as tuples so that the config is hashable.
 
-    `surgery` is A-SDM's model assembly of the network (a `Surgery`, or a dict of its fields;
-    the default leaves the network whole); its block names are checked against the graph.
+    `surgery` edits the network's blocks (a `Surgery`, or a dict of its fields; the default
+    leaves the network whole; A-SDM's model assembly, difflax.accel.asdm, builds them); its
+    block names are checked against the graph.
     """
 
     model_type: str = "SongUNet"
@@ -122,16 +111,12 @@ class UNetConfig:
 
 
 def _check_assembly(cfg):
-    """The A-SDM surgery names existing blocks, and its GRI layout fits their resolutions."""
+    """The surgery names existing blocks."""
     nodes, surgery = feature_nodes(cfg), cfg.surgery
     for name in surgery.drop_blocks:
         _check_choice("drop_blocks entry", name, prunable_blocks(cfg))
     for name in surgery.drop_attention:
         _check_choice("drop_attention entry", name, [n.name for n in nodes if n.attention])
-    if surgery.gri is not None:
-        for res in {n.resolution for n in nodes
-                    if n.attention and n.name not in surgery.drop_attention}:
-            surgery.gri.check(res, res)
 
 
 def prunable_blocks(cfg) -> tuple[str, ...]:
@@ -140,12 +125,11 @@ def prunable_blocks(cfg) -> tuple[str, ...]:
 
 
 def block_surgery(cfg, node) -> dict:
-    """`UNetBlock` options of the block of feature node `node` under the A-SDM fields."""
-    surgery, residual = cfg.surgery, "full"
-    if node.name in surgery.drop_blocks:
-        residual = "condconv" if surgery.condconv_experts else "none"
+    """`UNetBlock` options of the block of feature node `node` under `cfg.surgery`."""
+    surgery = cfg.surgery
     return dict(attention=node.attention and node.name not in surgery.drop_attention,
-                residual=residual, condconv_experts=surgery.condconv_experts or 1, gri=surgery.gri)
+                pruned=node.name in surgery.drop_blocks, branch=surgery.branch,
+                attend=surgery.attention)
 
 
 def ddpmpp(**kwargs) -> UNetConfig:

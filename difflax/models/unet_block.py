@@ -1,21 +1,19 @@
-"""EDM's `UNetBlock` (Karras et al. 2022, NVlabs/edm `training/networks.py`), with A-SDM's
-surgery options: the residual branch removed or replaced by a CondConv, GRI attention.
+"""EDM's `UNetBlock` (Karras et al. 2022, NVlabs/edm `training/networks.py`), with generic
+surgery hooks: the residual branch removed or replaced by any function, the softmax attention
+replaced by any function (A-SDM's CondConv and GRI attention, difflax.accel.asdm, are two).
 
-It builds on the layers of `difflax.models.layers`, the CondConv of `difflax.models.condconv`
-and the GRI attention of `difflax.models.gri_attention`, none of which import it.
+It builds on the layers of `difflax.models.layers`.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.condconv import CondConv2d
-from difflax.models.gri_attention import GRIConfig, gri_attention
-from difflax.models.layers import Conv2d, GroupNorm, Init, Linear, downsample, upsample
+from difflax.models.layers import Conv2d, GroupNorm, Init, Linear
 
 
 class UNetBlock(nn.Module):
@@ -30,12 +28,14 @@ class UNetBlock(nn.Module):
     (`attention=`, A-SDM's unit-level feature inheritance) and returned for caching
     (`with_attention=True` returns (out, residual), residual None without attention).
 
-    A-SDM model assembly (difflax.accel.assembly): `residual="none"` removes the residual
-    branch, leaving the shortcut alone (identity or the 1x1 projection, with resampling; no
-    `skip_scale`, as there is no sum left to normalise); `residual="condconv"` replaces the
-    branch by a `condconv_experts`-expert CondConv on silu(norm0(x)) routed by x and emb
-    (difflax.models.condconv). `gri` makes the attention GRI attention with that layout
-    (difflax.models.gri_attention), with the same parameters.
+    Surgery (`difflax.models.Surgery`, used by A-SDM's model assembly, difflax.accel.asdm):
+    `pruned=True` removes the residual branch, leaving the shortcut alone (identity or the
+    1x1 projection, with resampling; no `skip_scale`, as there is no sum left to normalise);
+    with a `branch` the removed branch is replaced by branch(block, x, emb) -> (B, H', W',
+    C_out), called inside the block (the layers it creates are the block's), added to the
+    shortcut and times `skip_scale`. `attend(q, k, v, height, width)` (q, k, v: (B, H W,
+    heads, c) in float32) -> (B, H W, heads, c) replaces the softmax attention, with the same
+    projections (`norm2`, `qkv`, `proj`). Hooks are hashable callables (frozen dataclasses).
     """
 
     out_channels: int
@@ -53,16 +53,16 @@ class UNetBlock(nn.Module):
     init: Init = Init()
     init_zero: Init = Init(weight=0.0)
     init_attn: Init | None = None
-    residual: str = "full"
-    condconv_experts: int = 4
-    gri: GRIConfig | None = None
+    pruned: bool = False
+    branch: Callable | None = None
+    attend: Callable | None = None
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False, attention=None, with_attention=False):
         cout = self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         orig = x
-        if self.residual != "full":
+        if self.pruned:
             return self._pruned(x, emb, attention, with_attention)
         x = Conv2d(cout, 3, init=self.init, name="conv0", **resample)(
             nn.silu(GroupNorm(eps=self.eps, name="norm0")(x)))
@@ -95,17 +95,10 @@ class UNetBlock(nn.Module):
         return (x, attention) if with_attention else x
 
     def _pruned(self, x, emb, attention, with_attention):
-        """The block with its residual branch removed ("none") or a CondConv ("condconv")."""
-        if self.residual not in ("none", "condconv"):
-            raise ValueError(f"unknown residual {self.residual!r}; valid: 'full', 'none', 'condconv'")
+        """The block with its residual branch removed, or replaced by `branch`."""
         out = self._shortcut(x)
-        if self.residual == "condconv":
-            h = nn.silu(GroupNorm(eps=self.eps, name="norm0")(x))
-            h = upsample(h, self.resample_filter) if self.up else h
-            h = downsample(h, self.resample_filter) if self.down else h
-            h = CondConv2d(self.out_channels, 3, num_experts=self.condconv_experts,
-                           weight_init=self.init, name="condconv")(h, emb)
-            out = (h + out) * self.skip_scale
+        if self.branch is not None:
+            out = (self.branch(self, x, emb) + out) * self.skip_scale
         return self._attention_unit(out, attention, with_attention)
 
     def _attend(self, x):
@@ -120,8 +113,8 @@ class UNetBlock(nn.Module):
         # EDM's channel layout of qkv is (head, channel, {q, k, v}).
         qkv = qkv.reshape(b, h * w, heads, c // heads, 3).astype(jnp.float32)
         q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-        if self.gri is not None:
-            a = gri_attention(q, k, v, h, w, self.gri)
+        if self.attend is not None:
+            a = self.attend(q, k, v, h, w)
         else:
             logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(c // heads))
             a = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)

@@ -12,7 +12,7 @@ A *model* here is a builder, `model(params, labels, skip_scales) -> model_fn(x, 
 binds the parameters, the (B,) class labels and the skip scales, and returns the network as
 a function of the state x (B, ...) and the times t (B,) in the schedule's own time. With a
 feature plan it returns the network with its feature cache instead (a RunFn, e.g.
-`difflax.accel.denoiser_run_fn`). `denoiser_model` is the builder of an EDM denoiser.
+`difflax.samplers.cached.denoiser_run_fn`). `denoiser_model` is the builder of an EDM denoiser.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax.mesh import batch_sharded, host_to_global, pad_to_mesh, replicated
+from difflax.samplers.cached import sample_with_plan
 from difflax.samplers.solve import make_grid, make_solver, solve, split_sampler_name
 
 # model(params, labels (B,) | None, skip_scales | None) -> model_fn(x (B, ...), t (B,))
@@ -79,9 +80,10 @@ def get_sample_fn(model: ModelBuilder, *, schedule, sampler: str, steps: int | N
         split over it, params and skip scales replicated, the samples replicated (every
         process of a multi-host run holds them all). noise and labels are host values that
         every process holds alike.
-      plan: a `difflax.accel.FeaturePlan`; `model` then builds the network with its feature
-        cache and `graph` is the network's config naming the plan's nodes. NFE still counts
-        model calls as the plain sampler does (`difflax.accel.plan_cost` says which are partial).
+      plan: a `difflax.samplers.FeaturePlan` (Faster Diffusion's, DeepCache's, A-SDM's: see
+        difflax.accel); `model` then builds the network with its feature cache and `graph` is
+        the network's config naming the plan's nodes. NFE still counts model calls as the
+        plain sampler does (`difflax.samplers.plan_cost` says which are partial).
       clip: clip the samples to [-1, 1] (images).
       key: for stochastic samplers (edm_heun with s_churn > 0, euler_maruyama).
       **options: the sampler's own (order, lower_order_final, s_churn, ...).
@@ -99,9 +101,9 @@ def get_sample_fn(model: ModelBuilder, *, schedule, sampler: str, steps: int | N
             out = solve(model_fn, noise, schedule=schedule, solver=solver, grid=g,
                         prediction=prediction)
         else:
-            out = _sample_with_plan(model_fn, noise, plan=plan, graph=graph, schedule=schedule,
-                                    sampler=name, steps=steps, grid=grid, prediction=prediction,
-                                    key=key, **options)
+            out = sample_with_plan(model_fn, noise, plan=plan, config=graph, schedule=schedule,
+                                   sampler=name, steps=steps, grid=grid, prediction=prediction,
+                                   key=key, **options)[0]
         return jnp.clip(out, -1.0, 1.0) if clip else out
 
     return (run if mesh is None else shard_sample_fn(run, mesh)), nfe
@@ -116,13 +118,6 @@ def keyed_sample_fn(sample_fn: SampleFn, shape: tuple[int, ...]) -> Callable:
                          skip_scales)
 
     return fn
-
-
-def _sample_with_plan(run_fn, noise, *, graph, **kwargs):
-    # accel sits above samplers in the layering: the plan's sampler is imported on use.
-    from difflax.accel.feature_reuse import sample_with_plan
-
-    return sample_with_plan(run_fn, noise, config=graph, **kwargs)[0]
 
 
 def shard_sample_fn(run: SampleFn, mesh) -> SampleFn:

@@ -60,7 +60,7 @@ class AbstractGridSolver(diffrax.AbstractSolver):
 
     Run with diffrax.StepTo on the same grid. Subclasses implement `_step(term, i, x, state)`
     returning (x_next, state) and `_init_state(x)`. Solvers that can run with a feature cache
-    (`difflax.accel.feature_reuse`) also give `first_point(i, x) -> (t, x)`, where step i
+    (`difflax.samplers.cached`) also give `first_point(i, x) -> (t, x)`, where step i
     first calls the model, and `calls_per_step`.
     """
 

@@ -1,9 +1,11 @@
 """Training: EDM loss, train state, data-parallel step, checkpoints and the loop; SiT's
-interpolant loss; distillation (A-SDM). Rectified flows and Reflow are in `difflax.rfpp`."""
+interpolant loss; A-SDM's distillation loss and pruning stages (its terms in
+difflax.accel.asdm; `DistillConfig`, `PruningStage` re-exported). Rectified flows and Reflow
+are in `difflax.rfpp`."""
 from difflax.training.checkpoint import (CheckpointMismatchError, make_checkpoint_manager,
                                          restore_checkpoint, save_checkpoint)
-from difflax.training.distill import (DistillConfig, PruningStage, get_distill_loss_fn,
-                                      init_student_params, progressive_distill)
+from difflax.accel.asdm import DistillConfig, PruningStage
+from difflax.training.distill import get_distill_loss_fn, init_student_params, progressive_distill
 from difflax.training.loop import get_init_params_fn, train
 from difflax.models.precond import checked_labels, model_signature
 from difflax.training.losses import edm_loss, get_edm_loss_fn

@@ -18,7 +18,7 @@ convolution at about the compute of one. Neither paper has public code; the choi
   a_i = 1 / K and the mixed kernel is the mean of the experts: inherited experts (CLME)
   start as their average rather than as K times a kernel;
 - CLME-CondConv is the same layer with experts initialised from the removed layers' kernels
-  (`clme_experts`), see difflax.accel.assembly.
+  (`clme_experts`), see `difflax.accel.asdm.surgery.inherit_params`.
 
 Two equivalent implementations (`impl`): "experts" (default) convolves with all K kernels
 at once and mixes the K outputs by a (K times the convolution's compute, but plain
@@ -27,9 +27,13 @@ batch, which XLA lowers to one grouped convolution with the batch folded into fe
 groups): CondConv's own form, one convolution's compute, efficient where grouped
 convolutions are. On this project's 2-core CPU (B = 250, 16x16, 32 -> 16 channels, K = 4)
 "experts" took 0.10 s, "vmap" 0.31 s, a plain convolution 0.018 s.
+
+`CondConvBranch` is the CondConv as the replacement of a pruned UNet block's residual branch
+(the `branch` hook of `difflax.models.UNetBlock`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -37,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.layers import Conv2d, Init, edm_init
+from difflax.models.layers import Conv2d, GroupNorm, Init, downsample, edm_init, upsample
 
 ACTIVATIONS = {None: lambda x: x, "silu": nn.silu, "relu": nn.relu}
 IMPLS = ("experts", "vmap")
@@ -117,3 +121,21 @@ def clme_experts(kernels: Sequence[jax.Array], num_experts: int, *, biases=None)
     experts = jnp.stack([jnp.asarray(kernels[i]) for i in pick])
     bias = None if biases is None else jnp.stack([jnp.asarray(biases[i]) for i in pick])
     return experts, bias
+
+
+@dataclasses.dataclass(frozen=True)
+class CondConvBranch:
+    """A pruned block's residual branch replaced by a K-expert CondConv (ME-CondConv):
+    silu(norm0(x)), resampled as the block resamples, through `CondConv2d(C_out, 3,
+    num_experts=experts)` routed by x and the block's embedding emb. The `branch` hook of
+    `difflax.models.UNetBlock`: block's layers "norm0" and "condconv", x (B, H, W, C_in),
+    emb (B, E) -> (B, H', W', C_out)."""
+
+    experts: int
+
+    def __call__(self, block, x, emb):
+        h = nn.silu(GroupNorm(eps=block.eps, name="norm0")(x))
+        h = upsample(h, block.resample_filter) if block.up else h
+        h = downsample(h, block.resample_filter) if block.down else h
+        return CondConv2d(block.out_channels, 3, num_experts=self.experts,
+                          weight_init=block.init, name="condconv")(h, emb)

@@ -18,9 +18,10 @@ The paper gives no code and no exact layout, so the combination is a choice (`co
 Both reduce to full self-attention when one region covers the image and there is no pooling
 (window >= H = W or 0, pool = 1): the two key sets are then the same N keys (duplicated keys with
 their values do not change a softmax-weighted mean). `pool = 0` turns the global branch off
-(regional attention only). `UNetBlock(gri=GRIConfig(...))` uses it in place of full
-attention with the same projections (`norm2`, `qkv`, `proj`), so a GRI block takes a
-trained block's attention weights unchanged.
+(regional attention only). A `GRIConfig` is the `attend` hook of `difflax.models.UNetBlock`:
+`UNetBlock(attend=GRIConfig(...))` uses GRI attention in place of full attention with the
+same projections (`norm2`, `qkv`, `proj`), so a GRI block takes a trained block's attention
+weights unchanged.
 """
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ class GRIConfig:
             if value < 0 or (value and min(value, height) not in divisors):
                 raise ValueError(f"GRI {name} {value} does not tile a {height}x{width} feature "
                                  f"map; valid choices: 0 or {divisors} (or any value >= {height})")
+
+    def __call__(self, q, k, v, height: int, width: int):
+        """`gri_attention` with this layout: the `attend` hook of `UNetBlock`."""
+        return gri_attention(q, k, v, height, width, self)
 
     def window_at(self, size: int) -> int:
         """The region side on a size x size map: `window` capped at the map (0: the map)."""

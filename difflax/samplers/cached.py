@@ -1,40 +1,21 @@
-"""Feature reuse across sampling steps: one static plan over a network's feature cache.
+"""The feature cache shared by every feature-reuse method: plans, their cost, and the sampler.
 
-Three papers skip network computation by reusing features from earlier steps. Here each is
-a `FeaturePlan` over a network's feature graph (difflax.models.graph; run with a cache by
-`Denoiser.run`): a set of cached nodes and the steps that refresh them. At a refresh step
-the nodes are recomputed (at the step's first model call) and stored; at the other steps
-every model call takes them from the cache, and the network computes only what still
-depends on fresh input. The plans are written against the graph alone ("encoder nodes",
-"the node feeding the reader of skip k", "the nodes of group g"), so they apply to every
-network that declares one: pass them a `FeatureGraph` or anything that declares it (a
-`UNetConfig`, a `SiTConfig`, an `SDUNetConfig`, a denoiser, an `SDUNet`), see
-`difflax.models.feature_graph`; `difflax.models.sd_unet.sd_run_fn` is the run function of
-Stable Diffusion's UNet, as `denoiser_run_fn` is of EDM's denoisers.
+Faster Diffusion (encoder propagation), DeepCache (deep-branch reuse) and A-SDM (feature
+inheritance) skip network computation by reusing features from earlier sampling steps. Each
+is a `FeaturePlan` over a network's feature graph (difflax.models.graph): a set of cached
+nodes and the steps that refresh them. At a refresh step the nodes are recomputed (at the
+step's first model call) and stored; at the other steps every model call takes them from the
+cache, and the network computes only what still depends on fresh input. This module holds
+what the three share: the plan type (`FeaturePlan`, `full_plan`), its honest cost in model
+calls and FLOPs (`plan_cost`, `PlanCost`, `node_flops`), and the solver that runs a plan
+(`FeatureReuseSolver`, `sample_with_plan`), with parallel decoding of a refresh step's chunk
+and the addition of the initial noise a plan asks for. The plans themselves are in
+difflax.accel: `faster_diffusion`, `deepcache`, `asdm`.
 
-- Faster Diffusion (Li et al. 2024, "Rethinking the Role of UNet Encoder in Diffusion
-  Models", code hutaiHang/Faster-Diffusion), Sec. 3.2-3.3: *encoder propagation* caches
-  every skip tensor (the first convolution's output included) and the middle (bottleneck)
-  output at key steps, 0, 1, 2, 3, 5, 10, 15, 25, 35 for DDIM with 50 steps, the same list
-  cut to 0..15 for DPM-Solver with 20, the code's rules for 75 and 100 steps, and no default
-  for other step counts (`faster_diffusion_key_steps`); non-key steps run the decoder only.
-  *Parallel decoding*: a key step and the non-key steps up to the next key step form one UNet
-  call, the decoder running once on the features tiled k times with the k steps' time
-  embeddings (batch k x B); the sampler then updates with the k outputs one after another.
-  *Prior noise injection*: z_t <- z_t + alpha z_T, alpha = 0.003, at steps with t / T < tau
-  = 0.5 (the code: before each model call; in parallel mode after the chunk's batched call,
-  before each of its updates).
-- DeepCache (Ma et al. 2024, code horseee/DeepCache): cache the deep branch, the decoder
-  state entering the block that concatenates skip branch m (counted from the top), at full
-  steps; the other steps recompute only the shallow encoder blocks (down to skip m) and the
-  shallow decoder. Full steps every N, or the code's non-uniform `sample_from_quad_center`
-  (`deepcache_refresh_steps`, `quad_center_steps`); branch numbering in `deepcache_branch_node`.
-- A-SDM feature inheritance (no public code; our reading of the paper's text): a step
-  inherits some features from the previous step instead of computing them, at *block*
-  granularity (a whole resolution level of the encoder or the decoder), *layer* granularity
-  (one residual block) or *unit* granularity (the attention unit inside a block: its
-  residual is inherited, the convolutions recomputed), with time-step modes choosing where
-  inheritance may happen (every k-th step refreshes, within a window of the trajectory).
+The network is given as a run function (`RunFn`): `denoiser_run_fn` for EDM's denoisers,
+`difflax.models.sd_unet.sd_run_fn` for Stable Diffusion's UNet. Plans name nodes of any graph
+(`FeatureGraph`, or anything `difflax.models.feature_graph` accepts: a `UNetConfig`,
+`SiTConfig`, `SDUNetConfig`, a denoiser, an `SDUNet`).
 
 Steps are counted, never looked up by time value (repeated times would break that).
 `sample_with_plan` runs any plan with the cache-capable samplers (those whose solver declares
@@ -46,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable
 
 import diffrax
 import equinox as eqx
@@ -54,14 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax.models import Denoiser
 from difflax.models.graph import feature_graph, nodes_to_compute
-from difflax.samplers import SAMPLERS, make_grid, make_solver, solve
+from difflax.models.precond import Denoiser
+from difflax.samplers.solve import SAMPLERS, make_grid, make_solver, solve
 from difflax.samplers.term import AbstractGridSolver, DiffusionTerm, unwrap
-from difflax.schedules import VPDiscrete
-
-FASTER_DIFFUSION_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
-GRANULARITIES = ("block", "layer", "unit")
 
 # ----------------------------------------------------------------------------
 # Plans.
@@ -75,16 +52,16 @@ class FeaturePlan:
     refresh: (steps,) bools, True where the step recomputes and stores `nodes` (step 0 must);
     parallel: decode the non-refresh steps after each refresh step together with it, in one
     batched decoder call (needs the whole encoder + middle cached and one model call a step);
-    noise_injection: Faster Diffusion's alpha, added at the steps whose time has t / T <
-    `injection_tau` (T the schedule's horizon, see `sample_with_plan`).
+    injection: None, or what adds the initial state x_T to the state before each step: an
+    object with `coefficients(schedule, grid) -> (steps,)` weights of x_T (Faster Diffusion's
+    prior noise injection, `difflax.accel.faster_diffusion.PriorNoiseInjection`).
     An empty `nodes` is the plain model: every call computes everything.
     """
 
     nodes: frozenset
     refresh: tuple
     parallel: bool = False
-    noise_injection: float = 0.0
-    injection_tau: float = 0.5
+    injection: object | None = None
     name: str = "plan"
 
     def __post_init__(self):
@@ -107,149 +84,6 @@ def full_plan(steps: int) -> FeaturePlan:
     """Recompute everything at every step: the plain model."""
     return FeaturePlan(frozenset(), (True,) * steps, name="full")
 
-
-def faster_diffusion_key_steps(steps: int) -> tuple[int, ...]:
-    """The key steps of Faster Diffusion's code (hutaiHang/Faster-Diffusion, `utils_sd.py`).
-
-    50 steps: 0 1 2 3 5 10 15 25 35 (its default rule "50ls", Sec. 4 DDIM); 20 steps: the same
-    rule, 0 1 2 3 5 10 15 (DPM-Solver); 100 / 75 steps: its "100ls" / "75ls" rules, step i is
-    a key step if i < 10, i % 5 == 0, or i > 85 (100) / i > 65 (75). Other step counts have
-    no rule in the code: pass `key_steps=` or `every=` to `encoder_propagation_plan`.
-    """
-    if steps in (20, 50):
-        return tuple(k for k in FASTER_DIFFUSION_KEY_STEPS if k < steps)
-    if steps in (75, 100):
-        last = 65 if steps == 75 else 85
-        return tuple(i for i in range(steps) if i < 10 or i % 5 == 0 or i > last)
-    raise ValueError(f"Faster Diffusion's code has key steps for 20, 50, 75 or 100 steps, not "
-                     f"{steps}; pass key_steps= or every=")
-
-
-def encoder_nodes(model) -> frozenset:
-    """The encoder and middle nodes of the model's graph: for a UNet every skip tensor and
-    the middle blocks' output."""
-    return frozenset(feature_graph(model).names("encoder", "middle"))
-
-
-def encoder_propagation_plan(model, steps: int, *, key_steps: Sequence[int] | None = None,
-                             every: int | None = None, parallel: bool = False,
-                             noise_injection: float = 0.0, tau: float = 0.5) -> FeaturePlan:
-    """Faster Diffusion: encoder + middle at key steps only, the decoder at every step.
-
-    Key steps: `key_steps`, or every `every`-th step (the paper's uniform ablation), or by
-    default `faster_diffusion_key_steps(steps)`. `parallel=True` decodes each key step's
-    chunk in one batched call; `noise_injection=0.003` is the paper's prior noise injection
-    (Sec. 3.4), added at steps with t / T < `tau` (its code: t / 1000 < 0.5).
-    """
-    if key_steps is not None and every is not None:
-        raise ValueError("pass key_steps= or every=, not both")
-    if every is not None:
-        key_steps = range(0, steps, int(every))
-    keys = set(faster_diffusion_key_steps(steps) if key_steps is None else key_steps)
-    if not keys <= set(range(steps)):
-        raise ValueError(f"key steps {sorted(keys - set(range(steps)))} are outside 0..{steps - 1}")
-    name = "encoder propagation" + (" + parallel" if parallel else "")
-    return FeaturePlan(encoder_nodes(model), tuple(i in keys for i in range(steps)),
-                       parallel=parallel, noise_injection=noise_injection, injection_tau=tau,
-                       name=name)
-
-
-def deepcache_branch_node(model, branch: int) -> str:
-    """The node whose output enters the node that reads skip `branch` (0 = the top,
-    full-resolution skip: a UNet's input convolution's output) as its main input:
-    DeepCache's cached deep-branch feature.
-
-    DeepCache's DDPM experiments (horseee/DeepCache, experiments/ddpm, `--branch b`) leave the
-    input convolution out of the count: their branch b is difflax's branch b + 1 (their
-    CIFAR / LSUN runs use b = 2, difflax's branch 3). With two residual blocks a level their
-    code reads b as level b // 3, item b % 3 (items 0, 1 the blocks, 2 the downsampling).
-    On Stable Diffusion (skips as `sd_skip_connections` lists them) their SD pipeline's
-    `cache_layer_id=L, cache_block_id=b` is branch 1 + sum_{i<L} (layers_i + 1) + b (their SD
-    1.5 runs, L = b = 0: branch 1), their `DeepCacheSDHelper(cache_branch_id=m)` branch m.
-    """
-    return feature_graph(model).skip_reader(branch).inputs[0]
-
-
-def quad_center_steps(steps: int, num_full: int, center: int, power: float) -> tuple[list, float]:
-    """DeepCache's `sample_from_quad_center` (horseee/DeepCache, sd/pipeline_stable_diffusion.py).
-
-    num_full + 1 points evenly spaced from (-center)^(1/p) to (steps - center)^(1/p), raised to
-    the power p and truncated to integers, their distinct values without the smallest and the
-    largest, shifted by `center`, after step 0. For center > 0 the first point is Python's
-    complex power of a negative number, and the integers are the real parts' truncations, as
-    in the authors' code. p starts at `power` and is lowered by 0.02 until the list has
-    `num_full` entries. Returns (full steps, p used); an error if p reaches 1.
-    """
-    p = float(power)
-    while p > 1:
-        ends = (-float(center)) ** (1 / p), (steps - float(center)) ** (1 / p)
-        points = np.linspace(ends[0], ends[1], num_full + 1) ** p
-        full = [0] + [int(v) + center for v in np.unique(np.real(points).astype(np.int32))[1:-1]]
-        if len(full) == num_full:
-            return full, p
-        p -= 0.02
-    raise ValueError(f"no power in (1, {power}] gives {num_full} full steps of {steps} around "
-                     f"center {center}; lower center or raise interval")
-
-
-def deepcache_refresh_steps(steps: int, *, interval: int, power: float | None = None,
-                            center: int | None = None) -> tuple:
-    """DeepCache's full steps as its code chooses them (`cache_interval`, `uniform`, `pow`,
-    `center` of its pipelines): every `interval`-th step (uniform, its default), or with
-    `power` and `center` the non-uniform `quad_center_steps(steps, ceil(steps / interval),
-    center, power)` (the paper's Sec. 3.3 non-uniform 1:N strategy). (steps,) bools."""
-    if int(interval) < 1:
-        raise ValueError(f"interval must be a positive integer, got {interval}")
-    if (power is None) != (center is None):
-        raise ValueError("the non-uniform schedule needs both power= and center=")
-    if power is None or interval == 1:
-        full = range(0, steps, int(interval))
-    else:
-        if not 0 <= center < steps:
-            raise ValueError(f"center must be a step in 0..{steps - 1}, got {center}")
-        full, _ = quad_center_steps(steps, -(-steps // int(interval)), center, power)
-    return tuple(i in full for i in range(steps))
-
-
-def deepcache_plan(model, steps: int, *, branch: int = 0, **schedule) -> FeaturePlan:
-    """DeepCache: cache the deep branch below skip `branch`; `schedule` as in
-    `deepcache_refresh_steps` (interval=N, and power=, center= for the non-uniform one)."""
-    return FeaturePlan(frozenset({deepcache_branch_node(model, branch)}),
-                       deepcache_refresh_steps(steps, **schedule), name=f"DeepCache branch {branch}")
-
-
-def inheritance_nodes(model, granularity: str, targets: Sequence[str]) -> frozenset:
-    """A-SDM's inherited features. "block": groups of the graph (every node of the group;
-    UNet: "dec.8x8" or "enc.16x16", one path at one resolution, the middle blocks counting
-    as the decoder's); "layer": node names ("dec.8x8_block1"); "unit": node names whose
-    attention unit is inherited."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; valid choices: {GRANULARITIES}")
-    graph = feature_graph(model)
-    if granularity == "block":
-        unknown = sorted(set(targets) - set(graph.groups))
-        if unknown:
-            raise ValueError(f"unknown blocks {unknown}; valid: {', '.join(map(repr, graph.groups))}")
-        return frozenset(n.name for n in graph if n.kind != "output" and n.group in targets)
-    chosen = frozenset(t + ".attn" if granularity == "unit" else t for t in targets)
-    graph.check_names(chosen, f"{granularity} inheritance")
-    return chosen
-
-
-def inheritance_plan(model, steps: int, *, granularity: str, targets: Sequence[str],
-                     refresh_every: int = 2, window: tuple[float, float] = (0.0, 1.0)) -> FeaturePlan:
-    """A-SDM feature inheritance: inside `window` (fractions of the trajectory) only every
-    `refresh_every`-th step computes the targets, the others inherit them; outside it every
-    step computes them. `refresh_every=2` is the alternating mode."""
-    lo, hi = window
-    inside = [lo * steps <= i < hi * steps for i in range(steps)]
-    refresh, last = [], -steps
-    for i in range(steps):
-        fresh = not inside[i] or i - last >= refresh_every
-        last = i if fresh else last
-        refresh.append(fresh)
-    return FeaturePlan(inheritance_nodes(model, granularity, targets), tuple(refresh),
-                       name=f"inherit {granularity} {','.join(targets)}")
 
 
 # ----------------------------------------------------------------------------
@@ -456,18 +290,9 @@ def _tables(plan: FeaturePlan, schedule, grid):
         position[start:start + length] = np.arange(length)
         if plan.parallel:
             chunk_kind[start] = sizes.index(length) + 1
-    return tuple(sizes), chunk_kind, position, noise_injection_coefficients(plan, schedule, grid)
-
-
-def noise_injection_coefficients(plan: FeaturePlan, schedule, grid) -> np.ndarray:
-    """(steps,) weights of the initial noise x_T added before each step (Faster Diffusion's
-    prior noise injection): ``plan.noise_injection`` (times the state's scale relative to the
-    first step's) where t / T < ``plan.injection_tau`` (T = the number of discrete steps on
-    VP discrete schedules), else 0."""
-    g = np.asarray(grid, np.float64)[:-1]
-    scale = np.sqrt(np.asarray(schedule.alpha(g)) ** 2 + np.asarray(schedule.sigma(g)) ** 2)
-    horizon = schedule.t_max + 1 if isinstance(schedule, VPDiscrete) else schedule.t_max
-    return np.where(g / horizon < plan.injection_tau, plan.noise_injection * scale / scale[0], 0.0)
+    injection = (np.zeros(n) if plan.injection is None
+                 else np.asarray(plan.injection.coefficients(schedule, grid), np.float64))
+    return tuple(sizes), chunk_kind, position, injection
 
 
 def cache_capable_samplers(schedule, grid, prediction: str = "x0") -> tuple[str, ...]:
@@ -492,36 +317,33 @@ def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config, schedul
 
     run_fn: the model with its cache (`denoiser_run_fn`), in the schedule's time;
     config: the network's feature graph, or what declares it (a `UNetConfig`, `SiTConfig`;
-    node names are checked against it). Prior noise injection
-    adds alpha z_T to the state, z_T the initial state in variance-preserving units (x_T
-    scaled by sqrt(alpha^2 + sigma^2) of the current step over that of the first), at the
-    steps whose start time t has t / T < tau, T the schedule's horizon: the number of training
-    steps N of `vp_discrete` (t is the step index, as Faster Diffusion's t / 1000), else t_max
-    (on EDM's schedule, where t = sigma, that is sigma < tau sigma_max). As in the authors'
-    code it comes before the step's model call, but with parallel decoding after the chunk's
-    batched call (their `register_parallel_pipeline`): the network sees the state without it
-    (a preconditioned denoiser's c_skip x term takes the injected state, as for any reused F).
+    node names are checked against it). A plan's noise injection (`FeaturePlan.injection`)
+    adds its weight times the initial state x_T before each step's model call, as Faster
+    Diffusion's code does, but with parallel decoding after the chunk's batched call (their
+    `register_parallel_pipeline`): the network sees the state without it (a preconditioned
+    denoiser's c_skip x term takes the injected state, as for any reused F).
 
     Returns (samples, PlanCost). Works under `jax.jit`.
     """
     g = make_grid(schedule, sampler, steps, grid)
     if plan.steps != len(g) - 1:
         raise ValueError(f"plan {plan.name!r} has {plan.steps} steps, the grid {len(g) - 1}")
-    feature_graph(config).check_names(plan.nodes, plan.name)
+    graph = feature_graph(config)
+    graph.check_names(plan.nodes, plan.name)
     inner, _ = make_solver(schedule, sampler, g, prediction=prediction, key=key, **options)
     calls = getattr(inner, "calls_per_step", None)
     if plan.nodes and calls is None:
         raise ValueError(f"{sampler} cannot run with a feature cache (its solver declares no "
                          "calls_per_step); samplers that can on this schedule: "
                          + ", ".join(map(repr, cache_capable_samplers(schedule, g, prediction))))
-    if plan.parallel and (calls != 1 or not encoder_nodes(config) <= plan.nodes):
+    if plan.parallel and (calls != 1 or not set(graph.names("encoder", "middle")) <= plan.nodes):
         raise ValueError(f"parallel decoding needs one model call per step ({sampler} makes "
                          f"{calls}) and the whole encoder + middle cached")
     sizes, chunk_kind, position, injection = _tables(plan, schedule, g)
     solver = FeatureReuseSolver(inner=inner, run_fn=run_fn, nodes=plan.nodes, chunk_sizes=sizes,
                                 refresh=jnp.asarray(plan.refresh), chunk_kind=jnp.asarray(chunk_kind),
                                 position=jnp.asarray(position), injection=jnp.asarray(injection),
-                                inject=plan.noise_injection != 0)
+                                inject=plan.injection is not None)
     samples = solve(lambda x, t: run_fn(x, t)[0], noise, schedule=schedule, solver=solver, grid=g,
                     prediction=prediction)
     return samples, plan_cost(config, plan, calls or 1)

@@ -1,48 +1,65 @@
-"""A-SDM model assembly: UNet surgery, students initialised from the teacher, cost, switching.
+"""A-SDM model assembly: students by surgery, initialised from the teacher (CLME), their cost.
 
 Zhu et al., "A-SDM: Accelerating Stable Diffusion through Model Assembly and Feature
-Inheritance Strategies" (2024), Sec. 3 (model assembly, ME-CondConv, multi-UNet switching),
-and "A-SDM: ... Redundancy Removal and Performance Optimization" (2023), Sec. 3 (block
-pruning with progressive incubation, CLME-CondConv, GRI attention).
+Inheritance Strategies" (2024), Sec. 3 (model assembly, ME-CondConv), and "A-SDM: ...
+Redundancy Removal and Performance Optimization" (2023), Sec. 3 (block pruning with
+progressive incubation, CLME-CondConv, GRI attention).
 
-Surgery is by config (`UNetConfig.surgery`, a `difflax.models.unet.Surgery`): a block named in
-`drop_blocks` loses its residual branch (norm0 -> conv0 -> affine -> norm1 -> conv1) and keeps
-its shortcut (identity, or the 1x1 projection with resampling), so the tensor shapes, the skip
-connections (and `skip_scales`) of the teacher are unchanged and every kept parameter keeps its
-name. With `condconv_experts = K > 0` the removed branch is replaced by a K-expert CondConv
-(ME-CondConv); initialising its experts from the removed kernels (`inherit_params(...,
+`student` turns A-SDM's choices into the UNet's generic surgery (`difflax.models.Surgery`,
+hooks of `difflax.models.UNetBlock`): a block named in `drop_blocks` loses its residual branch
+(norm0 -> conv0 -> affine -> norm1 -> conv1) and keeps its shortcut (identity, or the 1x1
+projection with resampling), so the tensor shapes, the skip connections (and `skip_scales`)
+of the teacher are unchanged and every kept parameter keeps its name. With `condconv_experts
+= K > 0` the removed branch is replaced by a K-expert CondConv (ME-CondConv,
+`CondConvBranch`); initialising its experts from the removed kernels (`inherit_params(...,
 clme=True)`) makes it CLME-CondConv. `drop_attention` removes a block's attention unit, and
-`attention="gri"` makes every remaining attention unit GRI attention. Block names are the feature
-nodes' (EDM's): "enc.16x16_block0", "dec.4x4_in0", ...; `difflax.models.unet.prunable_blocks`
-lists them, `feature_nodes` says which have attention.
-
-Multi-UNet switching (A-SDM, Sec. 3.3): the full model for the early, noisy steps and the
-light one for the later ones; `MultiUNetDenoiser` is a denoiser that samplers and
-`difflax.workdir.get_sample_fn` accept like any other.
+`attention="gri"` makes every remaining attention unit GRI attention (`GRIConfig`). Block
+names are the feature nodes' (EDM's): "enc.16x16_block0", "dec.4x4_in0", ...;
+`difflax.models.prunable_blocks` lists them, `feature_nodes` says which have attention.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from difflax.models.condconv import clme_experts
+from difflax.accel.asdm.condconv import CondConvBranch, clme_experts
+from difflax.accel.asdm.gri import GRIConfig
 from difflax.models.precond import Denoiser
+from difflax.models.unet import Surgery, feature_nodes
+
+ATTENTIONS = ("full", "gri")
 
 
-def student(teacher: Denoiser, **surgery) -> Denoiser:
-    """The teacher's denoiser with A-SDM surgery: fields of `Surgery` (`drop_blocks`,
-    `drop_attention`, `condconv_experts`, `attention`, `gri_window`, `gri_pool`,
-    `gri_combine`) replacing the teacher's (validated, naming the valid choices)."""
-    net = teacher.net
-    return teacher.clone(net=dataclasses.replace(
-        net, surgery=dataclasses.replace(net.surgery, **surgery)))
+def student(teacher: Denoiser, *, drop_blocks=(), drop_attention=(), condconv_experts: int = 0,
+            attention: str = "full", gri_window: int = 4, gri_pool: int = 2,
+            gri_combine: str = "joint") -> Denoiser:
+    """The teacher's denoiser with A-SDM surgery (replacing the teacher's own surgery).
+
+    drop_blocks / drop_attention: block names (residual branches / attention units removed);
+    condconv_experts: K > 0 replaces each removed branch by a K-expert CondConv, 0 leaves
+    the shortcut alone; attention: "full" or "gri" (GRI attention with `gri_window`,
+    `gri_pool`, `gri_combine`, see `GRIConfig`). Everything is validated here, the errors
+    naming the valid choices.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; valid choices: "
+                         f"{', '.join(map(repr, ATTENTIONS))}")
+    if condconv_experts < 0:
+        raise ValueError(f"condconv_experts must be >= 0 (0: no CondConv), not {condconv_experts}")
+    gri = GRIConfig(gri_window, gri_pool, gri_combine) if attention == "gri" else None
+    surgery = Surgery(drop_blocks, drop_attention,
+                      branch=CondConvBranch(condconv_experts) if condconv_experts else None,
+                      attention=gri)
+    net = dataclasses.replace(teacher.net, surgery=surgery)
+    if gri is not None:
+        for res in {n.resolution for n in feature_nodes(net)
+                    if n.attention and n.name not in surgery.drop_attention}:
+            gri.check(res, res)
+    return teacher.clone(net=net)
 
 
 # ----------------------------------------------------------------------------
@@ -70,7 +87,7 @@ def inherit_params(student_params, teacher_params, *, dropped=(), clme: bool = T
     the CondConv that replaces block b (`dropped` lists the removed blocks' EDM names, in
     execution order) are the removed kernels of b itself first (conv0, conv1, where the
     shape fits), then those of the other removed blocks, nearest first: CLME-CondConv's
-    cross-layer inheritance; see `difflax.models.condconv.clme_experts`.
+    cross-layer inheritance; see `clme_experts`.
 
     Returns (params, report) with report = {"inherited": n_leaves, "new": [paths], "clme":
     {block: n_distinct_kernels}}.
@@ -138,74 +155,3 @@ def denoiser_flops(denoiser, params, batch_size: int = 1) -> float:
     cost = fn.lower(params, x, sigma, labels).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
-
-
-# ----------------------------------------------------------------------------
-# Multi-UNet switching.
-
-
-def switch_sigma(grid, step: int) -> float:
-    """The threshold that gives grid points 0 .. step-1 to the full model, the rest to the light.
-
-    grid: the sampler's decreasing time grid (time = sigma on EDM's schedule); the threshold
-    is the geometric mean of grid[step - 1] and grid[step]. step = 0: all light; step >=
-    len(grid): all full.
-    """
-    g = np.asarray(grid, np.float64)
-    if step <= 0:
-        return math.inf
-    if step >= len(g):
-        return -math.inf
-    lo = max(float(g[step]), 1e-12)
-    return float(math.sqrt(float(g[step - 1]) * lo))
-
-
-class MultiUNetDenoiser(nn.Module):
-    """D(x; sigma) = full(x; sigma) if sigma > switch else light(x; sigma) (A-SDM multi-UNet).
-
-    Parameters {"full": full's params, "light": light's params}. sigma: () or (B,), the same
-    for the whole batch, as samplers call it (the first entry decides). Under `jit` only the
-    chosen model runs (`lax.cond`); under `vmap` over sigma both would run. `net` is the light
-    model's UNetConfig, so `difflax.workdir.get_sample_fn` takes this module as a denoiser.
-    """
-
-    full: Denoiser
-    light: Denoiser
-    switch: float
-
-    def __post_init__(self):
-        if self.full is self.light:  # one instance would be bound once, sharing its parameters
-            object.__setattr__(self, "light", self.light.clone())
-        super().__post_init__()
-
-    @property
-    def net(self):
-        return self.light.net
-
-    @property
-    def input_shape(self):
-        return self.light.input_shape
-
-    @property
-    def label_dim(self):
-        return self.light.label_dim
-
-    @nn.compact
-    def __call__(self, x, sigma, class_labels=None, **kwargs):
-        s = jnp.asarray(sigma, jnp.float32).reshape(-1)[0]
-        if self.is_initializing():  # lax.cond needs both branches' parameters to exist
-            full = self.full(x, sigma, class_labels, **kwargs)
-            return jnp.where(s > self.switch, full, self.light(x, sigma, class_labels, **kwargs))
-        return nn.cond(s > self.switch,
-                       lambda m, x: m.full(x, sigma, class_labels, **kwargs),
-                       lambda m, x: m.light(x, sigma, class_labels, **kwargs), self, x)
-
-
-def get_multi_unet_fn(full_fn: Callable, light_fn: Callable, switch: float) -> Callable:
-    """model_fn(x, t) for `difflax.sample` from two model functions: full_fn where t > switch."""
-
-    def model_fn(x, t):
-        s = jnp.asarray(t).reshape(-1)[0]
-        return jax.lax.cond(s > switch, full_fn, light_fn, x, t)
-
-    return model_fn
