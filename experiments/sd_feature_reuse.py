@@ -1,0 +1,149 @@
+"""Feature-reuse plans on Stable Diffusion 1.5's UNet architecture: model calls, compute and
+wall time against plain sampling, in one run (README, "Stable Diffusion").
+
+The UNet is SD 1.5's (`SDUNetConfig()`, 860M parameters) with random weights (no checkpoint
+can be downloaded here; the costs do not depend on the weights), at 256x256 images (32x32x4
+latents), DDIM with classifier-free guidance (both branches in one UNet call, `sd_run_fn`) on
+SD's discrete schedule and DDIMScheduler's timesteps, random (B, 77, 768) text embeddings.
+Plans, each in the paper's SD setting: Faster Diffusion's encoder propagation at its key
+steps (sequential, and parallel decoding with prior noise injection: the paper's -27% GFLOPs
+setting), DeepCache (branch 1, as its SD 1.5 runs) with a full step every 3 and every 5.
+
+Per plan: model calls (full / partial / cache only), XLA FLOPs of the whole run relative to
+plain sampling (each node's FLOPs from XLA's cost analysis, weighed by how often the plan
+computes it), and the wall-time speed-up plain / plan at each batch size, the plans timed
+round-robin and each time the minimum over `--repeats` rounds. Writes table.md and
+results.json; prints the table.
+
+    python experiments/sd_feature_reuse.py [--steps 50] [--batch 1 4] [--repeats 2]
+    python experiments/sd_feature_reuse.py --small     # a tiny SD-like UNet: checks the code
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from difflax.accel import deepcache_plan, encoder_propagation_plan
+from difflax.models import SDUNet, SDUNetConfig
+from difflax.models.sd_unet import sd_run_fn
+from difflax.models.sd_unet_weights import init_sd_unet
+from difflax.pipelines import SDScheduler
+from difflax.samplers import full_plan, node_flops, plan_cost, sample_with_plan
+
+TINY = SDUNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=(1, 1),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                    attention_head_dim=(2, 2), transformer_layers_per_block=(1, 1),
+                    norm_num_groups=8)
+
+
+def plans(unet, steps):
+    """{label: plan}: plain, then each paper's SD setting."""
+    return {
+        "plain": full_plan(steps),
+        "Faster Diffusion, encoder propagation": encoder_propagation_plan(unet, steps),
+        "Faster Diffusion, + parallel decoding + noise injection": encoder_propagation_plan(
+            unet, steps, parallel=True, noise_injection=0.003),
+        "DeepCache N=3 (branch 1)": deepcache_plan(unet, steps, branch=1, interval=3),
+        "DeepCache N=5 (branch 1)": deepcache_plan(unet, steps, branch=1, interval=5),
+    }
+
+
+def sampler_fn(unet, config, variables, context, plan, grid, schedule):
+    """jit of latents (B, h, w, 4) -> DDIM samples with guidance 7.5 under `plan`."""
+    run = sd_run_fn(unet, variables, context, guidance_scale=7.5)
+    return jax.jit(lambda x: sample_with_plan(run, x, plan=plan, config=config,
+                                              schedule=schedule, sampler="ddim", grid=grid,
+                                              prediction="eps")[0])
+
+
+def time_round_robin(fns: dict, x, repeats: int) -> dict:
+    """{name: minimum wall seconds of fn(x) over `repeats` rounds}, after one compiling call
+    each; the calls go round-robin so load from other processes hits every plan alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(x))
+    wall = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            tic = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            wall[name].append(time.perf_counter() - tic)
+    return {name: min(v) for name, v in wall.items()}
+
+
+def run(args):
+    config = TINY if args.small else SDUNetConfig(sample_size=32)
+    unet, dim = SDUNet(config), 8 if args.small else 768
+    variables = init_sd_unet(config, jax.random.key(0), dim)
+    scheduler = SDScheduler()
+    schedule, grid = scheduler.schedule(), scheduler.grid(args.steps, "ddim")
+    size = config.sample_size
+    rows = {name: {"plan": name} for name in plans(unet, args.steps)}
+    for name, plan in plans(unet, args.steps).items():
+        cost = plan_cost(unet, plan, 1)
+        rows[name].update(full=cost.full, partial=cost.partial, free=cost.free, cost=cost)
+    for batch in args.batch:
+        rng = np.random.default_rng(batch)
+        x = jnp.asarray(rng.normal(size=(batch, size, size, 4)), jnp.float32)
+        context = jnp.asarray(rng.normal(size=(2 * batch, 77, dim)), jnp.float32)
+        if batch == args.batch[0]:  # FLOPs per node, at the first batch size
+            run_fn = sd_run_fn(unet, variables, context, guidance_scale=7.5)
+            flops = node_flops(unet, run_fn, x, jnp.full((batch,), 500.0))
+            for row in rows.values():
+                row["flops_vs_plain"] = row.pop("cost").equivalent_nfe(flops) / args.steps
+        fns = {name: sampler_fn(unet, config, variables, context, plan, grid, schedule)
+               for name, plan in plans(unet, args.steps).items()}
+        seconds = time_round_robin(fns, x, args.repeats)
+        for name, row in rows.items():
+            row[f"seconds_b{batch}"] = seconds[name]
+            row[f"speedup_b{batch}"] = seconds["plain"] / seconds[name]
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+              flush=True)
+    return list(rows.values())
+
+
+def table(rows, args) -> str:
+    what = ("a tiny SD-like UNet (--small), 8x8 latents" if args.small else
+            "SD 1.5's UNet, random weights, 256x256 images (32x32 latents)")
+    lines = [f"{what}, DDIM {args.steps} steps, "
+             f"guidance 7.5, {jax.devices()[0].platform} x {jax.device_count()}; speed-up = "
+             f"plain / plan wall time, minimum of {args.repeats} round-robin rounds", "",
+             "| plan | model calls full / partial / cache | FLOPs vs plain | "
+             + " | ".join(f"speed-up B={b}" for b in args.batch) + " |",
+             "|---|---|---|" + "---|" * len(args.batch)]
+    for r in rows:
+        lines.append(f"| {r['plan']} | {r['full']} / {r['partial']} / {r['free']} | "
+                     f"{r['flops_vs_plain']:.2f} | "
+                     + " | ".join(f"{r[f'speedup_b{b}']:.2f}x" for b in args.batch) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--small", action="store_true", help="a tiny SD-like UNet, 20 DDIM steps, "
+                   "batch 1 and 2, one round")
+    p.add_argument("--out", default="experiments/results/sd_feature_reuse")
+    args = p.parse_args()
+    if args.small:
+        args.steps, args.batch, args.repeats = 20, [1, 2], 1
+    rows = run(args)
+    text = table(rows, args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
