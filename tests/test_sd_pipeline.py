@@ -236,3 +236,10 @@ def test_scheduler_grids_are_diffusers_timesteps():
         scheduler_from_diffusers({"timestep_spacing": "even"})
     with pytest.raises(ValueError, match="clip_sample=True"):
         scheduler_from_diffusers({"clip_sample": True})
+    with pytest.raises(ValueError, match=r"use_karras_sigmas=True; supported: \[False\]"):
+        scheduler_from_diffusers({"use_karras_sigmas": True})
+    with pytest.raises(ValueError, match=r"final_sigmas_type='sigma_min'; supported: \['zero'\]"):
+        scheduler_from_diffusers({"final_sigmas_type": "sigma_min"})
+    # a folder saved with DPMSolverMultistepScheduler's defaults loads (its spacing explicit)
+    dpm = dict(diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER).config)
+    assert scheduler_from_diffusers(dpm) == SDScheduler(timestep_spacing="linspace")

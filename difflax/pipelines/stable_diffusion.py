@@ -130,12 +130,19 @@ class SDScheduler:
 
 
 def scheduler_from_diffusers(config: dict) -> SDScheduler:
-    """A diffusers scheduler_config.json (DDIM, PNDM, ... of an SD checkpoint) -> SDScheduler;
-    values this pipeline does not reproduce raise an error naming the supported ones."""
+    """A diffusers scheduler_config.json (DDIM, PNDM, DPMSolverMultistep, ... of an SD
+    checkpoint) -> SDScheduler; values this pipeline does not reproduce raise an error naming
+    the supported ones: other noise levels (Karras / exponential / beta sigmas, lambda-uniform
+    steps, a final sigma other than 0), clipping, thresholding, zero-SNR betas. The fields
+    that pick a solver (solver_order, algorithm_type, solver_type, lower_order_final, ...)
+    are not read: the sampler is the one `generate` is given."""
     supported = {"beta_schedule": BETA_SCHEDULES, "prediction_type": tuple(PREDICTION_TYPES),
                  "timestep_spacing": SPACINGS, "set_alpha_to_one": (False,),
                  "clip_sample": (False,), "thresholding": (False,),
-                 "rescale_betas_zero_snr": (False,), "trained_betas": (None,)}
+                 "rescale_betas_zero_snr": (False,), "trained_betas": (None,),
+                 "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,),
+                 "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
+                 "final_sigmas_type": ("zero",)}
     for key, valid in supported.items():
         if key in config and config[key] not in valid:
             raise ValueError(f"unsupported scheduler {key}={config[key]!r}; supported: "
