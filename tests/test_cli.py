@@ -224,3 +224,14 @@ def test_edm_model_on_a_vp_schedule_is_the_same_posterior_mean():
     alpha, sigma = np.asarray(vp.alpha(t)), np.asarray(vp.sigma(t))
     expected = (alpha * c**2 / (alpha**2 * c**2 + sigma**2))[:, None] * x
     np.testing.assert_allclose(fn(x, t), expected, rtol=1e-5)
+
+
+def test_paired_sample_fn_gives_every_method_the_same_noise_and_labels():
+    sample = lambda params, key, labels: params * jax.random.normal(key, (len(labels), 2))
+    fn = wd.paired_sample_fn([(sample, 1.0), (sample, 3.0)], label_dim=10)
+    images, labels = fn(jax.random.key(4), 5)
+    alone, alone_labels = wd.labelled_sample_fn(sample, 1.0, 10)(jax.random.key(4), 5)
+    assert images.shape == (2, 5, 2)
+    np.testing.assert_array_equal(labels, alone_labels)
+    np.testing.assert_array_equal(images[0], alone)
+    np.testing.assert_allclose(images[1], 3.0 * alone, rtol=1e-6)
