@@ -167,7 +167,7 @@ def model_part(workdir, p, out_dir, setting, tolerance, previous=None):
         r["speedup"] = base["seconds"] / r["seconds"]
         r["cpu_speedup"] = base["cpu_seconds"] / r["cpu_seconds"]
         q = r["quality"]
-        r["verdict"] = claim_verdict(q[f"{dm.name}_diff"], (q[f"{dm.name}_diff_ci_low"],
+        r["verdict"] = "-" if r is base else claim_verdict(q[f"{dm.name}_diff"], (q[f"{dm.name}_diff_ci_low"],
                                                            q[f"{dm.name}_diff_ci_high"]),
                                      "no_worse", tolerance=tolerance * base["quality"][dm.name])
     return rows, dm.name
