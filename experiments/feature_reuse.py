@@ -166,10 +166,9 @@ def model_part(workdir, p, out_dir, setting, tolerance, previous=None):
     for r in rows:
         r["speedup"] = base["seconds"] / r["seconds"]
         r["cpu_speedup"] = base["cpu_seconds"] / r["cpu_seconds"]
-        q = r["quality"]
-        r["verdict"] = "-" if r is base else claim_verdict(q[f"{dm.name}_diff"], (q[f"{dm.name}_diff_ci_low"],
-                                                           q[f"{dm.name}_diff_ci_high"]),
-                                     "no_worse", tolerance=tolerance * base["quality"][dm.name])
+        q, limit = r["quality"], tolerance * base["quality"][dm.name]
+        diff = (q[f"{dm.name}_diff"], (q[f"{dm.name}_diff_ci_low"], q[f"{dm.name}_diff_ci_high"]))
+        r["verdict"] = "-" if r is base else claim_verdict(*diff, "no_worse", tolerance=limit)
     return rows, dm.name
 
 
