@@ -22,13 +22,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                      gri_combine="joint")
     c.distill = dict(steps=150, stages=1, batch_size=64, lr=1e-3, warmup_steps=20,
                      ema_halflife_kimg=2.0, task=1.0, output=1.0, features=1.0, semantic=0.1)
-    c.evaluate = dict(sampler="deis_tab3", steps=10, num=500, batch_size=250, seed=1)
+    c.evaluate = dict(sampler="deis_tab3", steps=10, num=2000, batch_size=250, seed=1)
     c.timing = dict(batch_size=250, repeats=7)
     # multi-UNet switching: the teacher for the first k of the sampler's model evaluations
     c.switch = dict(student="pruned", full_steps=(3, 5))
     if variant == "smoke":
         c.distill.update(steps=2, batch_size=8, warmup_steps=1)
-        c.evaluate.update(num=16, batch_size=8, steps=3)
+        c.evaluate.update(num=16, batch_size=8, steps=4)  # deis_tab3 needs 4 steps
         c.timing.update(batch_size=8, repeats=2)
         c.switch.update(full_steps=(1,))
     elif variant:

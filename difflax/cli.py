@@ -232,9 +232,8 @@ def cmd_evaluate(args, overrides) -> int:
         sample_fn = wd.labelled_sample_fn(sample, params, denoiser.net.label_dim)
         key = jax.random.key(config.sample.seed)
         tic = time.perf_counter()
-        evaluate = {"digits": metrics.evaluate_digits, "mnist": metrics.evaluate_mnist}.get(
-            config.data.name)
-        if evaluate:
+        if config.data.name in metrics.DATASET_METRICS:
+            evaluate = metrics.dataset_metric(config.data.name).evaluate
             result = evaluate(sample_fn, key=key, num_samples=num, batch_size=batch,
                               resolution=denoiser.net.img_resolution)
         else:

@@ -1,5 +1,8 @@
 """A training run's directory: its config, its model, its EMA weights, and sampling from them.
 
+`load_run` also takes an exported testbed folder or a shipped testbed's name
+(`difflax.testbeds`), so that every experiment's `--workdir` accepts any of the three.
+
     workdir/config.json     the resolved config of the run (written by `difflax train`)
     workdir/checkpoints/    Orbax checkpoints of the TrainState (difflax.training.loop)
     workdir/samples/        PNG grids and .npz of samples (`difflax sample`)
@@ -10,9 +13,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from difflax import configs, samplers, schedules
+from difflax import configs, samplers, schedules, testbeds
 from difflax.mesh import make_mesh
 from difflax.samplers import denoiser_model, denoiser_run_fn, keyed_sample_fn
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
@@ -54,8 +58,24 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, mesh=None):
-    """(config, denoiser, ema_params) of the newest checkpoint in `workdir`."""
+def load_run(source: str, mesh=None):
+    """(config, denoiser, ema_params) of a model, from any of three sources:
+
+    - a training run's directory (``config.json`` + ``checkpoints/``): its newest checkpoint;
+    - an exported testbed folder (``config.json`` + ``ema_params.safetensors``, written by
+      ``difflax export``);
+    - the name of a shipped testbed (``difflax.testbeds.SHIPPED``, e.g. ``"mnist_edm"``).
+
+    A name that is none of these is an error listing the shipped testbeds."""
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "checkpoints")):
+        return _load_checkpoint(source, mesh)
+    if os.path.isdir(source) and not os.path.exists(os.path.join(source, testbeds.WEIGHTS)):
+        load_config(source)  # a run with no config.json: the error says how to train one
+        raise FileNotFoundError(f"{source} has no checkpoint yet; train first")
+    return testbeds.load_testbed(source)
+
+
+def _load_checkpoint(workdir, mesh):
     config = load_config(workdir)
     denoiser = configs.denoiser_from_config(config)
     mesh = mesh or make_mesh()
@@ -69,8 +89,8 @@ def load_run(workdir: str, mesh=None):
     return config, denoiser, state.ema_params
 
 
-def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma_max: float,
-                  mesh=None, plan=None):
+def get_sample_fn(denoiser, *, sampler: str, steps: int | None = None, sigma_min: float,
+                  sigma_max: float, mesh=None, plan=None, schedule=None, grid=None):
     """Returns (fn(params, key, labels) -> images (B, R, R, C) in [-1, 1], nfe), sharded over `mesh`.
 
     The noise is N(0, I) from `key` (the same images on any number of devices or processes);
@@ -79,11 +99,15 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
 
     Compiled once per batch size and reused for any parameters (e.g. the EMA weights at
     each sampling step of a training run). The denoiser D(x; sigma) is an x0-prediction on
-    the EDM schedule (time = sigma). `sampler`: a name, its order appended where it has one
-    ("deis_tab3"). `labels`: (B,) int class labels (ignored by an unconditional model).
-    `plan`: a `difflax.samplers.FeaturePlan` to sample with the UNet's features reused (the
-    returned nfe still counts model calls as the plain sampler does;
-    `difflax.samplers.plan_cost` says which of them are partial).
+    the EDM schedule (time = sigma) from sigma_max to sigma_min. `sampler`: a name, its order
+    appended where it has one ("deis_tab3"). `labels`: (B,) int class labels (ignored by an
+    unconditional model). `plan`: a `difflax.accel.FeaturePlan` to sample with the UNet's
+    features reused (the returned nfe still counts model calls as the plain sampler does;
+    `difflax.accel.plan_cost` says which of them are partial).
+
+    `schedule` (then sigma_min / sigma_max are not used): sample on another schedule, e.g.
+    Stable Diffusion's `vp_discrete` with DDIM's uniform timesteps as the explicit `grid`
+    (instead of `steps`), the same model re-expressed in its time (`edm_model_on`).
     """
     net = denoiser.net
     if plan is None:
@@ -91,10 +115,34 @@ def get_sample_fn(denoiser, *, sampler: str, steps: int, sigma_min: float, sigma
     else:
         model = lambda params, labels, scales: denoiser_run_fn(
             denoiser, {"params": params}, labels, skip_scales=scales)
+    if schedule is None:
+        schedule = schedules.edm(sigma_min, sigma_max)
+    elif not isinstance(schedule, schedules.EDM):
+        model = lambda params, labels, scales, edm=model: edm_model_on(
+            edm(params, labels, scales), schedule)
     sample, nfe = samplers.get_sample_fn(
-        model, schedule=schedules.edm(sigma_min, sigma_max), sampler=sampler, steps=steps,
-        prediction="x0", mesh=mesh or make_mesh(), plan=plan, graph=net, clip=True)
+        model, schedule=schedule, sampler=sampler, steps=None if grid is not None else steps,
+        grid=grid, prediction="x0", mesh=mesh or make_mesh(), plan=plan, graph=net, clip=True)
     return keyed_sample_fn(sample, (net.img_resolution, net.img_resolution, net.in_channels)), nfe
+
+
+def edm_model_on(model_fn, schedule):
+    """An x0-prediction in EDM time, model_fn(x, sigma, **kw), as a model in `schedule`'s time.
+
+    A state x_t = alpha(t) x_0 + sigma(t) eps of any schedule is x_t / alpha(t) = x_0 +
+    rho(t) eps in EDM's units (rho = sigma / alpha, Karras et al. 2022 Sec. 2 and eq. 4's
+    scaling s(t)), and E[x_0 | x_t] is the same prediction on both, so
+    fn(x, t, **kw) = model_fn(x / alpha(t), rho(t), **kw) with x (B, ...) and t (B,)
+    (x may be None for a feature-cache call that reads no input; `**kw` and the output, D or
+    (D, features), pass through)."""
+
+    def fn(x, t, **kwargs):
+        alpha, rho = schedule.alpha(t), schedule.rho(t)
+        if x is not None:
+            x = x / jnp.reshape(alpha, jnp.shape(alpha) + (1,) * (x.ndim - jnp.ndim(alpha)))
+        return model_fn(x, rho, **kwargs)
+
+    return fn
 
 
 def labelled_sample_fn(sample, params, label_dim: int):
@@ -104,5 +152,23 @@ def labelled_sample_fn(sample, params, label_dim: int):
     def sample_fn(key, batch_size):
         labels = jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0, max(label_dim, 1))
         return sample(params, key, labels), labels
+
+    return sample_fn
+
+
+def paired_sample_fn(samplers, label_dim: int):
+    """K samplers on the same noise and labels as one SampleFn for
+    `difflax.metrics.evaluate_samples(..., settings=K, baseline=...)`:
+    (key, n) -> (images (K, n, R, R, C), labels (n,)).
+
+    `samplers`: K (sample, params) pairs, `sample` a `get_sample_fn` sampler (e.g. the plain
+    model and the same sampler with a feature-reuse plan, or a teacher and its students);
+    each is called with the same key, so sample i of every method starts from the same noise
+    and asks for the same class (labels as in `labelled_sample_fn`)."""
+    fns = [labelled_sample_fn(sample, params, label_dim) for sample, params in samplers]
+
+    def sample_fn(key, batch_size):
+        outs = [fn(key, batch_size) for fn in fns]
+        return jnp.stack([images for images, _ in outs]), outs[0][1]
 
     return sample_fn

@@ -26,11 +26,9 @@ SETTINGS = {
 def real_metric_and_images(dataset):
     """(FrechetMetric, real images that are subsampled) of a testbed."""
     r = SETTINGS[dataset]["resolution"]
-    if dataset == "digits":
-        clf = metrics.load_digits_classifier()
-        return metrics.digits_frechet_metric(clf.params, r), data.load_digits(r)[0]
-    clf = metrics.load_mnist_classifier()
-    return metrics.mnist_frechet_metric(clf.params, r), data.load_mnist("train", r)[0]
+    m = metrics.dataset_metric(dataset)
+    images = data.load_digits(r)[0] if dataset == "digits" else data.load_mnist("train", r)[0]
+    return m.frechet_metric(m.load_classifier().params, r), images
 
 
 def main():

@@ -1,13 +1,28 @@
-"""Feature reuse on the default job's digits model: quality and speed of every plan.
+"""Feature reuse on any testbed's model: quality (with error bars) and speed of every plan.
 
-Plans (difflax.accel.faster_diffusion, deepcache, asdm) at the same sampler and steps as the full model:
-Faster Diffusion's encoder propagation (the paper's key steps, uniform key steps, parallel
-decoding, prior noise injection), DeepCache (deep branch below a skip, every N steps) and
-A-SDM feature inheritance (block / layer / unit, alternating steps). For each: fd_digits
-and class accuracy on fresh samples, model calls (full / partial / free), compute in units
-of one full evaluation (XLA's FLOPs per node), and wall time per batch measured in this run
-against the full model. Then the same wall-time ratios on a larger UNet (64x64, ADM-sized
-channels, random weights). Writes table.md, results.json and fd_vs_speed.png; prints the table.
+Plans (`difflax.accel`) at the same sampler and steps as the full model: Faster Diffusion's
+encoder propagation (the paper's key steps, uniform key steps, parallel decoding, prior noise
+injection), DeepCache (deep branch below a skip, every N steps) and A-SDM feature inheritance
+(block / layer / unit, alternating steps). For each, on the same noise and labels as the full
+model (>= 2000 samples): the dataset's Frechet distance (fd_digits or fd_mnist,
+`difflax.metrics.dataset_metric`) with its jackknife interval, the difference to the full
+model with its paired-jackknife interval, class accuracy, and the verdict on the papers'
+claim (the same quality as the full model, within a tolerance of --tolerance times the full
+model's distance; `difflax.metrics.claim_verdict`); model calls (full / partial / free),
+compute in units of one full evaluation (XLA's FLOPs per node), and wall time per batch
+measured in this run against the full model. Then the same wall-time ratios on a larger UNet
+(64x64, ADM-sized channels, random weights). Writes table.md, results.json and
+fd_vs_speed.png; prints the table.
+
+Two sampling settings (`--setting`), each table naming its own:
+
+- `edm` (default): DDIM on the model's own EDM grid (rho = 7, sigma_max -> sigma_min), whose
+  last steps crowd at small sigma;
+- `vp_uniform`: the papers' own setting, DDIM on Stable Diffusion's discrete VP schedule
+  (scaled-linear betas, 1000 training steps) with DDIMScheduler's uniform "leading"
+  timesteps (981, 961, ..., 1, then 0 for 50 steps), the same EDM denoiser re-expressed in
+  that schedule's time (`difflax.workdir.edm_model_on`). Faster Diffusion's key steps were
+  chosen for this grid.
 
 `--similarity` instead runs the diagnostic behind these plans (Faster Diffusion's Fig. 2
 analogue, `difflax.accel.adjacent_step_similarity`): along one DDIM trajectory of the
@@ -15,7 +30,8 @@ workdir's model (`--similarity-steps`, default 50, on its EDM grid), the cosine 
 and relative change of the encoder, middle and decoder features between adjacent steps,
 averaged over the nodes of each kind. Writes similarity.png and similarity.json.
 
-    python experiments/feature_reuse.py [--workdir runs/digits] [--small] [--speed-only]
+    python experiments/feature_reuse.py [--workdir runs/digits | FOLDER | mnist_edm] [--small]
+        [--setting edm|vp_uniform] [--tolerance 0.05] [--speed-only]
     python experiments/feature_reuse.py --similarity [--workdir runs/mnist] [--out DIR]
 """
 from __future__ import annotations
@@ -34,25 +50,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from difflax import schedules  # noqa: E402
+from difflax.pipelines import SDScheduler  # noqa: E402
 from difflax.accel import (adjacent_step_similarity, deepcache_plan, denoiser_run_fn,  # noqa: E402
                            encoder_propagation_plan, faster_diffusion_key_steps, full_plan,
                            inheritance_plan, node_flops, plan_cost)
 from difflax.images import save_grid  # noqa: E402
-from difflax.metrics import evaluate_digits  # noqa: E402
+from difflax.metrics import claim_verdict, dataset_metric, format_interval  # noqa: E402
 from difflax.models import Denoiser, adm  # noqa: E402
 from difflax.samplers import make_grid  # noqa: E402
 from difflax.samplers.flow import euler_trajectory  # noqa: E402
-from difflax.workdir import get_sample_fn, labelled_sample_fn, load_run  # noqa: E402
+from difflax.workdir import get_sample_fn, load_run, paired_sample_fn  # noqa: E402
 
-FULL = dict(sampler="ddim", steps=50, num=500, batch=250, time_batch=100, big_steps=20,
+SETTINGS = {
+    "edm": "DDIM on the model's EDM grid (rho = 7)",
+    "vp_uniform": "DDIM on Stable Diffusion's VP schedule, uniform (leading) timesteps",
+}
+FULL = dict(sampler="ddim", steps=50, num=2000, batch=250, time_batch=100, big_steps=20,
             big_batch=1, repeats=3, big=dict(num_blocks=1))
-SMALL = dict(sampler="ddim", steps=20, num=128, batch=64, time_batch=64, big_steps=6,
+SMALL = dict(sampler="ddim", steps=20, num=128, batch=64, time_batch=64, big_steps=20,
              big_batch=1, repeats=2, big=dict(model_channels=32, channel_mult=(1, 2),
                                               num_blocks=1, attn_resolutions=(16,)))
 
 
-def digits_plans(net, steps):
-    """The plans compared on the digits UNet (16x16: levels 16, 8, 4)."""
+def model_plans(net, steps):
+    """The plans compared on the testbed's UNet (A-SDM's targets at its lowest resolution,
+    e.g. 4x4 on the 16x16 digits UNet)."""
     low = net.img_resolution >> (len(net.channel_mult) - 1)
     attn = [n for n in ("dec.%dx%d_in0" % (low, low),)]
     return [
@@ -95,47 +117,59 @@ def time_fns(fns, args, repeats):
     return {name: (min(wall[name]), min(cpu[name])) for name in fns}
 
 
-def digits_part(workdir, p, out_dir, previous=None):
+def sampling_setting(setting, config, steps):
+    """get_sample_fn's schedule arguments of a --setting."""
+    s = config.sample
+    if setting == "edm":
+        return dict(sigma_min=s.sigma_min, sigma_max=s.sigma_max, steps=steps)
+    sd = SDScheduler()
+    return dict(sigma_min=s.sigma_min, sigma_max=s.sigma_max, schedule=sd.schedule(),
+                grid=sd.ddim_grid(steps))
+
+
+def model_part(workdir, p, out_dir, setting, tolerance, previous=None):
     """Rows per plan; with `previous` (rows of an earlier run) only the timing is redone and
     the quality columns are taken from it."""
     config, denoiser, params = load_run(workdir)
-    net, s = denoiser.net, config.sample
+    net, dm = denoiser.net, dataset_metric(config.data.name)
     x = jnp.zeros((p["time_batch"], net.img_resolution, net.img_resolution, net.in_channels))
     t = jnp.full((p["time_batch"],), 1.0)
     labels = jnp.arange(p["time_batch"]) % max(net.label_dim, 1)
     flops = node_flops(net, denoiser_run_fn(denoiser, {"params": params}, labels), x, t)
-    plans = digits_plans(net, p["steps"])
-    fns = {label(plan): get_sample_fn(denoiser, sampler=p["sampler"], steps=p["steps"],
-                                      sigma_min=s.sigma_min, sigma_max=s.sigma_max, plan=plan)
+    plans = model_plans(net, p["steps"])
+    fns = {label(plan): get_sample_fn(denoiser, sampler=p["sampler"], plan=plan,
+                                      **sampling_setting(setting, config, p["steps"]))
            for plan in plans}
     times = time_fns({k: fn for k, (fn, _) in fns.items()}, (params, jax.random.key(7), labels),
                      p["repeats"])
+    if previous:  # --speed-only: the quality columns of the earlier run
+        quality = [previous[label(plan)]["quality"] for plan in plans]
+    else:
+        quality = dm.evaluate(paired_sample_fn([(fns[label(plan)][0], params) for plan in plans],
+                                               net.label_dim),
+                              key=jax.random.key(1), num_samples=p["num"], batch_size=p["batch"],
+                              resolution=net.img_resolution, progress=False,
+                              settings=len(plans), baseline=0)
     rows = []
-    for plan in plans:
+    for plan, q in zip(plans, quality):
         (fn, nfe), (seconds, cpu) = fns[label(plan)], times[label(plan)]
         cost = plan_cost(net, plan, 1)
-        row = dict(plan=label(plan), nfe=nfe, full=cost.full, partial=cost.partial,
-                   free=cost.free, equivalent_nfe=cost.equivalent_nfe(flops), seconds=seconds,
-                   cpu_seconds=cpu)
-        if previous:  # --speed-only: the quality columns of the earlier run
-            rows.append({**row, **{k: previous[label(plan)][k]
-                                   for k in ("fd_digits", "class_accuracy")}})
-            continue
-        metrics = evaluate_digits(labelled_sample_fn(fn, params, net.label_dim), key=jax.random.key(1),
-                                  num_samples=p["num"], batch_size=p["batch"],
-                                  resolution=net.img_resolution, progress=False)
-        rows.append({**row, "fd_digits": metrics["fd_digits"],
-                     "class_accuracy": metrics["class_accuracy"]})
-        grid = fn(params, jax.random.key(3), jnp.arange(100) % max(net.label_dim, 1))
-        save_grid(os.path.join(out_dir, f"grid_{len(rows):02d}.png"), np.asarray(grid), nrow=10)
-        print(f"{rows[-1]['plan']}: fd_digits {metrics['fd_digits']:.3f}, "
-              f"{seconds:.2f} s/batch", flush=True)
+        rows.append(dict(plan=label(plan), nfe=nfe, full=cost.full, partial=cost.partial,
+                         free=cost.free, equivalent_nfe=cost.equivalent_nfe(flops),
+                         seconds=seconds, cpu_seconds=cpu, quality=q))
+        if not previous:
+            grid = fn(params, jax.random.key(3), jnp.arange(100) % max(net.label_dim, 1))
+            save_grid(os.path.join(out_dir, f"grid_{len(rows):02d}.png"), np.asarray(grid),
+                      nrow=10)
+        print(f"{rows[-1]['plan']}: {dm.name} {q[dm.name]:.3f}, {seconds:.2f} s/batch", flush=True)
     base = rows[0]
     for r in rows:
         r["speedup"] = base["seconds"] / r["seconds"]
         r["cpu_speedup"] = base["cpu_seconds"] / r["cpu_seconds"]
-        r["fd_change"] = r["fd_digits"] / base["fd_digits"] - 1
-    return rows
+        q, limit = r["quality"], tolerance * base["quality"][dm.name]
+        diff = (q[f"{dm.name}_diff"], (q[f"{dm.name}_diff_ci_low"], q[f"{dm.name}_diff_ci_high"]))
+        r["verdict"] = "-" if r is base else claim_verdict(*diff, "no_worse", tolerance=limit)
+    return rows, dm.name
 
 
 def big_part(p):
@@ -165,33 +199,47 @@ def big_part(p):
     return rows, dict(arch, params=int(params_count), batch=p["big_batch"], steps=steps)
 
 
-def format_table(rows, big_rows, big_info, p):
-    lines = [f"Digits UNet, {p['sampler']} {p['steps']} steps, fd_digits on {p['num']} samples, "
-             f"wall time per batch of {p['time_batch']} (best of {p['repeats']} round-robin rounds; "
-             "CPU time in brackets):", "",
-             "| plan | full / partial / free calls | compute (full evals) | fd_digits | change "
-             "| class acc. | s / batch | speed-up |", "|---|---|---|---|---|---|---|---|"]
+def format_table(rows, big_rows, big_info, p, name, setting, tolerance, workdir):
+    lines = [f"Model: {workdir}. Setting {setting!r}: {SETTINGS[setting]}, {p['steps']} steps. "
+             f"{name} of {p['num']} samples (the same noise and labels for every plan) with its "
+             "95% jackknife interval; the change is the plan's minus the full model's, with its "
+             "paired-jackknife interval. Verdict on the papers' claim (the same quality): holds "
+             f"if the whole interval of the change is at most {tolerance:.0%} of the full "
+             "model's distance, holds partly if the interval straddles that, does not hold here "
+             f"if it lies above. Wall time per batch of {p['time_batch']} (best of "
+             f"{p['repeats']} round-robin rounds; CPU time in brackets).", "",
+             f"| plan | full / partial / free calls | compute (full evals) | {name} | change "
+             "| verdict | class acc. | s / batch | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        q = r["quality"]
+        fd = format_interval(q[name], q[f"{name}_ci_low"], q[f"{name}_ci_high"])
+        change = format_interval(q[f"{name}_diff"], q[f"{name}_diff_ci_low"],
+                                 q[f"{name}_diff_ci_high"], signed=True)
         lines.append(f"| {r['plan']} | {r['full']} / {r['partial']} / {r['free']} | "
-                     f"{r['equivalent_nfe']:.1f} | {r['fd_digits']:.3f} | {r['fd_change']:+.1%} | "
-                     f"{r['class_accuracy']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x "
+                     f"{r['equivalent_nfe']:.1f} | {fd} | {change} | {r['verdict']} | "
+                     f"{q['class_accuracy']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x "
                      f"({r['cpu_speedup']:.2f}x) |")
     lines += ["", f"64x64 ADM-sized UNet ({big_info['params'] / 1e6:.1f} M parameters, random "
-              f"weights), DPM-Solver++(2M) {big_info['steps']} steps, batch {big_info['batch']}:", "",
+              f"weights), DPM-Solver++(2M) {big_info['steps']} steps on the EDM grid, batch "
+              f"{big_info['batch']}:", "",
               "| plan | s / run | speed-up (CPU time) |", "|---|---|---|"]
     lines += [f"| {r['plan']} | {r['seconds']:.2f} | {r['speedup']:.2f}x ({r['cpu_speedup']:.2f}x) |"
               for r in big_rows]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def plot(rows, path, name, setting):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.scatter(r["speedup"], r["fd_digits"])
-        ax.annotate(r["plan"].split(" (")[0], (r["speedup"], r["fd_digits"]), fontsize=7)
+        q = r["quality"]
+        ax.errorbar(r["speedup"], q[name], yerr=[[q[name] - q[f"{name}_ci_low"]],
+                                                 [q[f"{name}_ci_high"] - q[name]]],
+                    fmt="o", capsize=3)
+        ax.annotate(r["plan"].split(" (")[0], (r["speedup"], q[name]), fontsize=7)
     ax.set_xlabel("speed-up over the full model (wall time)")
-    ax.set_ylabel("fd_digits (lower is better)")
-    ax.set_title("Feature reuse on the digits UNet")
+    ax.set_ylabel(f"{name} (lower is better)")
+    ax.set_title(f"Feature reuse ({SETTINGS[setting]})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -237,9 +285,16 @@ def similarity_part(workdir, out_dir, steps, batch=16):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="runs/digits")
+    ap.add_argument("--workdir", default="runs/digits",
+                    help="a training run, an exported testbed folder or a shipped testbed name")
     ap.add_argument("--out", default="experiments/results/feature_reuse")
     ap.add_argument("--small", action="store_true", help="a quick run with few samples")
+    ap.add_argument("--setting", choices=tuple(SETTINGS), default="edm",
+                    help="the sampling setting: " + "; ".join(f"{k}: {v}"
+                                                              for k, v in SETTINGS.items()))
+    ap.add_argument("--tolerance", type=float, default=0.05,
+                    help="the largest loss of quality the verdict accepts, as a fraction of "
+                         "the full model's distance")
     ap.add_argument("--speed-only", action="store_true",
                     help="redo only the timings (e.g. on a quiet machine), keeping the quality "
                          "columns of OUT/results.json")
@@ -248,6 +303,8 @@ def main():
                          "model: OUT/similarity.png and similarity.json")
     ap.add_argument("--similarity-steps", type=int, default=50)
     args = ap.parse_args()
+    if args.tolerance < 0:
+        ap.error(f"--tolerance {args.tolerance}: must be >= 0")
     p = SMALL if args.small else FULL
     os.makedirs(args.out, exist_ok=True)
     if args.similarity:
@@ -260,19 +317,21 @@ def main():
     previous = None
     if args.speed_only:
         with open(os.path.join(args.out, "results.json")) as f:
-            previous = {r["plan"]: r for r in json.load(f)["digits"]}
+            previous = {r["plan"]: r for r in json.load(f)["model"]}
     t0 = time.time()
-    rows = digits_part(args.workdir, p, args.out, previous)
+    rows, name = model_part(args.workdir, p, args.out, args.setting, args.tolerance, previous)
     big_rows, big_info = big_part(p)
-    table = format_table(rows, big_rows, big_info, p)
+    table = format_table(rows, big_rows, big_info, p, name, args.setting, args.tolerance,
+                         args.workdir)
     print(table)
     print(f"total {time.time() - t0:.0f} s")
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(settings={k: v for k, v in p.items()}, digits=rows, big=big_rows,
+        json.dump(dict(settings=dict(p), workdir=args.workdir, setting=args.setting,
+                       tolerance=args.tolerance, metric=name, model=rows, big=big_rows,
                        big_model=big_info), f, indent=1, default=str)
-    plot(rows, os.path.join(args.out, "fd_vs_speed.png"))
+    plot(rows, os.path.join(args.out, "fd_vs_speed.png"), name, args.setting)
 
 
 if __name__ == "__main__":

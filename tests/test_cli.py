@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import difflax
 from difflax import cli, configs, data, metrics, workdir as wd
 from difflax.images import make_grid
 
@@ -32,8 +33,6 @@ def test_train_writes_checkpoints_metrics_and_grid(trained):
 
 
 def test_export_then_load_testbed_gives_the_runs_ema_model(trained, tmp_path, capsys):
-    import difflax
-
     out = str(tmp_path / "testbed")
     assert cli.main(["export", "--workdir", trained, "--out", out]) == 0
     config, denoiser, params = wd.load_run(trained)
@@ -47,6 +46,26 @@ def test_export_then_load_testbed_gives_the_runs_ema_model(trained, tmp_path, ca
     difflax.testbeds.export_params(cfg, params, other)
     with pytest.raises(ValueError, match="does not hold the parameters"):
         difflax.load_testbed(other)
+
+
+def test_load_run_takes_a_run_an_exported_folder_or_a_shipped_name(trained, tmp_path,
+                                                                   monkeypatch):
+    config, denoiser, params = wd.load_run(trained)
+    shipped = tmp_path / "shipped"
+    assert cli.main(["export", "--workdir", trained, "--out", str(shipped / "tiny")]) == 0
+    monkeypatch.setattr(difflax.testbeds, "SHIPPED", str(shipped))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+    sigma, labels = np.array([0.5, 2.0], np.float32), np.array([1, 7])
+    expected = denoiser.apply({"params": params}, x, sigma, labels)
+    for source in (str(shipped / "tiny"), "tiny"):
+        config2, denoiser2, params2 = wd.load_run(source)
+        assert denoiser2 == denoiser and config2.to_dict() == config.to_dict()
+        np.testing.assert_allclose(denoiser2.apply({"params": params2}, x, sigma, labels),
+                                   expected, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="shipped: \\['tiny'\\]"):
+        wd.load_run("no_such_testbed")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        wd.load_run(str(tmp_path))
 
 
 def test_train_again_resumes_and_finishes(trained, capsys):
@@ -191,3 +210,28 @@ def test_mnist_testbed_config_fits_mnist():
     assert (net.img_resolution, net.in_channels, net.label_dim) == (32, 1, 10)
     images, labels = next(data.batch_iterator("mnist", config.train.batch_size))
     assert images.shape == (config.train.batch_size, 32, 32, 1) and labels.max() <= 9
+
+
+def test_edm_model_on_a_vp_schedule_is_the_same_posterior_mean():
+    # data x0 ~ N(0, c^2): D(x; sigma) = c^2 / (c^2 + sigma^2) x in EDM units; on a VP
+    # schedule, E[x0 | x_t] = alpha c^2 / (alpha^2 c^2 + sigma^2) x_t
+    from difflax import schedules
+
+    c, vp = 0.7, schedules.vp_discrete("scaled_linear", with_t_zero=True)
+    fn = wd.edm_model_on(lambda x, sigma: c**2 / (c**2 + sigma[:, None]**2) * x, vp)
+    t = np.array([981.0, 501.0, 1.0, 0.0])
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    alpha, sigma = np.asarray(vp.alpha(t)), np.asarray(vp.sigma(t))
+    expected = (alpha * c**2 / (alpha**2 * c**2 + sigma**2))[:, None] * x
+    np.testing.assert_allclose(fn(x, t), expected, rtol=1e-5)
+
+
+def test_paired_sample_fn_gives_every_method_the_same_noise_and_labels():
+    sample = lambda params, key, labels: params * jax.random.normal(key, (len(labels), 2))
+    fn = wd.paired_sample_fn([(sample, 1.0), (sample, 3.0)], label_dim=10)
+    images, labels = fn(jax.random.key(4), 5)
+    alone, alone_labels = wd.labelled_sample_fn(sample, 1.0, 10)(jax.random.key(4), 5)
+    assert images.shape == (2, 5, 2)
+    np.testing.assert_array_equal(labels, alone_labels)
+    np.testing.assert_array_equal(images[0], alone)
+    np.testing.assert_allclose(images[1], 3.0 * alone, rtol=1e-6)

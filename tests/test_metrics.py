@@ -265,6 +265,51 @@ def test_frechet_jackknife_interval_has_the_spread_of_independent_sample_sets():
     assert sum(lo <= centre <= hi for lo, hi in intervals) >= 25  # nominal 95% of 30
 
 
+def test_frechet_difference_interval_exact_cases():
+    rng = np.random.default_rng(9)
+    feats = rng.normal(size=(600, 3)) * np.array([1.0, 2.0, 0.5])
+    mu, sigma, key = np.array([0.3, 0.0, -0.2]), np.diag([1.0, 3.0, 0.5]), jax.random.key(0)
+    assert M.frechet_difference_interval(feats, feats, mu, sigma, key=key) == (0.0, 0.0)
+    # a constant shift changes only the mean term: the exact difference is known
+    delta = np.array([0.2, -0.1, 0.05])
+    m = feats.mean(0)
+    exact = np.sum((m + delta - mu) ** 2) - np.sum((m - mu) ** 2)
+    low, high = M.frechet_difference_interval(feats + delta, feats, mu, sigma, key=key)
+    assert (low + high) / 2 == pytest.approx(exact, rel=1e-9)
+    # each left-out difference is 2 delta.(m_g - mu) + |delta|^2, m_g the mean without group g
+    order = np.asarray(jax.random.permutation(key, 600))
+    d = [2 * delta @ (np.delete(feats, idx, 0).mean(0) - mu) + delta @ delta
+         for idx in np.array_split(order, 25)]
+    se = np.sqrt(24 / 25 * np.sum((d - np.mean(d)) ** 2))
+    assert (high - low) / 2 == pytest.approx(2.0638985616280205 * se, rel=1e-6)  # t_{0.975, 24}
+    with pytest.raises(ValueError, match="one shape"):
+        M.frechet_difference_interval(feats, feats[:-1], mu, sigma, key=key)
+
+
+@pytest.mark.parametrize("effect, interval, claim, tolerance, verdict", [
+    (-0.3, (-0.5, -0.1), "lower", 0.0, "holds"),
+    (-0.1, (-0.3, 0.1), "lower", 0.0, "holds partly"),
+    (0.1, (-0.1, 0.3), "lower", 0.0, "does not hold here"),
+    (0.05, (-0.05, 0.15), "no_worse", 0.2, "holds"),
+    (0.15, (0.05, 0.25), "no_worse", 0.2, "holds partly"),
+    (0.5, (0.3, 0.7), "no_worse", 0.2, "does not hold here"),
+])
+def test_claim_verdict_rules(effect, interval, claim, tolerance, verdict):
+    assert M.claim_verdict(effect, interval, claim, tolerance=tolerance) == verdict
+
+
+def test_format_interval():
+    assert M.format_interval(0.12345, 0.1, 0.15) == "0.123 [0.100, 0.150]"
+    assert M.format_interval(0.12, -0.01, 0.25, signed=True, digits=2) == "+0.12 [-0.01, +0.25]"
+
+
+def test_claim_verdict_checks_its_input():
+    with pytest.raises(ValueError, match="lower, no_worse"):
+        M.claim_verdict(0.0, (0.0, 0.0), "better")
+    with pytest.raises(ValueError, match="tolerance"):
+        M.claim_verdict(0.0, (0.0, 0.0), "no_worse", tolerance=-1.0)
+
+
 def test_mean_interval_over_seeds():
     mean, low, high = M.mean_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 / np.sqrt(3)  # t_{0.975, 2} (tables) * s / sqrt(3), s = 1
@@ -303,6 +348,43 @@ def test_evaluate_samples_bootstrap_intervals():
     assert (out["class_accuracy_ci_low"], out["class_accuracy_ci_high"]) == pytest.approx(
         M.bootstrap_interval(lambda idx: hits[idx].mean(), 30, key=ci_key, num_resamples=50))
     assert out["class_accuracy_ci_low"] <= out["class_accuracy"] <= out["class_accuracy_ci_high"]
+
+
+def test_evaluate_samples_paired_differences_to_a_baseline_setting():
+    data = np.random.default_rng(10).normal(size=(40, 2, 2, 1)).astype(np.float32)
+    shift = np.float32(0.3)
+
+    def sample_fn(key, batch_size):  # setting 1 = setting 0 shifted, on the same draws
+        i = int(jax.random.randint(key, (), 0, 1000)) % 4
+        x = jnp.asarray(data[i * 10:(i + 1) * 10])
+        return jnp.stack([x, x + shift])
+
+    flat = lambda x: x.reshape(x.shape[0], -1)
+    metric = M.FrechetMetric("fd_flat", flat, np.zeros(4), np.eye(4))
+    key = jax.random.key(0)
+    base, shifted = M.evaluate_samples(sample_fn, key=key, num_samples=30, batch_size=10,
+                                       frechet_metrics=[metric], progress=False, settings=2,
+                                       baseline=0)
+    assert (base["fd_flat_diff"], base["fd_flat_diff_ci_low"], base["fd_flat_diff_ci_high"]) == (
+        0.0, 0.0, 0.0)
+    assert shifted["fd_flat_diff"] == pytest.approx(shifted["fd_flat"] - base["fd_flat"])
+    feats = np.concatenate([flat(np.asarray(sample_fn(jax.random.fold_in(key, i), 10)[0]))
+                            for i in range(3)]).astype(np.float64)
+    assert (shifted["fd_flat_diff_ci_low"], shifted["fd_flat_diff_ci_high"]) == pytest.approx(
+        M.frechet_difference_interval(feats + shift, feats, np.zeros(4), np.eye(4),
+                                      key=jax.random.fold_in(key, 3)))
+    with pytest.raises(ValueError, match="baseline 2 must index"):
+        M.evaluate_samples(sample_fn, key=key, num_samples=30, batch_size=10,
+                           frechet_metrics=[metric], progress=False, settings=2, baseline=2)
+
+
+def test_dataset_metric_names_each_datasets_metric():
+    assert M.dataset_metric("digits").name == "fd_digits"
+    assert M.dataset_metric("digits").evaluate is M.evaluate_digits
+    assert M.dataset_metric("mnist") == ("fd_mnist", M.evaluate_mnist, M.load_mnist_classifier,
+                                         M.mnist_frechet_metric, M.mnist_logits, M.mnist_features)
+    with pytest.raises(ValueError, match="digits, mnist"):
+        M.dataset_metric("cifar10")
 
 
 # ----------------------------------------------------------------------------

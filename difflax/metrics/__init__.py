@@ -2,7 +2,9 @@
 fd_mnist with small classifiers), class accuracy, reference statistics, batched evaluation,
 bootstrap / seed intervals, and LPIPS."""
 from difflax.metrics.classifier import TrainedClassifier, default_cache_dir
-from difflax.metrics.confidence import bootstrap_interval, frechet_jackknife_interval, mean_interval
+from difflax.metrics.confidence import (CLAIMS, bootstrap_interval, claim_verdict, format_interval,
+                                        frechet_difference_interval, frechet_jackknife_interval,
+                                        mean_interval)
 from difflax.metrics.digits_features import (
     DigitsClassifier,
     class_accuracy,
@@ -14,7 +16,10 @@ from difflax.metrics.digits_features import (
     train_digits_classifier,
 )
 from difflax.metrics.evaluate import (
+    DATASET_METRICS,
+    DatasetMetric,
     FrechetMetric,
+    dataset_metric,
     dataset_stats,
     digits_frechet_metric,
     evaluate_digits,
@@ -55,13 +60,15 @@ from difflax.metrics.inception import (
 
 __all__ = [
     "TrainedClassifier", "default_cache_dir",
-    "bootstrap_interval", "frechet_jackknife_interval", "mean_interval",
+    "CLAIMS", "bootstrap_interval", "claim_verdict", "format_interval",
+    "frechet_difference_interval",
+    "frechet_jackknife_interval", "mean_interval",
     "DigitsClassifier", "class_accuracy",
     "digits_features", "digits_logits", "digits_reference_stats", "load_digits_classifier",
     "real_digits", "train_digits_classifier",
     "MnistClassifier", "load_mnist_classifier", "mnist_class_accuracy", "mnist_features",
     "mnist_logits", "mnist_reference_stats", "train_mnist_classifier",
-    "FrechetMetric", "dataset_stats", "digits_frechet_metric", "evaluate_digits",
+    "DATASET_METRICS", "DatasetMetric", "FrechetMetric", "dataset_metric", "dataset_stats", "digits_frechet_metric", "evaluate_digits",
     "evaluate_mnist", "evaluate_samples", "mnist_frechet_metric", "inception_frechet_metric", "quantize_to_uint8_levels",
     "FeatureStats", "frechet_distance", "init_stats", "load_stats", "mean_cov", "merge_stats",
     "save_stats", "stats_mean_cov", "update_stats",

@@ -29,7 +29,8 @@ from difflax.metrics.digits_features import (
     digits_reference_stats,
     load_digits_classifier,
 )
-from difflax.metrics.confidence import bootstrap_interval, frechet_jackknife_interval
+from difflax.metrics.confidence import (bootstrap_interval, frechet_difference_interval,
+                                        frechet_jackknife_interval)
 from difflax.metrics.inception import inception_features
 from difflax.metrics.mnist_features import (
     load_mnist_classifier,
@@ -39,6 +40,9 @@ from difflax.metrics.mnist_features import (
 )
 
 __all__ = [
+    "DATASET_METRICS",
+    "DatasetMetric",
+    "dataset_metric",
     "FrechetMetric",
     "evaluate_samples",
     "evaluate_digits",
@@ -86,8 +90,8 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
                      frechet_metrics: Sequence[FrechetMetric] = (),
                      classify_fn: Callable[[jax.Array], jax.Array] | None = None,
                      progress: bool = True, frechet_method: str = "sqrtm",
-                     bootstrap: int = 0, level: float = 0.95,
-                     settings: int | None = None) -> dict[str, float] | list[dict[str, float]]:
+                     bootstrap: int = 0, level: float = 0.95, settings: int | None = None,
+                     baseline: int | None = None) -> dict[str, float] | list[dict[str, float]]:
     """Draws ``num_samples`` images in batches and computes metrics on the fly.
 
     Args:
@@ -110,13 +114,23 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
         memory. Groups and resamples are drawn with ``fold_in(key, number of batches)``.
       level: confidence level of the intervals.
       settings: K if ``sample_fn`` returns images (K, B, H, W, C), K settings of one sampler
-        on the same noise and labels (a Skip-Tuning sweep); each is evaluated on its own.
+        (or K methods) on the same noise and labels (a Skip-Tuning sweep); each is evaluated
+        on its own.
+      baseline: with ``settings``, the index of the setting the others are compared with
+        (e.g. the plain sampler): each dict then also holds ``{name}_diff``, its distance
+        minus the baseline's, and that difference's ``level`` interval from the paired
+        jackknife (:func:`difflax.metrics.frechet_difference_interval`, the same 25 groups
+        of samples left out of both) as ``{name}_diff_ci_low`` / ``_ci_high``.
     Returns:
       ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``,
       plus the intervals' ends if ``bootstrap``; with ``settings``, a list of K such dicts.
     """
     if num_samples < 2:
         raise ValueError("need at least 2 samples for covariance statistics")
+    if baseline is not None and not 0 <= baseline < (settings or 0):
+        raise ValueError(f"baseline {baseline} must index one of the settings (0 .. K - 1, "
+                         f"settings K = {settings})")
+    keep = bool(bootstrap) or baseline is not None
     streams = [_Stream(len(frechet_metrics)) for _ in range(settings or 1)]
     done = 0
     num_batches = -(-num_samples // batch_size)
@@ -126,13 +140,26 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
             take = min(batch_size, num_samples - done)
             for j, stream in enumerate(streams):
                 stream.add((images if settings is None else images[j])[:take], labels, take,
-                           frechet_metrics, classify_fn, bootstrap)
+                           frechet_metrics, classify_fn, keep)
             done += take
             bar.update(take)
     ci_key = jax.random.fold_in(key, num_batches)
     results = [stream.results(frechet_metrics, done, frechet_method, bootstrap, level, ci_key)
                for stream in streams]
+    if baseline is not None:
+        _add_differences(results, streams, baseline, frechet_metrics, level, ci_key)
     return results[0] if settings is None else results
+
+
+def _add_differences(results, streams, baseline, frechet_metrics, level, ci_key):
+    """Each setting's distance minus the baseline's, with its paired-jackknife interval."""
+    for j, metric in enumerate(frechet_metrics):
+        base = np.concatenate(streams[baseline].kept[j])
+        for result, stream in zip(results, streams):
+            result[f"{metric.name}_diff"] = result[metric.name] - results[baseline][metric.name]
+            _add_interval(result, f"{metric.name}_diff", frechet_difference_interval(
+                np.concatenate(stream.kept[j]), base, metric.mu, metric.sigma, key=ci_key,
+                groups=min(25, len(base)), level=level))
 
 
 class _Stream:
@@ -143,12 +170,12 @@ class _Stream:
         self.kept = [[] for _ in range(num_metrics)]  # features, for the intervals
         self.hits = []  # (B,) bools per labelled batch
 
-    def add(self, images, labels, take, frechet_metrics, classify_fn, bootstrap):
+    def add(self, images, labels, take, frechet_metrics, classify_fn, keep):
         for j, metric in enumerate(frechet_metrics):
             feats = np.asarray(metric.feature_fn(images), np.float64)
             self.stats[j] = _frechet.update_stats(
                 self.stats[j] or _frechet.init_stats(feats.shape[1]), feats)
-            if bootstrap:
+            if keep:
                 self.kept[j].append(feats)
         if labels is not None and classify_fn is not None:
             pred = np.asarray(jnp.argmax(classify_fn(images), axis=-1))
@@ -203,7 +230,8 @@ def digits_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
 
 def evaluate_digits(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
                     resolution: int = 16, cache_dir: str | None = None, progress: bool = True,
-                    bootstrap: int = 200) -> dict[str, float]:
+                    bootstrap: int = 200, settings: int | None = None,
+                    baseline: int | None = None) -> dict[str, float] | list[dict[str, float]]:
     """``fd_digits`` (and ``class_accuracy`` if ``sample_fn`` returns labels) of a digits model.
 
     The classifier comes from the cache (trained in seconds if absent, see
@@ -211,14 +239,16 @@ def evaluate_digits(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, ba
     held-out accuracy on real digits, ``digits_classifier_test_accuracy``, as the ceiling
     that ``class_accuracy`` is to be read against, and 95% bootstrap intervals
     (``fd_digits_ci_low`` / ``_ci_high``, ``class_accuracy_ci_low`` / ``_ci_high``) from
-    ``bootstrap`` resamples of the samples (0: none); see :func:`evaluate_samples`.
+    ``bootstrap`` resamples of the samples (0: none). ``settings`` and ``baseline``: K
+    methods on the same noise and labels, each compared with one of them; see
+    :func:`evaluate_samples`.
     """
     clf = load_digits_classifier(cache_dir)
     return _evaluate_with_classifier(
         sample_fn, digits_frechet_metric(clf.params, resolution),
         lambda x: digits_logits(clf.params, x), {"digits_classifier_test_accuracy": clf.test_accuracy},
         key=key, num_samples=num_samples, batch_size=batch_size, progress=progress,
-        bootstrap=bootstrap)
+        bootstrap=bootstrap, settings=settings, baseline=baseline)
 
 
 def mnist_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
@@ -232,7 +262,8 @@ def mnist_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
 
 def evaluate_mnist(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
                    resolution: int = 32, cache_dir: str | None = None, progress: bool = True,
-                   bootstrap: int = 200) -> dict[str, float]:
+                   bootstrap: int = 200, settings: int | None = None,
+                   baseline: int | None = None) -> dict[str, float] | list[dict[str, float]]:
     """``fd_mnist`` (and ``class_accuracy`` if ``sample_fn`` returns labels) of an MNIST model.
 
     As :func:`evaluate_digits`, with the MNIST CNN (from the cache, or trained once in about
@@ -244,7 +275,7 @@ def evaluate_mnist(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, bat
         sample_fn, mnist_frechet_metric(clf.params, resolution),
         lambda x: mnist_logits(clf.params, x), {"mnist_classifier_test_accuracy": clf.test_accuracy},
         key=key, num_samples=num_samples, batch_size=batch_size, progress=progress,
-        bootstrap=bootstrap)
+        bootstrap=bootstrap, settings=settings, baseline=baseline)
 
 
 def _at_resolution(name, resolution, feature_fn):
@@ -261,7 +292,45 @@ def _at_resolution(name, resolution, feature_fn):
 
 def _evaluate_with_classifier(sample_fn, metric, logits_fn, extra, **kwargs):
     results = evaluate_samples(sample_fn, frechet_metrics=[metric], classify_fn=logits_fn, **kwargs)
+    if isinstance(results, list):
+        return [{**r, **extra} for r in results]
     return {**results, **extra}
+
+
+class DatasetMetric(NamedTuple):
+    """How the samples of a model trained on one dataset are scored.
+
+    Attributes:
+      name: the Frechet distance's name and result key ("fd_digits", "fd_mnist").
+      evaluate: :func:`evaluate_digits` or :func:`evaluate_mnist`.
+      load_classifier: ``(cache_dir=None) -> TrainedClassifier``, the cached feature network.
+      frechet_metric: ``(classifier_params, resolution) -> FrechetMetric``.
+      logits: ``(classifier_params, images (B, H, W, C)) -> (B, 10)``.
+      features: ``(classifier_params, images) -> (B, 64)``, the distance's feature space.
+    """
+
+    name: str
+    evaluate: Callable
+    load_classifier: Callable
+    frechet_metric: Callable
+    logits: Callable
+    features: Callable
+
+
+DATASET_METRICS = {
+    "digits": DatasetMetric("fd_digits", evaluate_digits, load_digits_classifier,
+                            digits_frechet_metric, digits_logits, digits_features),
+    "mnist": DatasetMetric("fd_mnist", evaluate_mnist, load_mnist_classifier,
+                           mnist_frechet_metric, mnist_logits, mnist_features),
+}
+
+
+def dataset_metric(dataset: str) -> DatasetMetric:
+    """The metric of a model trained on ``dataset`` (a run's ``config.data.name``)."""
+    if dataset not in DATASET_METRICS:
+        raise ValueError(f"no built-in metric for dataset {dataset!r}; valid: "
+                         f"{', '.join(DATASET_METRICS)} (others: inception_frechet_metric)")
+    return DATASET_METRICS[dataset]
 
 
 def inception_frechet_metric(inception_params, reference: str | tuple[np.ndarray, np.ndarray], *,
