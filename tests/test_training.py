@@ -166,6 +166,28 @@ def test_other_architecture_is_one_clear_error(tmp_path):
     assert "params.Dense_0.bias has shape (3,) in the checkpoint but (5,) in the model" in message
 
 
+def test_remat_blocks_give_the_same_gradients():
+    """UNetConfig.remat: each block under jax.checkpoint (the loss's jaxpr has its remat
+    primitive), the same parameters and EDM-loss gradients (dropout on) for both UNets."""
+    import dataclasses
+
+    from difflax.models import Denoiser, UNetConfig
+
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    for model_type in ("SongUNet", "DhariwalUNet"):
+        net = UNetConfig(model_type=model_type, img_resolution=8, in_channels=1, out_channels=1,
+                         model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                         attn_resolutions=(4,), dropout=0.1)
+        plain, remat = Denoiser(net=net), Denoiser(net=dataclasses.replace(net, remat=True))
+        params = get_init_params_fn(plain, jax.random.key(0))()
+        grads = [jax.grad(get_edm_loss_fn(d))(params, (x, None), jax.random.key(2))
+                 for d in (plain, remat)]
+        assert_trees_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+        jaxprs = [str(jax.make_jaxpr(get_edm_loss_fn(d))(params, (x, None), jax.random.key(2)))
+                  for d in (plain, remat)]
+        assert "remat" not in jaxprs[0] and jaxprs[1].count("remat") >= 4  # 4 blocks here
+
+
 # ---------------------------------------------------------------------------- images
 
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 from difflax.models.layers import Conv2d, GroupNorm, Init, Linear, positional_embedding
 from difflax.models.unet import (EDMUNet, augment_embedding, block_surgery, concat_skip, drop_labels,
                                  feature_nodes)
-from difflax.models.unet_block import UNetBlock
+from difflax.models.unet_block import unet_block_class
 
 
 class DhariwalUNet(EDMUNet):
@@ -23,6 +23,7 @@ class DhariwalUNet(EDMUNet):
         cfg = self.config
         init = Init("kaiming_uniform", weight=math.sqrt(1 / 3), bias=math.sqrt(1 / 3))
         init_zero = Init("kaiming_uniform", weight=0.0, bias=0.0)
+        Block = unet_block_class(cfg.remat)
         block = dict(channels_per_head=64, dropout=cfg.dropout, init=init, init_zero=init_zero)
         emb_channels = cfg.model_channels * cfg.channel_mult_emb
         if cfg.augment_dim:
@@ -38,7 +39,7 @@ class DhariwalUNet(EDMUNet):
             if node.op == "conv":
                 table[node.module] = Conv2d(node.channels, 3, init=init)
             elif node.kind != "output":
-                table[node.module] = UNetBlock(node.channels, up=node.op == "up",
+                table[node.module] = Block(node.channels, up=node.op == "up",
                                                down=node.op == "down", **block,
                                                **block_surgery(cfg, node))
         self.enc = enc
@@ -72,5 +73,5 @@ class DhariwalUNet(EDMUNet):
         if node.op == "conv":
             return (layer(h), None), None
         h, attention = layer(concat_skip(h, node, values, scales), emb, train, attention,
-                             with_attention=True)
+                             True)
         return (h, None), attention

@@ -16,7 +16,7 @@ from difflax.models.graph import FeatureNode
 from difflax.models.layers import Conv2d, FourierEmbedding, GroupNorm, Init, Linear, positional_embedding
 from difflax.models.unet import (EDMUNet, UNetConfig, augment_embedding, block_surgery, concat_skip,
                                  drop_labels, feature_nodes)
-from difflax.models.unet_block import UNetBlock
+from difflax.models.unet_block import unet_block_class
 
 
 def _level(node: FeatureNode) -> str:
@@ -45,6 +45,7 @@ class SongUNet(EDMUNet):
         cfg = self.config
         init = Init("xavier_uniform")
         init_zero = Init("xavier_uniform", weight=1e-5)
+        Block = unet_block_class(cfg.remat)
         block = dict(num_heads=1, dropout=cfg.dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
                      resample_filter=cfg.resample_filter, resample_proj=True,
                      adaptive_scale=False, init=init, init_zero=init_zero,
@@ -66,10 +67,10 @@ class SongUNet(EDMUNet):
             if node.op == "conv":
                 enc[node.module] = Conv2d(cout, 3, init=init)
             elif node.kind == "encoder":
-                enc[node.module] = UNetBlock(cout, down=node.op == "down", **block,
+                enc[node.module] = Block(cout, down=node.op == "down", **block,
                                              **block_surgery(cfg, node))
             elif node.kind != "output":
-                dec[node.module] = UNetBlock(cout, up=node.op == "up", **block,
+                dec[node.module] = Block(cout, up=node.op == "up", **block,
                                              **block_surgery(cfg, node))
             if node.op == "down" and cfg.encoder_type == "skip":
                 enc[f"{aux}_aux_down"] = Conv2d(caux, 0, down=True, resample_filter=cfg.resample_filter)
@@ -119,7 +120,7 @@ class SongUNet(EDMUNet):
         if node.kind == "middle" and node.index == 0:
             aux = None  # the decoder's aux (output) path starts empty
         h = concat_skip(h, node, values, scales)
-        h, attention = self.dec[node.module](h, emb, train, attention, with_attention=True)
+        h, attention = self.dec[node.module](h, emb, train, attention, True)
         if _has_output_layers(self.config, node):
             level = _level(node)
             if _has_aux_up(self.config, node):
@@ -132,7 +133,7 @@ class SongUNet(EDMUNet):
         """An encoder node: its layer, then at a downsampling node NCSN++'s aux encoder."""
         if node.op == "conv":
             return (self.enc[node.module](h), aux), None
-        h, attention = self.enc[node.module](h, emb, train, attention, with_attention=True)
+        h, attention = self.enc[node.module](h, emb, train, attention, True)
         level = _level(node)
         if node.op == "down" and self.config.encoder_type == "skip":
             aux = self.enc[f"{level}_aux_down"](aux)

@@ -62,7 +62,9 @@ class UNetConfig:
 
     `surgery` edits the network's blocks (a `Surgery`, or a dict of its fields; the default
     leaves the network whole; A-SDM's model assembly, difflax.accel.asdm, builds them); its
-    block names are checked against the graph.
+    block names are checked against the graph. `remat=True` rematerialises each UNet block
+    (`jax.checkpoint`, `difflax.models.unet_block.RematUNetBlock`): the same parameters and
+    outputs, less memory for the backward pass, one more forward pass of each block.
     """
 
     model_type: str = "SongUNet"
@@ -84,6 +86,7 @@ class UNetConfig:
     decoder_type: str = "standard"
     resample_filter: Sequence[int] = (1, 1)
     surgery: Surgery = Surgery()
+    remat: bool = False
 
     def __post_init__(self):
         for name in ("channel_mult", "attn_resolutions", "resample_filter"):

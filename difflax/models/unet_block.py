@@ -120,3 +120,15 @@ class UNetBlock(nn.Module):
             a = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
         a = a.reshape(b, h, w, c).astype(x.dtype)
         return Conv2d(c, 1, init=self.init_zero, name="proj")(a)
+
+
+# UNetBlock with jax.checkpoint: its activations are recomputed in the backward pass instead
+# of stored (less memory for training, one more forward pass of the block); `train` and
+# `with_attention` (positional arguments 3 and 5, self being 0) are static.
+RematUNetBlock = nn.remat(UNetBlock, static_argnums=(3, 5))
+
+
+def unet_block_class(remat: bool) -> type:
+    """`RematUNetBlock` if `remat` (UNetConfig.remat) else `UNetBlock`; the parameters are the
+    same either way."""
+    return RematUNetBlock if remat else UNetBlock
