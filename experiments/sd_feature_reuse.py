@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from difflax.models.sd_unet import sd_run_fn
 from difflax.models.sd_unet_weights import init_sd_unet
 from difflax.pipelines import SDScheduler
 from difflax.samplers import full_plan, node_flops, plan_cost, sample_with_plan
+from feature_reuse import time_fns  # experiments/feature_reuse.py: round-robin minimum times
 
 TINY = SDUNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=(1, 1),
                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -63,29 +63,15 @@ def sampler_fn(unet, config, variables, context, plan, grid, schedule):
                                               prediction="eps")[0])
 
 
-def time_round_robin(fns: dict, x, repeats: int) -> dict:
-    """{name: minimum wall seconds of fn(x) over `repeats` rounds}, after one compiling call
-    each; the calls go round-robin so load from other processes hits every plan alike."""
-    for fn in fns.values():
-        jax.block_until_ready(fn(x))
-    wall = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            tic = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            wall[name].append(time.perf_counter() - tic)
-    return {name: min(v) for name, v in wall.items()}
-
-
 def run(args):
     config = TINY if args.small else SDUNetConfig(sample_size=32)
     unet, dim = SDUNet(config), 8 if args.small else 768
     variables = init_sd_unet(config, jax.random.key(0), dim)
     scheduler = SDScheduler()
     schedule, grid = scheduler.schedule(), scheduler.grid(args.steps, "ddim")
-    size = config.sample_size
-    rows = {name: {"plan": name} for name in plans(unet, args.steps)}
-    for name, plan in plans(unet, args.steps).items():
+    size, compared = config.sample_size, plans(unet, args.steps)
+    rows = {name: {"plan": name} for name in compared}
+    for name, plan in compared.items():
         cost = plan_cost(unet, plan, 1)
         rows[name].update(full=cost.full, partial=cost.partial, free=cost.free, cost=cost)
     for batch in args.batch:
@@ -98,8 +84,8 @@ def run(args):
             for row in rows.values():
                 row["flops_vs_plain"] = row.pop("cost").equivalent_nfe(flops) / args.steps
         fns = {name: sampler_fn(unet, config, variables, context, plan, grid, schedule)
-               for name, plan in plans(unet, args.steps).items()}
-        seconds = time_round_robin(fns, x, args.repeats)
+               for name, plan in compared.items()}
+        seconds = {name: wall for name, (wall, _) in time_fns(fns, (x,), args.repeats).items()}
         for name, row in rows.items():
             row[f"seconds_b{batch}"] = seconds[name]
             row[f"speedup_b{batch}"] = seconds["plain"] / seconds[name]
