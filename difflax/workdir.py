@@ -58,7 +58,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(source: str, mesh=None):
+def load_run(source: str, mesh=None, step: int | None = None):
     """(config, denoiser, ema_params) of a model, from any of three sources:
 
     - a training run's directory (``config.json`` + ``checkpoints/``): its newest checkpoint;
@@ -66,23 +66,27 @@ def load_run(source: str, mesh=None):
       ``difflax export``);
     - the name of a shipped testbed (``difflax.testbeds.SHIPPED``, e.g. ``"mnist_edm"``).
 
-    A name that is none of these is an error listing the shipped testbeds."""
+    A name that is none of these is an error listing the shipped testbeds. `step`: a training
+    run's checkpoint of that step instead of the newest."""
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "checkpoints")):
-        return _load_checkpoint(source, mesh)
+        return _load_checkpoint(source, mesh, step)
+    if step is not None:
+        raise ValueError(f"step={step}: only a training run's directory has checkpoints by "
+                         f"step; {source} is an exported or shipped testbed")
     if os.path.isdir(source) and not os.path.exists(os.path.join(source, testbeds.WEIGHTS)):
         load_config(source)  # a run with no config.json: the error says how to train one
         raise FileNotFoundError(f"{source} has no checkpoint yet; train first")
     return testbeds.load_testbed(source)
 
 
-def _load_checkpoint(workdir, mesh):
+def _load_checkpoint(workdir, mesh, step):
     config = load_config(workdir)
     denoiser = configs.denoiser_from_config(config)
     mesh = mesh or make_mesh()
     init = get_init_params_fn(denoiser, jax.random.key(0))
     tx = make_optimizer(configs.train_config(config))
     manager = make_checkpoint_manager(os.path.join(workdir, "checkpoints"), async_save=False)
-    state = restore_checkpoint(manager, abstract_train_state(init, tx, mesh))
+    state = restore_checkpoint(manager, abstract_train_state(init, tx, mesh), step)
     manager.close()
     if state is None:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet; train first")

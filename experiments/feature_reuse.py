@@ -37,6 +37,7 @@ averaged over the nodes of each kind. Writes similarity.png and similarity.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -59,6 +60,7 @@ from difflax.metrics import claim_verdict, dataset_metric, format_interval  # no
 from difflax.models import Denoiser, adm  # noqa: E402
 from difflax.samplers import make_grid  # noqa: E402
 from difflax.samplers.flow import euler_trajectory  # noqa: E402
+from difflax.timing import interleaved_times  # noqa: E402
 from difflax.workdir import get_sample_fn, load_run, paired_sample_fn  # noqa: E402
 
 SETTINGS = {
@@ -98,23 +100,13 @@ def label(plan):
     return f"{plan.name}{extra}" + ("" if plan.name == "full" else f" ({keys} refresh steps)")
 
 
-def time_fns(fns, args, repeats):
-    """{name: (wall s, process CPU s)} of fn(*args) for each fn, after one compiling call.
-
-    The calls go round-robin and each figure is the minimum over `repeats` rounds, so that a
-    burst of load from other processes on the machine hits all plans alike and is discarded.
-    """
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn(*args))
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {name: (min(wall[name]), min(cpu[name])) for name in fns}
+def min_times(fns, args, repeats):
+    """{name: (wall s, process CPU s)} of fn(*args), each the minimum over `repeats`
+    interleaved rounds (`difflax.timing`): a burst of load from other processes hits all plans
+    alike and is discarded."""
+    timings = interleaved_times({k: functools.partial(fn, *args) for k, fn in fns.items()},
+                                repeats)
+    return {k: (float(t.wall.min()), float(t.cpu.min())) for k, t in timings.items()}
 
 
 def sampling_setting(setting, config, steps):
@@ -140,7 +132,7 @@ def model_part(workdir, p, out_dir, setting, tolerance, previous=None):
     fns = {label(plan): get_sample_fn(denoiser, sampler=p["sampler"], plan=plan,
                                       **sampling_setting(setting, config, p["steps"]))
            for plan in plans}
-    times = time_fns({k: fn for k, (fn, _) in fns.items()}, (params, jax.random.key(7), labels),
+    times = min_times({k: fn for k, (fn, _) in fns.items()}, (params, jax.random.key(7), labels),
                      p["repeats"])
     if previous:  # --speed-only: the quality columns of the earlier run
         quality = [previous[label(plan)]["quality"] for plan in plans]
@@ -190,7 +182,7 @@ def big_part(p):
     fns = {label(plan): get_sample_fn(denoiser, sampler="dpmpp_2m", steps=steps,
                                       sigma_min=0.002, sigma_max=80.0, plan=plan)[0]
            for plan in plans}
-    times = time_fns(fns, (params, jax.random.key(0), jnp.zeros(p["big_batch"], int)), p["repeats"])
+    times = min_times(fns, (params, jax.random.key(0), jnp.zeros(p["big_batch"], int)), p["repeats"])
     full = times[label(plans[0])]
     rows = [dict(plan=name, seconds=w, cpu_seconds=c, speedup=full[0] / w, cpu_speedup=full[1] / c)
             for name, (w, c) in times.items()]

@@ -35,6 +35,7 @@ from difflax.accel.asdm import DistillConfig, PruningStage
 from difflax.images import save_grid
 from difflax.samplers import make_grid
 from difflax.metrics import claim_verdict, dataset_metric, format_interval
+from difflax.timing import interleaved_times
 from difflax.training import TrainConfig
 from difflax.training.distill import init_student_params, progressive_distill
 from difflax.workdir import get_sample_fn, load_run, paired_sample_fn
@@ -74,18 +75,6 @@ def distill_variant(c, teacher, t_params, surgery, weights, workdir, dataset, se
         semantic_fn=semantic_fn, progress=False)
 
 
-def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """(median seconds, output) of each zero-argument fn, the models taking turns each round."""
-    outputs = {k: jax.block_until_ready(fn()) for k, fn in fns.items()}  # compile
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            tic = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[k].append(time.perf_counter() - tic)
-    return {k: float(np.median(v)) for k, v in times.items()}, outputs
-
-
 def run(c, out_dir, students_dir, tolerance):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
@@ -121,10 +110,13 @@ def run(c, out_dir, students_dir, tolerance):
         samplers[name] = sampler(model)[0]
         fn = jax.jit(lambda p, m=model: m.apply({"params": p}, x, sigma, labels))
         calls[name] = functools.partial(fn, params)
-    call_time, _ = time_interleaved(calls, c.timing.repeats)
-    sample_time, images = time_interleaved(
+    call_time = {n: float(np.median(t.wall))
+                 for n, t in interleaved_times(calls, c.timing.repeats).items()}
+    sampled = interleaved_times(
         {n: functools.partial(samplers[n], models[n][1], key, labels) for n in models},
         max(c.timing.repeats // 2, 1))
+    sample_time = {n: float(np.median(t.wall)) for n, t in sampled.items()}
+    images = {n: t.output for n, t in sampled.items()}
     quality = dm.evaluate(paired_sample_fn([(samplers[n], models[n][1]) for n in models],
                                            net.label_dim),
                           key=key, num_samples=e.num, batch_size=e.batch_size,

@@ -2,12 +2,14 @@
 
 For a small random-weight DDPM++ UNet behind EDM preconditioning (x0-prediction, time = sigma)
 on the EDM schedule, measures
-  - T_net: median wall time of one jitted D(x; sigma) on the batch (after warm-up);
+  - T_net: wall time of one jitted D(x; sigma) on the batch (after warm-up);
   - per sampler: compile time of `jax.jit(fn).lower(...).compile()` for a whole sampling
-    run (the pure function of `difflax.samplers.get_sample_fn`), its median wall time, and
+    run (the pure function of `difflax.samplers.get_sample_fn`), its wall time, and
     overhead = wall / (NFE x T_net) (goal <= 1.05);
   - for Euler (= DDIM here) and EDM Heun, the same sampler as a plain Python loop calling the
     jitted network each step, its wall time, overhead, and the ratio difflax / loop.
+The network, every sampler and every loop run once per round, in turn (`difflax.timing`),
+and each ratio is the median [interquartile range] over rounds of that round's ratio.
 Writes OUT/table.md (also printed), OUT/sampler_overhead.json (raw numbers) and
 OUT/sampler_overhead.png (overhead ratio per sampler).
 
@@ -17,9 +19,9 @@ OUT/sampler_overhead.png (overhead ratio per sampler).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -30,6 +32,7 @@ from tqdm import tqdm
 from difflax import schedules as S
 from difflax.models import Denoiser, ddpmpp
 from difflax.samplers import get_sample_fn, make_grid
+from difflax.timing import interleaved_times, ratio_summary
 
 # label -> (sampler name, options); orders are lowered when the grid is too short for them
 SAMPLERS = {
@@ -38,17 +41,6 @@ SAMPLERS = {
     "ipndm4": ("ipndm", dict(order=4)), "dpmpp_2m": ("dpmpp_2m", {}), "dpmpp_3m": ("dpmpp_3m", {}),
     "edm_heun": ("edm_heun", {}), "euler_maruyama": ("euler_maruyama", {}),
 }
-
-
-def timed(fn, reps):
-    """Median wall seconds of `reps` calls of fn() (blocked), after one warm-up call."""
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
 
 
 def euler_loop(net, params, noise, grid):
@@ -92,10 +84,9 @@ def run(out_dir, batch, steps, labels, reps):
     sigma = jnp.ones((batch,))
     params = random_params(den, noise, sigma)
     net = jax.jit(den.apply)
-    t_net, t_net_all = timed(lambda: net(params, noise, sigma), max(reps, 10))
     sched, key = S.edm(), jax.random.key(2)
-    rows = []
-    for label in tqdm(labels, desc="samplers"):
+    fns, rows = {"net": lambda: net(params, noise, sigma)}, []
+    for label in tqdm(labels, desc="compiling"):
         name, opts = SAMPLERS[label]
         if "order" in opts:  # as sampler_accuracy.py: lower the order on short grids
             order = min(opts["order"], steps if name == "ipndm" else steps - 1)
@@ -111,41 +102,50 @@ def run(out_dir, batch, steps, labels, reps):
 
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(params, noise, key).compile()
-        compile_s = time.perf_counter() - t0
-        wall, wall_all = timed(lambda: compiled(params, noise, key), reps)
-        row = dict(label=label, sampler=name, options=opts, nfe=nfe["n"], compile_s=compile_s,
-                   wall_s=wall, wall_all_s=wall_all, ideal_s=nfe["n"] * t_net,
-                   ratio=wall / (nfe["n"] * t_net))
+        rows.append(dict(label=label, sampler=name, options=opts, nfe=nfe["n"],
+                         compile_s=time.perf_counter() - t0))
+        fns[label] = functools.partial(compiled, params, noise, key)
         if name in LOOPS:
             grid = [float(g) for g in make_grid(sched, name, steps)]
-            loop = LOOPS[name]
-            lw, lw_all = timed(lambda: loop(net, params, noise, grid), reps)
-            diff = float(jnp.max(jnp.abs(loop(net, params, noise, grid)
-                                         - compiled(params, noise, key))))
-            row.update(loop_wall_s=lw, loop_wall_all_s=lw_all, loop_ratio=lw / (nfe["n"] * t_net),
-                       difflax_over_loop=wall / lw, loop_max_abs_diff=diff)
-        rows.append(row)
+            fns[label + " loop"] = functools.partial(LOOPS[name], net, params, noise, grid)
+    timings = interleaved_times(fns, reps)
+    t_net = timings["net"].wall
+    for row in rows:
+        t, n = timings[row["label"]], row["nfe"]
+        row.update(wall_s=float(np.median(t.wall)), ideal_s=float(n * np.median(t_net)),
+                   ratio=ratio_summary(t.wall / (n * t_net)))
+        if row["label"] + " loop" in timings:
+            loop = timings[row["label"] + " loop"]
+            row.update(loop_wall_s=float(np.median(loop.wall)),
+                       loop_ratio=ratio_summary(loop.wall / (n * t_net)),
+                       difflax_over_loop=ratio_summary(t.wall / loop.wall),
+                       loop_max_abs_diff=float(jnp.max(jnp.abs(loop.output - t.output))))
     env = dict(jax=jax.__version__, device=str(jax.devices()[0]), backend=jax.default_backend(),
-               cpu_count=os.cpu_count(), batch=batch, steps=steps, reps=reps, t_net_s=t_net,
-               t_net_all_s=t_net_all)
+               cpu_count=os.cpu_count(), batch=batch, steps=steps, reps=reps,
+               t_net_s=float(np.median(t_net)))
     write(out_dir, env, rows)
 
 
 def write(out_dir, env, rows):
-    f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+    def iqr(r, k):
+        if k not in r:
+            return "-"
+        m, lo, hi = r[k]
+        return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
     lines = [f"Sampler overhead: jax {env['jax']}, device {env['device']} ({env['backend']}), "
              f"{env['cpu_count']} CPUs; DDPM++ 16x16 UNet, batch {env['batch']}, "
-             f"{env['steps']} steps, EDM schedule, median of {env['reps']} runs", "",
+             f"{env['steps']} steps, EDM schedule; {env['reps']} interleaved rounds; ratios: "
+             "median [interquartile range] of per-round ratios", "",
              "| sampler | NFE | compile s | wall ms | NFE x T_net ms | overhead ratio "
-             "| loop wall ms | difflax/loop |", "|---|---|---|---|---|---|---|---|"]
+             "| loop wall ms | loop overhead ratio | difflax/loop |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = {k: r[k] * 1e3 for k in ("wall_s", "ideal_s", "loop_wall_s") if k in r}
-        lines.append(f"| {r['label']} | {r['nfe']} | {r['compile_s']:.2f} | {ms['wall_s']:.1f} "
-                     f"| {ms['ideal_s']:.1f} | {r['ratio']:.3f} | "
-                     + (f"{ms['loop_wall_s']:.1f} (ratio {r['loop_ratio']:.3f})"
-                        if "loop_wall_s" in ms else "-")
-                     + f" | {f(r, 'difflax_over_loop', '.3f')} |")
-    lines += ["", f"T_net (one jitted D(x; sigma) on batch {env['batch']}): "
+        loop = f"{r['loop_wall_s'] * 1e3:.1f}" if "loop_wall_s" in r else "-"
+        lines.append(f"| {r['label']} | {r['nfe']} | {r['compile_s']:.2f} | "
+                     f"{r['wall_s'] * 1e3:.1f} | {r['ideal_s'] * 1e3:.1f} | {iqr(r, 'ratio')} | "
+                     f"{loop} | {iqr(r, 'loop_ratio')} | {iqr(r, 'difflax_over_loop')} |")
+    lines += ["", f"T_net (one jitted D(x; sigma) on batch {env['batch']}, median): "
               f"{env['t_net_s'] * 1e3:.2f} ms; goal: overhead ratio <= 1.05"]
     table = "\n".join(lines)
     print(table)
@@ -162,8 +162,8 @@ def plot(out_dir, rows):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4))
     xs = np.arange(len(rows))
-    ax.bar(xs - 0.2, [r["ratio"] for r in rows], 0.4, label="difflax (jitted)")
-    loops = [(i, r["loop_ratio"]) for i, r in enumerate(rows) if "loop_ratio" in r]
+    ax.bar(xs - 0.2, [r["ratio"][0] for r in rows], 0.4, label="difflax (jitted)")
+    loops = [(i, r["loop_ratio"][0]) for i, r in enumerate(rows) if "loop_ratio" in r]
     if loops:
         ax.bar([i + 0.2 for i, _ in loops], [v for _, v in loops], 0.4, label="Python loop")
     ax.axhline(1.0, color="k", lw=0.8)
@@ -182,7 +182,7 @@ def main():
     p.add_argument("--out", default="experiments/results/sampler_overhead")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement")
+    p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     p.add_argument("--small", action="store_true", help="batch 4, 3 steps, 3 reps: a quick check")
     a = p.parse_args()

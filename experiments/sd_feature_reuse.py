@@ -34,7 +34,7 @@ from difflax.models.sd_unet import sd_run_fn
 from difflax.models.sd_unet_weights import init_sd_unet
 from difflax.pipelines import SDScheduler
 from difflax.samplers import full_plan, node_flops, plan_cost, sample_with_plan
-from feature_reuse import time_fns  # experiments/feature_reuse.py: round-robin minimum times
+from feature_reuse import min_times  # experiments/feature_reuse.py: round-robin minimum times
 
 TINY = SDUNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=(1, 1),
                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -85,7 +85,7 @@ def run(args):
                 row["flops_vs_plain"] = row.pop("cost").equivalent_nfe(flops) / args.steps
         fns = {name: sampler_fn(unet, config, variables, context, plan, grid, schedule)
                for name, plan in compared.items()}
-        seconds = {name: wall for name, (wall, _) in time_fns(fns, (x,), args.repeats).items()}
+        seconds = {name: wall for name, (wall, _) in min_times(fns, (x,), args.repeats).items()}
         for name, row in rows.items():
             row[f"seconds_b{batch}"] = seconds[name]
             row[f"speedup_b{batch}"] = seconds["plain"] / seconds[name]

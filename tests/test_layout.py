@@ -21,7 +21,7 @@ MAX_LINES = 400
 # its own layer or lower ones. A new top-level module must be added here.
 LAYERS = {
     # 0: networks and the plumbing below everything (arrays in, arrays out; no sampling)
-    "models": 0, "data": 0, "mesh": 0, "chunks": 0, "images": 0,
+    "models": 0, "data": 0, "mesh": 0, "chunks": 0, "images": 0, "timing": 0,
     # 1: noise schedules and parameterisations
     "schedules": 1, "parameterization": 1,
     # 2: the samplers and their one factory

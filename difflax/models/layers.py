@@ -66,10 +66,10 @@ class Linear(nn.Module):
         fan_in = x.shape[-1]
         w = self.param("weight", edm_init(self.init.mode, fan_in, self.features, self.init.weight),
                        (fan_in, self.features))
-        x = x @ w
+        x = x @ w.astype(x.dtype)  # computes in x's dtype, as EDM's layers (use_fp16)
         if self.use_bias:
             x = x + self.param("bias", edm_init(self.init.mode, fan_in, self.features, self.init.bias),
-                               (self.features,))
+                               (self.features,)).astype(x.dtype)
         return x
 
 
@@ -114,7 +114,8 @@ class Conv2d(nn.Module):
 
     `kernel=0` means no weights: a pure resampling layer. `fused_resample` (down only, as
     EDM uses it in NCSN++'s residual encoder) convolves first, padded by w_pad + f_pad, then
-    filters with stride 2.
+    filters with stride 2. Computes in x's dtype (float32 parameters cast to it, as EDM's
+    layers do under use_fp16).
     """
 
     features: int
@@ -132,7 +133,7 @@ class Conv2d(nn.Module):
         if k:
             fan_in, fan_out = cin * k * k, self.features * k * k
             w = self.param("weight", edm_init(self.init.mode, fan_in, fan_out, self.init.weight),
-                           (k, k, cin, self.features))
+                           (k, k, cin, self.features)).astype(x.dtype)
         if self.fused_resample and self.down and k:
             f = _resample_kernel(self.resample_filter)
             x = self._conv(x, w, padding=k // 2 + (f.shape[0] - 1) // 2)
@@ -146,7 +147,7 @@ class Conv2d(nn.Module):
                 x = self._conv(x, w, padding=k // 2)
         if k and self.use_bias:
             x = x + self.param("bias", edm_init(self.init.mode, fan_in, fan_out, self.init.bias),
-                               (self.features,))
+                               (self.features,)).astype(x.dtype)
         return x
 
     @staticmethod

@@ -14,6 +14,7 @@ from difflax.models.song_unet import SongUNet
 from difflax.models.unet import UNetConfig
 
 PRECONDS = ("edm", "vp", "ve")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def make_unet(config: UNetConfig) -> nn.Module:
@@ -35,6 +36,12 @@ class Denoiser(nn.Module):
     labels (B,), converted), returns D(x; sigma) of x's shape. The UNet's parameters sit
     under `model`, as EDM's sit under `model.`. `input_shape` and `label_dim` (from `net`)
     are what training reads to initialise the model and check its data.
+
+    `dtype` ("float32", "bfloat16" or "float16"): the UNet computes in it, as EDMPrecond's
+    `use_fp16` does: (c_in x) is cast to it, every layer casts its float32 parameters to its
+    input's dtype, GroupNorm statistics and attention logits stay float32, and the output F
+    returns to float32 before c_skip x + c_out F. Parameters and their gradients stay
+    float32 (mixed precision); the value does not change the parameters, only the compute.
     """
 
     net: UNetConfig
@@ -43,6 +50,7 @@ class Denoiser(nn.Module):
     beta_d: float = 19.9
     beta_min: float = 0.1
     M: int = 1000
+    dtype: str = "float32"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -57,6 +65,9 @@ class Denoiser(nn.Module):
     def setup(self):
         if self.precond not in PRECONDS:
             raise ValueError(f"unknown precond {self.precond!r}; valid choices: {', '.join(PRECONDS)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid choices: "
+                             f"{', '.join(COMPUTE_DTYPES)}")
         self.model = make_unet(self.net)
 
     def coefficients(self, sigma):
@@ -95,7 +106,8 @@ class Denoiser(nn.Module):
         sigma, class_labels = self._inputs(batch, sigma, class_labels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         emb = self.model.embed(c_noise, class_labels, augment_labels, train)
-        f, stored = self.model.run(None if x is None else c_in[:, None, None, None] * x, emb,
+        x_in = None if x is None else (c_in[:, None, None, None] * x).astype(self.dtype)
+        f, stored = self.model.run(x_in, emb,
                                    cache=cache, reuse=reuse, store=store, output=output,
                                    skip_scales=skip_scales, train=train)
         if not output:

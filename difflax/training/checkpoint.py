@@ -89,9 +89,15 @@ def _restore_step(manager, step, abstract_state):
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state):
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
     """Restores the newest readable checkpoint into the structure, dtypes and shardings of
-    `abstract_state` (e.g. `parallel.abstract_train_state`); None if there is none."""
+    `abstract_state` (e.g. `parallel.abstract_train_state`); None if there is none. With
+    `step`, that checkpoint (an error listing the saved steps if there is none)."""
+    if step is not None:
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {manager.directory}; "
+                                    f"saved steps: {sorted(manager.all_steps())}")
+        return _restore_step(manager, step, abstract_state)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return _restore_step(manager, step, abstract_state)

@@ -55,6 +55,21 @@ def get_init_params_fn(model, key: jax.Array):
     return init
 
 
+def with_compute_dtype(model, dtype: str):
+    """`model` computing in `dtype` (TrainConfig.compute_dtype): a Denoiser's `dtype` field;
+    any other model only in float32. bfloat16 needs no loss scaling; float16 would (its
+    gradients underflow) and is refused."""
+    if dtype == "float32" or getattr(model, "dtype", None) == dtype:
+        return model
+    if dtype == "float16":
+        raise ValueError("train.compute_dtype float16 needs loss scaling, which difflax's "
+                         "training does not do; use bfloat16 (same range as float32)")
+    if not hasattr(model, "dtype"):
+        raise ValueError(f"train.compute_dtype {dtype!r}: {type(model).__name__} has no "
+                         "`dtype` field; mixed precision works on difflax.models.Denoiser")
+    return model.clone(dtype=dtype)
+
+
 def _trim_metrics(path: str, last_step: int) -> None:
     """Drops lines logged after `last_step` (by a run killed after its last checkpoint)."""
     if not os.path.exists(path):
@@ -137,6 +152,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     final state.
     """
     mesh = make_mesh() if mesh is None else mesh
+    model = with_compute_dtype(model, cfg.compute_dtype)
     primary = jax.process_index() == 0
     k_init, k_train = jax.random.split(jax.random.key(cfg.seed))
     tx = make_optimizer(cfg)

@@ -41,6 +41,8 @@ class TrainConfig:
     sample_every: int = 0
     seed: int = 0
     tensorboard: bool = False  # also write TensorBoard events (needs tensorboardX)
+    # the model computes in this dtype on float32 parameters (`difflax.models.Denoiser.dtype`)
+    compute_dtype: str = "float32"
 
 
 @flax.struct.dataclass
