@@ -5,6 +5,10 @@ The down, mid and up blocks expose one method per node of the UNet's feature gra
 (`DownBlock.layer` / `downsample`, `MidBlock`, `UpBlock.layer` / `upsample`), so that
 `SDUNet.compute_node` runs the network one node at a time; a transformer ("attention")
 layer returns its residual, the cacheable attention unit of A-SDM's unit-level inheritance.
+The blocks build their ResNets and transformers under the config's `surgery`
+(`difflax.models.Surgery`, A-SDM's model assembly): a ResNet pruned or its branch replaced
+(`resnet`), a transformer dropped or its self-attention replaced (`transformer`), by the
+names `SDUNetConfig.block_params` and the feature graph give them.
 """
 from __future__ import annotations
 

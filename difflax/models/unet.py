@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.graph import FeatureGraph, FeatureNode, feature_graph, run_graph
+from difflax.models.graph import FeatureGraph, FeatureNode, declared, feature_graph, run_graph
 
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
 
@@ -136,10 +136,9 @@ def block_params(model) -> dict[str, tuple[str, ...]]:
     {block name: the path of its parameters in the network's}. `model`: a config declaring
     `block_params()` (`UNetConfig`, `SDUNetConfig`), or what holds one as its `net` (a
     denoiser) or its `config` (a network module, e.g. `SDUNet`)."""
-    for holder in (model, getattr(model, "net", None), getattr(model, "config", None)):
-        declare = getattr(holder, "block_params", None)
-        if declare is not None:
-            return declare()
+    blocks = declared(model, "block_params")
+    if blocks is not None:
+        return blocks
     raise TypeError(f"{type(model).__name__} declares no prunable blocks: pass a UNetConfig, an "
                     "SDUNetConfig, or a model holding one")
 
