@@ -103,16 +103,19 @@ def _check_rectified_flow(s):
 
 
 def _check_stable_diffusion(s):
-    assert s["image_shape"] == [2, 16, 16, 3] and s["steps"] == 4
-    assert s["full_plan_vs_plain"] <= 1e-5, s  # the full plan is the plain sampler
+    assert s["image_shape"] == [2, 16, 16, 3] and s["steps"] == 6
+    assert s["full_plan_vs_plain"] == 0.0, s  # the full plan is the plain sampler
     assert s["calls"] == s["plan_cost_calls"], s  # counted while sampling = plan_cost's
-    assert s["calls"]["plain"] == s["calls"]["Skip-Tuning"] == 4
-    # key steps 0 and 2 (every=2): the encoder and mid block run twice; with parallel
-    # decoding each key step is one storing call and one batched decode of its 2 steps
-    assert s["encoder_runs"]["Faster Diffusion"] == s["encoder_runs"]["DeepCache N=3"] == 2
-    assert s["encoder_runs"]["plain"] == 4 and s["calls"]["Faster Diffusion, parallel"] == 4
+    calls, encoder = s["calls"], s["encoder_runs"]
+    assert calls["plain"] == calls["Skip-Tuning"] == calls["A-SDM student (pruned, untrained)"] == 6
+    # key steps 0 and 3 (every=3): the encoder and mid block run twice; with parallel
+    # decoding each key step is one storing call and one batched decode of its 3 steps
+    assert calls["Faster Diffusion, parallel"] == 4
+    assert encoder["Faster Diffusion"] == encoder["Faster Diffusion, parallel"] == 2
+    assert encoder["DeepCache N=3"] == 2 and encoder["A-SDM inheritance"] == 3  # refresh 0, 3 / 0, 2, 4
+    assert encoder["plain"] == 6
     for name in ("Faster Diffusion", "DeepCache N=3", "A-SDM inheritance", "Skip-Tuning",
-                 "A-SDM student (untrained)"):
+                 "A-SDM student (pruned, untrained)"):
         assert s["change_from_plain"][name] > 1e-4, (name, s)
 
 
