@@ -117,7 +117,7 @@ class UNetConfig:
         """The blocks `surgery` may prune (the feature nodes of op "down", "block", "up"),
         in execution order, with their parameters' path: {"enc.16x16_block0":
         ("enc_16x16_block0",), ...}."""
-        return {n.name: (n.name.replace(".", "_", 1),) for n in feature_nodes(self)
+        return {n.name: edm_block_path(n.name) for n in feature_nodes(self)
                 if n.op in ("down", "block", "up")}
 
 
@@ -129,6 +129,12 @@ def check_surgery(cfg):
     for name in cfg.surgery.drop_attention:
         _check_choice("drop_attention entry", name,
                       [n.name for n in cfg.feature_graph() if n.attention])
+
+
+def edm_block_path(name: str) -> tuple[str, ...]:
+    """The path of EDM UNet block `name`'s parameters in the network's: "enc.16x16_block0" ->
+    ("enc_16x16_block0",)."""
+    return (name.replace(".", "_", 1),)
 
 
 def block_params(model) -> dict[str, tuple[str, ...]]:

@@ -35,7 +35,7 @@ from difflax.accel.asdm.condconv import CondConvBranch, clme_experts
 from difflax.accel.asdm.gri import GRIConfig
 from difflax.models.graph import feature_graph
 from difflax.models.precond import Denoiser
-from difflax.models.unet import Surgery, block_params
+from difflax.models.unet import Surgery, block_params, edm_block_path
 
 ATTENTIONS = ("full", "gri")
 
@@ -159,7 +159,7 @@ def inherit_params(student_params, teacher_params, *, dropped=(), clme: bool = T
     report = {"inherited": len(flat_s) - len(new), "new": new, "clme": {}}
     if clme and dropped:
         blocks = (block_params(model) if model is not None
-                  else {name: (name.replace(".", "_", 1),) for name in dropped})
+                  else {name: edm_block_path(name) for name in dropped})
         unknown = [name for name in dropped if name not in blocks]
         if unknown:
             raise ValueError(f"dropped blocks {unknown} are not blocks of the model; valid "
