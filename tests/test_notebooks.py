@@ -18,18 +18,21 @@ GOLDEN = ROOT / "tests" / "data" / "edm_ddpmpp_small.npz"
 @pytest.fixture(scope="module")
 def stand_in_files(tmp_path_factory):
     """Tiny local files in place of EDM's ImageNet-64 snapshot, pytorch-fid's Inception
-    weights (random, same layout) and reference statistics; a workdir that the digits
-    notebooks share (the second one resumes the first one's finished run)."""
+    weights (random, same layout) and reference statistics, and a Stable Diffusion folder
+    (tiny random components, tests/sd_folders.py); a workdir that the digits notebooks share
+    (the second one resumes the first one's finished run)."""
     from fid_stand_in import random_fid_state_dict
+    from sd_folders import save_tiny_pipeline
     torch = pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("stand_ins")
     torch.save(random_fid_state_dict(), tmp / "pt_inception-random.pth")
+    save_tiny_pipeline(tmp / "sd", "epsilon")
     np.savez(tmp / "reference.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with np.load(GOLDEN) as f:
         arch = json.loads(str(f["config_json"]))
     return {"DIFFLAX_NOTEBOOK_WORKDIR": str(tmp / "digits_run"), "DIFFLAX_EDM": str(GOLDEN), "DIFFLAX_EDM_ARCH": json.dumps(arch),
             "DIFFLAX_INCEPTION": str(tmp / "pt_inception-random.pth"),
-            "DIFFLAX_FID_REFERENCE": str(tmp / "reference.npz")}
+            "DIFFLAX_FID_REFERENCE": str(tmp / "reference.npz"), "DIFFLAX_SD_FOLDER": str(tmp / "sd")}
 
 
 def test_notebooks_are_stored_without_outputs():
@@ -99,9 +102,26 @@ def _check_rectified_flow(s):
     assert s["sample_shape"] == [20, 16, 16, 1]
 
 
+def _check_stable_diffusion(s):
+    assert s["image_shape"] == [2, 16, 16, 3] and s["steps"] == 6
+    assert s["full_plan_vs_plain"] == 0.0, s  # the full plan is the plain sampler
+    assert s["calls"] == s["plan_cost_calls"], s  # counted while sampling = plan_cost's
+    calls, encoder = s["calls"], s["encoder_runs"]
+    assert calls["plain"] == calls["Skip-Tuning"] == calls["A-SDM student (pruned, untrained)"] == 6
+    # key steps 0 and 3 (every=3): the encoder and mid block run twice; with parallel
+    # decoding each key step is one storing call and one batched decode of its 3 steps
+    assert calls["Faster Diffusion, parallel"] == 4
+    assert encoder["Faster Diffusion"] == encoder["Faster Diffusion, parallel"] == 2
+    assert encoder["DeepCache N=3"] == 2 and encoder["A-SDM inheritance"] == 3  # refresh 0, 3 / 0, 2, 4
+    assert encoder["plain"] == 6
+    for name in ("Faster Diffusion", "DeepCache N=3", "A-SDM inheritance", "Skip-Tuning",
+                 "A-SDM student (pruned, untrained)"):
+        assert s["change_from_plain"][name] > 1e-4, (name, s)
+
+
 CHECKS = {"01_quickstart": _check_quickstart, "02_pretrained_edm": _check_pretrained,
           "03_composing_accelerations": _check_composing, "04_gmem": _check_gmem,
-          "05_rectified_flow": _check_rectified_flow}
+          "05_rectified_flow": _check_rectified_flow, "06_stable_diffusion": _check_stable_diffusion}
 
 
 def test_every_notebook_has_checks():

@@ -109,12 +109,22 @@ def feature_graph(model) -> FeatureGraph:
     its `net` (a denoiser) or its `config` (a network module, e.g. `SDUNet`)."""
     if isinstance(model, FeatureGraph):
         return model
-    for holder in (model, getattr(model, "net", None), getattr(model, "config", None)):
-        declare = getattr(holder, "feature_graph", None)
-        if declare is not None:
-            return declare()
+    graph = declared(model, "feature_graph")
+    if graph is not None:
+        return graph
     raise TypeError(f"{type(model).__name__} declares no feature graph: pass a FeatureGraph or "
                     "a config with a feature_graph() method (UNetConfig, SiTConfig, SDUNetConfig)")
+
+
+def declared(model, method: str):
+    """What a model declares by a config method (`feature_graph`, `block_params`): the
+    method's result on `model` itself, or on what holds the config as its `net` (a denoiser)
+    or its `config` (a network module); None if none of them has the method."""
+    for holder in (model, getattr(model, "net", None), getattr(model, "config", None)):
+        declare = getattr(holder, method, None)
+        if declare is not None:
+            return declare()
+    return None
 
 
 def nodes_to_compute(nodes, reuse=frozenset(), store=frozenset(), output=True) -> frozenset:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from difflax.models.graph import FeatureGraph, FeatureNode, run_graph
 from difflax.models.sd_unet_blocks import (DownBlock, MidBlock, TimestepEmbedding, UpBlock, conv,
                                            group_norm, timestep_features)
-from difflax.models.unet import SkipConnection, skip_connections
+from difflax.models.unet import SkipConnection, Surgery, check_surgery, skip_connections
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -56,6 +56,10 @@ class SDUNetConfig:
     timestep at addition_time_embed_dim) go through `add_embedding` into temb.
     sample_size: the latent resolution trained on (SD 1.5: 64); only the skip list's
     resolutions use it, the network runs at any size divisible by 2 ** (levels - 1).
+    surgery: structural edits by block name (`difflax.models.Surgery`, or a dict of its
+    fields; names: `block_params` / `difflax.models.prunable_blocks` for drop_blocks, the
+    feature nodes with attention for drop_attention), as A-SDM's `student` builds them
+    (difflax.accel.asdm); the kept parameters keep their diffusers names.
     """
 
     sample_size: int = 64
@@ -76,10 +80,30 @@ class SDUNetConfig:
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    surgery: Surgery = Surgery()
+
+    def __post_init__(self):
+        if isinstance(self.surgery, dict):
+            object.__setattr__(self, "surgery", Surgery(**self.surgery))
+        check_surgery(self)
 
     def feature_graph(self) -> FeatureGraph:
         """The forward pass as a feature graph (`sd_feature_nodes`)."""
         return sd_feature_nodes(self)
+
+    def block_params(self) -> dict[str, tuple[str, ...]]:
+        """The ResNets `surgery` may prune, in execution order, with their parameters' path:
+        each encoder / decoder layer's by its feature node ("down_blocks_1.layer_0":
+        ("down_blocks_1", "resnets_0")), the mid block's two by "mid_block.resnets_<k>" (its
+        feature node "mid_block" holds both)."""
+        blocks = {}
+        for n in sd_feature_nodes(self):
+            if n.kind == "middle":
+                blocks.update({f"mid_block.resnets_{k}": ("mid_block", f"resnets_{k}")
+                               for k in range(2)})
+            elif n.op == "block":
+                blocks[n.name] = (n.group, f"resnets_{n.index}")
+        return blocks
 
 
 def sd_feature_nodes(config: SDUNetConfig) -> FeatureGraph:

@@ -5,14 +5,21 @@ The down, mid and up blocks expose one method per node of the UNet's feature gra
 (`DownBlock.layer` / `downsample`, `MidBlock`, `UpBlock.layer` / `upsample`), so that
 `SDUNet.compute_node` runs the network one node at a time; a transformer ("attention")
 layer returns its residual, the cacheable attention unit of A-SDM's unit-level inheritance.
+The blocks build their ResNets and transformers under the config's `surgery`
+(`difflax.models.Surgery`, A-SDM's model assembly): a ResNet pruned or its branch replaced
+(`resnet`), a transformer dropped or its self-attention replaced (`transformer`), by the
+names `SDUNetConfig.block_params` and the feature graph give them.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from difflax.models.layers import Init
 
 
 def group_norm(config, name: str | None = None, eps: float | None = None) -> nn.GroupNorm:
@@ -52,47 +59,74 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """diffusers `ResnetBlock2D`: x + conv2(silu(norm2(conv1(silu(norm1(x))) + W silu(temb))))."""
+    """diffusers `ResnetBlock2D`: x + conv2(silu(norm2(conv1(silu(norm1(x))) + W silu(temb)))),
+    x through the 1x1 `conv_shortcut` when the channels change.
+
+    Surgery (`difflax.models.Surgery`, A-SDM's block pruning): `pruned=True` removes the
+    residual branch and keeps the shortcut (identity or conv_shortcut); with a `branch` hook
+    the block is shortcut(x) + branch(silu(norm1(x)), silu(temb), features, Init()) (the
+    signature of `difflax.models.UNetBlock`'s hook; `Init()` is flax's default convolution
+    initialisation, lecun normal, zero bias)."""
 
     features: int
     config: object
+    pruned: bool = False
+    branch: Callable | None = None
 
     @nn.compact
     def __call__(self, x, temb):
+        shortcut = x
+        if x.shape[-1] != self.features:
+            shortcut = conv(self.features, "conv_shortcut", kernel=1)(x)
+        if self.pruned:
+            if self.branch is None:
+                return shortcut
+            h = nn.silu(group_norm(self.config, "norm1")(x))
+            return shortcut + self.branch(h, nn.silu(temb), self.features, Init())
         h = conv(self.features, "conv1")(nn.silu(group_norm(self.config, "norm1")(x)))
         h = h + nn.Dense(self.features, name="time_emb_proj")(nn.silu(temb))[:, None, None]
         h = conv(self.features, "conv2")(nn.silu(group_norm(self.config, "norm2")(h)))
-        if x.shape[-1] != self.features:
-            x = conv(self.features, "conv_shortcut", kernel=1)(x)
-        return x + h
+        return shortcut + h
 
 
 class Attention(nn.Module):
-    """Multi-head attention of x (B, N, C) over context (B, M, D) (x itself if None)."""
+    """Multi-head attention of x (B, N, C) over context (B, M, D) (x itself if None).
+
+    `attend`, for self-attention on an h x w grid (`size` = (h, w)), replaces the softmax
+    attention: attend(q, k, v, h, w) with q, k, v (B, h w, heads, c) in float32 -> (B, h w,
+    heads, c) (the hook of `difflax.models.UNetBlock`, e.g. A-SDM's GRI attention)."""
 
     heads: int
+    attend: Callable | None = None
 
     @nn.compact
-    def __call__(self, x, context=None):
+    def __call__(self, x, context=None, size=None):
+        self_attention = context is None
         context = x if context is None else context
         b, n, c = x.shape
         split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads)
         q, k, v = (split(nn.Dense(c, use_bias=False, name=name)(inp))
                    for name, inp in (("to_q", x), ("to_k", context), ("to_v", context)))
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, c)
+        if self.attend is not None and self_attention:
+            f32 = lambda t: t.astype(jnp.float32)
+            out = self.attend(f32(q), f32(k), f32(v), *size).astype(x.dtype).reshape(b, n, c)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, c)
         return nn.Dense(c, name="to_out_0")(out)
 
 
 class TransformerBlock(nn.Module):
-    """diffusers `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward."""
+    """diffusers `BasicTransformerBlock`: self-attention (with the `attend` hook on the
+    h x w grid `size`), cross-attention, GEGLU feed-forward."""
 
     heads: int
+    attend: Callable | None = None
 
     @nn.compact
-    def __call__(self, x, context):
+    def __call__(self, x, context, size):
         c = x.shape[-1]
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
-        x = x + Attention(self.heads, name="attn1")(ln("norm1")(x))
+        x = x + Attention(self.heads, self.attend, name="attn1")(ln("norm1")(x), size=size)
         x = x + Attention(self.heads, name="attn2")(ln("norm2")(x), context)
         # ff.net.0.proj and ff.net.2 in diffusers
         hidden, gate = jnp.split(nn.Dense(8 * c, name="ff_proj")(ln("norm3")(x)), 2, axis=-1)
@@ -103,11 +137,12 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """diffusers `Transformer2DModel` on NHWC features x (B, h, w, C), without its final
     residual: returns proj_out(blocks(proj_in(norm(x)))) (B, h, w, C), which the caller adds
-    to x (the attention unit's residual)."""
+    to x (the attention unit's residual). `attend`: the self-attention hook (`Attention`)."""
 
     heads: int
     layers: int
     config: object
+    attend: Callable | None = None
 
     @nn.compact
     def __call__(self, x, context):
@@ -115,8 +150,27 @@ class SpatialTransformer(nn.Module):
         y = group_norm(self.config, "norm", eps=1e-6)(x).reshape(b, h * w, c)
         y = nn.Dense(c, name="proj_in")(y)
         for k in range(self.layers):
-            y = TransformerBlock(self.heads, name=f"transformer_blocks_{k}")(y, context)
+            y = TransformerBlock(self.heads, self.attend, name=f"transformer_blocks_{k}")(
+                y, context, (h, w))
         return nn.Dense(c, name="proj_out")(y).reshape(x.shape)
+
+
+def resnet(config, features: int, name: str) -> ResnetBlock:
+    """The ResnetBlock of prunable block `name` under `config.surgery` (pruned if it is in
+    drop_blocks, with the surgery's branch hook)."""
+    surgery = config.surgery
+    return ResnetBlock(features, config, name in surgery.drop_blocks, surgery.branch)
+
+
+def transformer(config, level: int, name: str) -> SpatialTransformer | None:
+    """The transformer of feature node `name` at down level `level`, or None if
+    `config.surgery` drops its attention unit."""
+    surgery = config.surgery
+    if name in surgery.drop_attention:
+        return None
+    return SpatialTransformer(config.attention_head_dim[level],
+                              config.transformer_layers_per_block[level], config,
+                              surgery.attention)
 
 
 def attend(transformer, h, context, attention):
@@ -140,11 +194,10 @@ class DownBlock(nn.Module):
     def setup(self):
         cfg, i = self.config, self.index
         features, n = cfg.block_out_channels[i], cfg.layers_per_block[i]
-        self.resnets = [ResnetBlock(features, cfg) for _ in range(n)]
+        names = [f"down_blocks_{i}.layer_{j}" for j in range(n)]
+        self.resnets = [resnet(cfg, features, name) for name in names]
         if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
-            self.attentions = [SpatialTransformer(cfg.attention_head_dim[i],
-                                                  cfg.transformer_layers_per_block[i], cfg)
-                               for _ in range(n)]
+            self.attentions = [transformer(cfg, i, name) for name in names]
         if i < len(cfg.block_out_channels) - 1:
             self.downsamplers_0_conv = conv(features, stride=2)
 
@@ -167,9 +220,8 @@ class MidBlock(nn.Module):
     def setup(self):
         cfg = self.config
         features = cfg.block_out_channels[-1]
-        self.resnets = [ResnetBlock(features, cfg) for _ in range(2)]
-        self.attentions = [SpatialTransformer(cfg.attention_head_dim[-1],
-                                              cfg.transformer_layers_per_block[-1], cfg)]
+        self.resnets = [resnet(cfg, features, f"mid_block.resnets_{k}") for k in range(2)]
+        self.attentions = [transformer(cfg, len(cfg.block_out_channels) - 1, "mid_block")]
 
     def __call__(self, h, temb, context, attention=None):
         h, attention = attend(self.attentions[0], self.resnets[0](h, temb), context, attention)
@@ -189,11 +241,10 @@ class UpBlock(nn.Module):
         level = len(cfg.block_out_channels) - 1 - i
         features = cfg.block_out_channels[level]
         n = cfg.layers_per_block[level] + 1
-        self.resnets = [ResnetBlock(features, cfg) for _ in range(n)]
+        names = [f"up_blocks_{i}.layer_{j}" for j in range(n)]
+        self.resnets = [resnet(cfg, features, name) for name in names]
         if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
-            self.attentions = [SpatialTransformer(cfg.attention_head_dim[level],
-                                                  cfg.transformer_layers_per_block[level], cfg)
-                               for _ in range(n)]
+            self.attentions = [transformer(cfg, level, name) for name in names]
         if level > 0:
             self.upsamplers_0_conv = conv(features)
 

@@ -14,7 +14,8 @@ from difflax.models.diffusers_weights import flax_layout, flax_path, read_pretra
 from difflax.models.sd_unet import (ADDITION_EMBED_TYPES, DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS,
                                     SDUNet, SDUNetConfig)
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(SDUNetConfig))
+# (surgery is difflax's, never in a diffusers config.json)
+_FIELDS = tuple(f.name for f in dataclasses.fields(SDUNetConfig) if f.name != "surgery")
 _PER_BLOCK = ("layers_per_block", "attention_head_dim", "transformer_layers_per_block")
 # config.json keys that do not change the network in float32 inference
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "cross_attention_dim",

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.graph import FeatureGraph, FeatureNode, feature_graph, run_graph
+from difflax.models.graph import FeatureGraph, FeatureNode, declared, feature_graph, run_graph
 
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
 
@@ -33,12 +33,13 @@ class Surgery:
     """Structural edits of a UNet, by block name (A-SDM's model assembly builds them,
     difflax.accel.asdm).
 
-    `drop_blocks` names blocks (nodes of `feature_nodes`, e.g. "enc.16x16_block1") whose
-    residual branch is removed, or replaced by `branch` if given; `drop_attention` names
-    blocks whose attention unit is removed; `attention`, if given, replaces the softmax
-    attention of the remaining attention units. `branch` and `attention` are the hooks of
-    `UNetBlock` (its docstring gives their signatures): hashable callables, e.g. frozen
-    dataclasses. `UNetConfig` checks the names.
+    `drop_blocks` names blocks (`prunable_blocks`: EDM's "enc.16x16_block1", SD's
+    "down_blocks_1.layer_0") whose residual branch is removed, or replaced by `branch` if
+    given; `drop_attention` names feature nodes whose attention unit is removed; `attention`,
+    if given, replaces the softmax (self-)attention of the remaining attention units. `branch`
+    and `attention` are the hooks of `UNetBlock` and of SD's `ResnetBlock` / `Attention`
+    (`UNetBlock`'s docstring gives their signatures): hashable callables, e.g. frozen
+    dataclasses. `UNetConfig` and `SDUNetConfig` check the names (`check_surgery`).
     """
 
     drop_blocks: Sequence[str] = ()
@@ -106,25 +107,53 @@ class UNetConfig:
                 f"img_resolution {self.img_resolution} is not divisible by {factor}, as "
                 f"{len(self.channel_mult)} levels (channel_mult={list(self.channel_mult)}) need; "
                 f"valid resolutions are multiples of {factor}")
-        _check_assembly(self)
+        check_surgery(self)
 
     def feature_graph(self) -> FeatureGraph:
         """The forward pass as a feature graph (`feature_nodes`)."""
         return feature_nodes(self)
 
-
-def _check_assembly(cfg):
-    """The surgery names existing blocks."""
-    nodes, surgery = feature_nodes(cfg), cfg.surgery
-    for name in surgery.drop_blocks:
-        _check_choice("drop_blocks entry", name, prunable_blocks(cfg))
-    for name in surgery.drop_attention:
-        _check_choice("drop_attention entry", name, [n.name for n in nodes if n.attention])
+    def block_params(self) -> dict[str, tuple[str, ...]]:
+        """The blocks `surgery` may prune (the feature nodes of op "down", "block", "up"),
+        in execution order, with their parameters' path: {"enc.16x16_block0":
+        ("enc_16x16_block0",), ...}."""
+        return {n.name: edm_block_path(n.name) for n in feature_nodes(self)
+                if n.op in ("down", "block", "up")}
 
 
-def prunable_blocks(cfg) -> tuple[str, ...]:
-    """The residual blocks whose branch `drop_blocks` may remove, in execution order."""
-    return tuple(n.name for n in feature_nodes(cfg) if n.op in ("down", "block", "up"))
+def check_surgery(cfg):
+    """Raises a ValueError naming the valid choices unless `cfg.surgery` (a `Surgery`) names
+    existing blocks of `cfg` (a config declaring `feature_graph()` and `block_params()`)."""
+    for name in cfg.surgery.drop_blocks:
+        _check_choice("drop_blocks entry", name, tuple(cfg.block_params()))
+    for name in cfg.surgery.drop_attention:
+        _check_choice("drop_attention entry", name,
+                      [n.name for n in cfg.feature_graph() if n.attention])
+
+
+def edm_block_path(name: str) -> tuple[str, ...]:
+    """The path of EDM UNet block `name`'s parameters in the network's: "enc.16x16_block0" ->
+    ("enc_16x16_block0",)."""
+    return (name.replace(".", "_", 1),)
+
+
+def block_params(model) -> dict[str, tuple[str, ...]]:
+    """The residual blocks whose branch `Surgery.drop_blocks` may remove, in execution order:
+    {block name: the path of its parameters in the network's}. `model`: a config declaring
+    `block_params()` (`UNetConfig`, `SDUNetConfig`), or what holds one as its `net` (a
+    denoiser) or its `config` (a network module, e.g. `SDUNet`)."""
+    blocks = declared(model, "block_params")
+    if blocks is not None:
+        return blocks
+    raise TypeError(f"{type(model).__name__} declares no prunable blocks: pass a UNetConfig, an "
+                    "SDUNetConfig, or a model holding one")
+
+
+def prunable_blocks(model) -> tuple[str, ...]:
+    """The names `Surgery.drop_blocks` accepts for `model` (see `block_params`), in execution
+    order: EDM UNets' "enc.16x16_block0", ...; SD UNets' "down_blocks_1.layer_0", ...,
+    "mid_block.resnets_0", "mid_block.resnets_1", "up_blocks_0.layer_2", ..."""
+    return tuple(block_params(model))
 
 
 def block_surgery(cfg, node) -> dict:

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.layers import Conv2d, GroupNorm, Init, Linear
+from difflax.models.layers import Conv2d, GroupNorm, Init, Linear, downsample, upsample
 
 
 class UNetBlock(nn.Module):
@@ -31,8 +31,10 @@ class UNetBlock(nn.Module):
     Surgery (`difflax.models.Surgery`, used by A-SDM's model assembly, difflax.accel.asdm):
     `pruned=True` removes the residual branch, leaving the shortcut alone (identity or the
     1x1 projection, with resampling; no `skip_scale`, as there is no sum left to normalise);
-    with a `branch` the removed branch is replaced by branch(block, x, emb) -> (B, H', W',
-    C_out), called inside the block (the layers it creates are the block's), added to the
+    with a `branch` the removed branch is replaced by branch(h, emb, C_out, init) -> (B, H',
+    W', C_out), where h = silu(norm0(x)) resampled as the block resamples (B, H', W', C_in)
+    (the removed branch's first layers, whose norm is kept) and `init` the block's `Init`;
+    it is called inside the block (the layers it creates are the block's), added to the
     shortcut and times `skip_scale`. `attend(q, k, v, height, width)` (q, k, v: (B, H W,
     heads, c) in float32) -> (B, H W, heads, c) replaces the softmax attention, with the same
     projections (`norm2`, `qkv`, `proj`). Hooks are hashable callables (frozen dataclasses).
@@ -98,7 +100,10 @@ class UNetBlock(nn.Module):
         """The block with its residual branch removed, or replaced by `branch`."""
         out = self._shortcut(x)
         if self.branch is not None:
-            out = (self.branch(self, x, emb) + out) * self.skip_scale
+            h = nn.silu(GroupNorm(eps=self.eps, name="norm0")(x))
+            h = upsample(h, self.resample_filter) if self.up else h
+            h = downsample(h, self.resample_filter) if self.down else h
+            out = (self.branch(h, emb, self.out_channels, self.init) + out) * self.skip_scale
         return self._attention_unit(out, attention, with_attention)
 
     def _attend(self, x):

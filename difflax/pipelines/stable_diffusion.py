@@ -37,6 +37,7 @@ combination stay float32.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -186,6 +187,15 @@ class StableDiffusion:
                    *load_clip_text_encoder(os.path.join(folder, "text_encoder")),
                    load_clip_tokenizer(os.path.join(folder, "tokenizer")),
                    *load_vae(os.path.join(folder, "vae")), scheduler, mesh=mesh)
+
+    def with_unet(self, unet, unet_vars) -> "StableDiffusion":
+        """This pipeline (same text encoder, VAE, scheduler, mesh) with another UNet of the same
+        latent space, e.g. an A-SDM student: `difflax.accel.asdm.student(pipe.unet, ...)`
+        with variables from `inherit_params(..., pipe.unet_vars, model=student)`."""
+        pipe = copy.copy(self)
+        pipe.unet, pipe.unet_vars = unet, host_to_global(unet_vars, replicated(self.mesh))
+        pipe._compiled = {}
+        return pipe
 
     def encode_prompts(self, prompts) -> jax.Array:
         """prompts (str or list of B str) -> the text encoder's last hidden state (B, L, D)."""

@@ -59,10 +59,12 @@ def init_student_params(student, source_params, *, dropped=(), clme: bool = True
     key = jax.random.key(0, impl="unsafe_rbg") if key is None else key
     init = get_init_params_fn(student, key)
     shapes = jax.eval_shape(init)
-    params, report = inherit_params(shapes, source_params, dropped=dropped, clme=clme)
+    params, report = inherit_params(shapes, source_params, dropped=dropped, clme=clme,
+                                    model=student)
     if not report["new"]:  # everything inherited: no need to compile the initialisation
         return params, report
-    return inherit_params(jax.jit(init)(), source_params, dropped=dropped, clme=clme)
+    return inherit_params(jax.jit(init)(), source_params, dropped=dropped, clme=clme,
+                          model=student)
 
 
 def progressive_distill(make_student: Callable[[tuple[str, ...]], object], teacher, teacher_params,

@@ -9,8 +9,9 @@ Paper (section) -> code:
 
 - [II] Sec. 3, block pruning (a block's residual branch removed, its shortcut kept;
   attention units removed): `surgery.student(teacher, drop_blocks=, drop_attention=)`,
-  filling the UNet's generic `difflax.models.Surgery`; the student initialised from the
-  teacher by name: `surgery.inherit_params`; parameter and FLOP counts: `count_params`,
+  filling the UNet's generic `difflax.models.Surgery` (an EDM denoiser's or Stable
+  Diffusion's `SDUNet`); the student initialised from the teacher by name:
+  `surgery.inherit_params`; parameter and FLOP counts: `count_params`,
   `denoiser_flops`.
 - [I] Sec. 3, ME-CondConv (a pruned branch replaced by a multi-expert conditional
   convolution): `condconv.CondConv2d`, as a branch `condconv.CondConvBranch`
@@ -32,8 +33,8 @@ Paper (section) -> code:
   (`progressive_distill`) train, so they are in `difflax.training.distill`.
 
 The network (difflax.models) knows none of this: a pruned block's replacement and the
-attention function are hooks of `UNetBlock` (`branch`, `attend`) that `student` fills with
-`CondConvBranch` and `GRIConfig`. The training loop is above this layer (models < samplers <
+attention function are hooks of `UNetBlock` and of SD's `ResnetBlock` / `Attention`
+(`branch`, `attend`) that `student` fills with `CondConvBranch` and `GRIConfig`. The training loop is above this layer (models < samplers <
 accel < training), so the stage loop and the composition with EDM's task loss sit in
 `difflax.training.distill`, which imports this package.
 """

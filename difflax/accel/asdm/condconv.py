@@ -29,7 +29,7 @@ convolutions are. On this project's 2-core CPU (B = 250, 16x16, 32 -> 16 channel
 "experts" took 0.10 s, "vmap" 0.31 s, a plain convolution 0.018 s.
 
 `CondConvBranch` is the CondConv as the replacement of a pruned UNet block's residual branch
-(the `branch` hook of `difflax.models.UNetBlock`).
+(the `branch` hook of `difflax.models.UNetBlock` and of SD's ResNets).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.layers import Conv2d, GroupNorm, Init, downsample, edm_init, upsample
+from difflax.models.layers import Conv2d, Init, edm_init
 
 ACTIVATIONS = {None: lambda x: x, "silu": nn.silu, "relu": nn.relu}
 IMPLS = ("experts", "vmap")
@@ -125,17 +125,15 @@ def clme_experts(kernels: Sequence[jax.Array], num_experts: int, *, biases=None)
 
 @dataclasses.dataclass(frozen=True)
 class CondConvBranch:
-    """A pruned block's residual branch replaced by a K-expert CondConv (ME-CondConv):
-    silu(norm0(x)), resampled as the block resamples, through `CondConv2d(C_out, 3,
-    num_experts=experts)` routed by x and the block's embedding emb. The `branch` hook of
-    `difflax.models.UNetBlock`: block's layers "norm0" and "condconv", x (B, H, W, C_in),
-    emb (B, E) -> (B, H', W', C_out)."""
+    """A pruned block's residual branch replaced by a K-expert CondConv (ME-CondConv),
+    `CondConv2d(C_out, 3, num_experts=experts)` routed by the branch's input and the block's
+    embedding. The `branch` hook of `difflax.models.UNetBlock` and of SD's `ResnetBlock`:
+    h (B, H, W, C_in), the removed branch's normalised, activated (and resampled) input; emb
+    (B, E); features C_out; init the block's `Init` -> (B, H, W, C_out), in the block's
+    layer "condconv"."""
 
     experts: int
 
-    def __call__(self, block, x, emb):
-        h = nn.silu(GroupNorm(eps=block.eps, name="norm0")(x))
-        h = upsample(h, block.resample_filter) if block.up else h
-        h = downsample(h, block.resample_filter) if block.down else h
-        return CondConv2d(block.out_channels, 3, num_experts=self.experts,
-                          weight_init=block.init, name="condconv")(h, emb)
+    def __call__(self, h, emb, features: int, init: Init):
+        return CondConv2d(features, 3, num_experts=self.experts, weight_init=init,
+                          name="condconv")(h, emb)

@@ -6,16 +6,21 @@ Redundancy Removal and Performance Optimization" (2023), Sec. 3 (block pruning w
 progressive incubation, CLME-CondConv, GRI attention).
 
 `student` turns A-SDM's choices into the UNet's generic surgery (`difflax.models.Surgery`,
-hooks of `difflax.models.UNetBlock`): a block named in `drop_blocks` loses its residual branch
-(norm0 -> conv0 -> affine -> norm1 -> conv1) and keeps its shortcut (identity, or the 1x1
-projection with resampling), so the tensor shapes, the skip connections (and `skip_scales`)
-of the teacher are unchanged and every kept parameter keeps its name. With `condconv_experts
-= K > 0` the removed branch is replaced by a K-expert CondConv (ME-CondConv,
-`CondConvBranch`); initialising its experts from the removed kernels (`inherit_params(...,
-clme=True)`) makes it CLME-CondConv. `drop_attention` removes a block's attention unit, and
-`attention="gri"` makes every remaining attention unit GRI attention (`GRIConfig`). Block
-names are the feature nodes' (EDM's): "enc.16x16_block0", "dec.4x4_in0", ...;
-`difflax.models.prunable_blocks` lists them, `feature_nodes` says which have attention.
+hooks of `difflax.models.UNetBlock` and of SD's `ResnetBlock` / `Attention`), on EDM's
+UNets and on Stable Diffusion's (the networks the papers prune): a block named in
+`drop_blocks` loses its residual branch (EDM: norm0 -> conv0 -> affine -> norm1 -> conv1;
+SD's ResnetBlock2D: norm1 -> conv1 -> time_emb_proj -> norm2 -> conv2) and keeps its
+shortcut (identity, or the 1x1 projection, with resampling in EDM), so the tensor shapes,
+the skip connections (and `skip_scales`) of the teacher are unchanged and every kept
+parameter keeps its name (SD's: diffusers'). With `condconv_experts = K > 0` the removed
+branch is replaced by a K-expert CondConv (ME-CondConv, `CondConvBranch`); initialising its
+experts from the removed kernels (`inherit_params(..., clme=True)`) makes it CLME-CondConv.
+`drop_attention` removes a node's attention unit (SD: its transformer), and
+`attention="gri"` makes every remaining (self-)attention GRI attention (`GRIConfig`). Block
+names: `difflax.models.prunable_blocks(model)` lists them (EDM's feature nodes,
+"enc.16x16_block0", "dec.4x4_in0", ...; SD's "down_blocks_1.layer_0", ...,
+"mid_block.resnets_0", "mid_block.resnets_1", "up_blocks_0.layer_2", ...), the feature
+graph says which nodes have attention.
 """
 from __future__ import annotations
 
@@ -28,22 +33,26 @@ from flax import traverse_util
 
 from difflax.accel.asdm.condconv import CondConvBranch, clme_experts
 from difflax.accel.asdm.gri import GRIConfig
+from difflax.models.graph import feature_graph
 from difflax.models.precond import Denoiser
-from difflax.models.unet import Surgery, feature_nodes
+from difflax.models.unet import Surgery, block_params, edm_block_path
 
 ATTENTIONS = ("full", "gri")
 
 
-def student(teacher: Denoiser, *, drop_blocks=(), drop_attention=(), condconv_experts: int = 0,
+def student(teacher, *, drop_blocks=(), drop_attention=(), condconv_experts: int = 0,
             attention: str = "full", gri_window: int = 4, gri_pool: int = 2,
-            gri_combine: str = "joint") -> Denoiser:
-    """The teacher's denoiser with A-SDM surgery (replacing the teacher's own surgery).
+            gri_combine: str = "joint"):
+    """The teacher with A-SDM surgery (replacing the teacher's own surgery): an EDM
+    `Denoiser` (its `net`, a `UNetConfig`, edited) or an `SDUNet` (its `config`, an
+    `SDUNetConfig`), returned as the same kind of module.
 
-    drop_blocks / drop_attention: block names (residual branches / attention units removed);
-    condconv_experts: K > 0 replaces each removed branch by a K-expert CondConv, 0 leaves
-    the shortcut alone; attention: "full" or "gri" (GRI attention with `gri_window`,
-    `gri_pool`, `gri_combine`, see `GRIConfig`). Everything is validated here, the errors
-    naming the valid choices.
+    drop_blocks / drop_attention: block names (residual branches, `prunable_blocks(teacher)`
+    / attention units, feature nodes with attention) removed; condconv_experts: K > 0
+    replaces each removed branch by a K-expert CondConv, 0 leaves the shortcut alone;
+    attention: "full" or "gri" (GRI attention with `gri_window`, `gri_pool`, `gri_combine`,
+    see `GRIConfig`; on SD's UNet it replaces the self-attention). Everything is validated
+    here, the errors naming the valid choices.
     """
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; valid choices: "
@@ -54,43 +63,88 @@ def student(teacher: Denoiser, *, drop_blocks=(), drop_attention=(), condconv_ex
     surgery = Surgery(drop_blocks, drop_attention,
                       branch=CondConvBranch(condconv_experts) if condconv_experts else None,
                       attention=gri)
-    net = dataclasses.replace(teacher.net, surgery=surgery)
+    field = "net" if isinstance(teacher, Denoiser) else "config"
+    net = dataclasses.replace(getattr(teacher, field), surgery=surgery)
     if gri is not None:
-        for res in {n.resolution for n in feature_nodes(net)
+        for res in {n.resolution for n in feature_graph(net)
                     if n.attention and n.name not in surgery.drop_attention}:
             gri.check(res, res)
-    return teacher.clone(net=net)
+    return teacher.clone(**{field: net})
 
 
 # ----------------------------------------------------------------------------
 # Initialising a student from its teacher.
 
 
-def _removed_kernels(teacher_model_params, block_param_names, shape):
-    """HWIO kernels (and biases) of the removed convolutions of the given blocks with `shape`."""
+def _block_path(flat_paths, keys):
+    """The flattened path of the block whose parameters are at `keys` (under the pytree's
+    root: "model" for a Denoiser's, "params" for SD's variables), or None."""
+    for path in flat_paths:
+        parts = tuple(path.split("/"))
+        for i in range(len(parts) - len(keys)):
+            if parts[i:i + len(keys)] == keys:
+                return "/".join(parts[:i + len(keys)])
+    return None
+
+
+def _removed_kernels(flat_t, student_layers, blocks, shape):
+    """HWIO kernels (and biases) with `shape` of the teacher's layers under the flattened
+    block paths `blocks` that the student no longer has (the removed branches' convolutions:
+    EDM's conv0, conv1; SD's conv1, conv2), block by block, in layer-name order."""
     kernels, biases = [], []
-    for name in block_param_names:
-        for conv in ("conv0", "conv1"):
-            layer = teacher_model_params.get(name, {}).get(conv)
-            if layer is not None and tuple(layer["weight"].shape) == tuple(shape):
-                kernels.append(layer["weight"])
-                biases.append(layer["bias"])
+    for block in blocks:
+        for path in sorted(p for p in flat_t if p.startswith(block + "/")):
+            layer, leaf = path.rsplit("/", 1)
+            if (leaf in ("weight", "kernel") and layer.rsplit("/", 1)[0] == block
+                    and layer not in student_layers
+                    and tuple(flat_t[path].shape) == tuple(shape)):
+                kernels.append(flat_t[path])
+                biases.append(flat_t[layer + "/bias"])
     return kernels, biases
 
 
-def inherit_params(student_params, teacher_params, *, dropped=(), clme: bool = True):
+def _clme(out, new, flat_t, dropped_blocks):
+    """Fills the new CondConv experts in `out` from the removed kernels (CLME-CondConv);
+    removes them from `new`; returns {block key: n_distinct_kernels}."""
+    student_layers = {path.rsplit("/", 1)[0] for path in out}
+    paths = {key: _block_path(flat_t, key) for key in dropped_blocks}
+    order = [paths[key] for key in dropped_blocks if paths[key] is not None]
+    clme = {}
+    for path in [p for p in new if p.endswith("/condconv/experts")]:
+        block = path[:-len("/condconv/experts")]
+        nearest = (sorted(order, key=lambda b: abs(order.index(b) - order.index(block)))
+                   if block in order else order)
+        experts = out[path]
+        kernels, biases = _removed_kernels(flat_t, student_layers, nearest, experts.shape[1:])
+        if not kernels:
+            continue
+        w, b = clme_experts(kernels, experts.shape[0], biases=biases)
+        out[path] = w.astype(experts.dtype)
+        new.remove(path)
+        if block + "/condconv/bias" in new:
+            out[block + "/condconv/bias"] = b.astype(out[block + "/condconv/bias"].dtype)
+            new.remove(block + "/condconv/bias")
+        key = next((k for k, p in paths.items() if p == block), tuple(block.split("/")))
+        clme["/".join(key)] = min(len(kernels), experts.shape[0])
+    return clme
+
+
+def inherit_params(student_params, teacher_params, *, dropped=(), clme: bool = True,
+                   model=None):
     """The student's parameters, taken from the teacher by name wherever the shapes agree.
 
-    student_params / teacher_params: a `Denoiser`'s "params" ({"model": {...}}); the
-    student's own values (its random initialisation) are kept where the teacher has no
-    parameter of that name and shape, e.g. a CondConv's routing. With `clme`, the experts of
-    the CondConv that replaces block b (`dropped` lists the removed blocks' EDM names, in
-    execution order) are the removed kernels of b itself first (conv0, conv1, where the
-    shape fits), then those of the other removed blocks, nearest first: CLME-CondConv's
-    cross-layer inheritance; see `clme_experts`.
+    student_params / teacher_params: a `Denoiser`'s "params" ({"model": {...}}) or an
+    `SDUNet`'s variables ({"params": {...}}); the student's own values (its random
+    initialisation) are kept where the teacher has no parameter of that name and shape, e.g.
+    a CondConv's routing. With `clme`, the experts of the CondConv that replaces block b
+    (`dropped` lists the removed blocks' names, in execution order) are the removed kernels
+    of b itself first (EDM's conv0, conv1; SD's conv1, conv2; where the shape fits), then
+    those of the other removed blocks, nearest first: CLME-CondConv's cross-layer
+    inheritance; see `clme_experts`. model: the student (or its config), whose
+    `block_params` locate the named blocks' parameters; None: an EDM UNet's naming.
 
     Returns (params, report) with report = {"inherited": n_leaves, "new": [paths], "clme":
-    {block: n_distinct_kernels}}.
+    {block's parameter path: n_distinct_kernels}}.
     """
     flat_t = traverse_util.flatten_dict(teacher_params, sep="/")
     flat_s = traverse_util.flatten_dict(student_params, sep="/")
@@ -103,28 +157,14 @@ def inherit_params(student_params, teacher_params, *, dropped=(), clme: bool = T
             out[path] = value
             new.append(path)
     report = {"inherited": len(flat_s) - len(new), "new": new, "clme": {}}
-    if clme:
-        model_t = teacher_params["model"]
-        names = [n.replace(".", "_", 1) for n in dropped]
-        for path in list(new):
-            parts = path.split("/")
-            if parts[-2:] != ["condconv", "experts"]:
-                continue
-            block = parts[-3]
-            order = (sorted(names, key=lambda n: abs(names.index(n) - names.index(block)))
-                     if block in names else names)
-            experts = out[path]
-            kernels, biases = _removed_kernels(model_t, order, experts.shape[1:])
-            if not kernels:
-                continue
-            w, b = clme_experts(kernels, experts.shape[0], biases=biases)
-            out[path] = w.astype(experts.dtype)
-            bias_path = "/".join(parts[:-1] + ["bias"])
-            if bias_path in out:
-                out[bias_path] = b.astype(out[bias_path].dtype)
-                new.remove(bias_path)
-            new.remove(path)
-            report["clme"][block] = min(len(kernels), experts.shape[0])
+    if clme and dropped:
+        blocks = (block_params(model) if model is not None
+                  else {name: edm_block_path(name) for name in dropped})
+        unknown = [name for name in dropped if name not in blocks]
+        if unknown:
+            raise ValueError(f"dropped blocks {unknown} are not blocks of the model; valid "
+                             f"choices: {', '.join(map(repr, blocks))}")
+        report["clme"] = _clme(out, new, flat_t, [blocks[name] for name in dropped])
         report["inherited"] = len(flat_s) - len(new)
     return traverse_util.unflatten_dict(out, sep="/"), report
 
