@@ -32,7 +32,7 @@ LAYERS = {
     # 4: training (losses, state, loop), and GMem, whose module includes its training loop
     "training": 4, "gmem": 4,
     # 5: run directories, configs and the shipped testbeds built from them
-    "workdir": 5, "configs": 5, "testbeds": 5,
+    "workdir": 5, "configs": 5, "testbeds": 5, "latent_runs": 5,
     # 6: the command line; 7: the package's flat public API
     "cli": 6, "__init__": 7,
 }
