@@ -144,41 +144,13 @@ def _initialize_distributed(args) -> None:
 def cmd_train(args, overrides) -> int:
     config = configs.load_config(args.config, overrides)
     configs.check_config(config, jax.device_count())
-    if configs.model_kind(config) == "sit":
-        return _train_sit(args, config)
-    denoiser = configs.denoiser_from_config(config)
+    model = configs.model_from_config(config)
     cfg = configs.train_config(config)
     wd.save_config(args.workdir, config)
-    d = config.data
-    make_batches = lambda start: data.batch_iterator(
-        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
-        resolution=d.resolution or None, data_dir=d.data_dir or None,
-        labels=bool(denoiser.label_dim))
-    sample, nfe, sampler, steps = _sampler(denoiser, config)
-    key, labels = jax.random.key(config.sample.seed), _grid_labels(denoiser, config.sample.num)
-    grid_fn = (lambda params, step: sample(params, key, labels)) if cfg.sample_every else None
-    tic = time.perf_counter()
-    state = train_loop(cfg, denoiser, make_batches, args.workdir, sample_fn=grid_fn)
-    seconds = time.perf_counter() - tic
-    path = _write_samples(args.workdir, config, denoiser, state.ema_params, sample,
-                          f"{sampler}_{steps}")
-    _print_table([{"steps": int(state.step), "train_seconds": round(seconds, 1),
-                   "grid": path, "grid_nfe": nfe}])
-    return 0
-
-
-def _train_sit(args, config) -> int:
-    """`difflax train` of a SiT / GMem config on stored latents (`difflax.latent_runs`)."""
-    from difflax import latent_runs
-
-    model = configs.sit_from_config(config)
-    cfg = configs.train_config(config)
-    wd.save_config(args.workdir, config)
-    make_batches, loss_fn = latent_runs.get_training_fns(config, model, batch_size=cfg.batch_size,
-                                                         seed=cfg.seed)
+    make_batches, loss_fn = _training_fns(config, model, cfg)
     sample, nfe, sampler, steps = _sampler(model, config)
-    key = jax.random.key(config.sample.seed)
-    grid_fn = (lambda params, step: sample(params, key, config.sample.num)[0]
+    s = config.sample
+    grid_fn = ((lambda params, step: _draw(config, model, sample, params, s.num, s.seed)[0])
                if cfg.sample_every else None)
     tic = time.perf_counter()
     state = train_loop(cfg, model, make_batches, args.workdir, loss_fn=loss_fn, sample_fn=grid_fn)
@@ -188,6 +160,21 @@ def _train_sit(args, config) -> int:
     _print_table([{"steps": int(state.step), "train_seconds": round(seconds, 1),
                    "grid": path, "grid_nfe": nfe}])
     return 0
+
+
+def _training_fns(config, model, cfg):
+    """(make_batches(start_step), loss_fn or None for the EDM loss) of a run: a UNet's image
+    batches, or a SiT's latents and interpolant loss (`difflax.latent_runs`)."""
+    if configs.model_kind(config) == "sit":
+        from difflax import latent_runs
+
+        return latent_runs.get_training_fns(config, model, batch_size=cfg.batch_size,
+                                            seed=cfg.seed)
+    d = config.data
+    return (lambda start: data.batch_iterator(
+        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
+        resolution=d.resolution or None, data_dir=d.data_dir or None,
+        labels=bool(model.label_dim))), None
 
 
 def _check_sampler(spec: str) -> None:
@@ -228,22 +215,30 @@ def _sampler(model, config, sampler=None, steps=None, vae=None):
     return sample, nfe, sampler, steps
 
 
-def _write_samples(workdir, config, model, params, sample, name, *, num=None, seed=None,
-                   out=None):
-    """Writes a PNG grid and an .npz of `num` samples (one class per column); returns the PNG.
-    A SiT run's .npz also holds the sampled latents (scaled) that the images decode."""
-    s = config.sample
-    num, seed = s.num if num is None else num, s.seed if seed is None else seed
+def _draw(config, model, sample, params, num, seed):
+    """(images (num, H, W, C) in [-1, 1], labels or None, {name: array} to save too) from a
+    `_sampler` sample fn: one class per grid column; a SiT run's arrays hold the sampled
+    latents (scaled) that the images decode."""
     key = jax.random.key(seed)
     if configs.model_kind(config) == "sit":
         images, latents, labels = sample(params, key, num)
-        arrays = {"latents": np.asarray(latents)}
-        nrow = 0 if model.config.snippet_dim else model.config.num_classes
-    else:
-        labels = _grid_labels(model, num)
-        images, arrays, nrow = sample(params, key, labels), {}, model.net.label_dim
+        return images, labels, {"latents": np.asarray(latents)}
+    labels = _grid_labels(model, num)
+    return sample(params, key, labels), labels, {}
+
+
+def _write_samples(workdir, config, model, params, sample, name, *, num=None, seed=None,
+                   out=None):
+    """Writes a PNG grid and an .npz of `num` samples (`_draw`); returns the PNG path."""
+    s = config.sample
+    num, seed = s.num if num is None else num, s.seed if seed is None else seed
+    images, labels, arrays = _draw(config, model, sample, params, num, seed)
     images = np.asarray(images)
     arrays.update(images=images, **({} if labels is None else {"labels": np.asarray(labels)}))
+    if configs.model_kind(config) == "sit":  # classes in columns, or bank snippets in a square
+        nrow = 0 if model.config.snippet_dim else model.config.num_classes
+    else:
+        nrow = model.net.label_dim
     out = out or os.path.join(workdir, "samples", name)
     if jax.process_index() == 0:
         save_grid(out + ".png", images, nrow=min(nrow or int(np.ceil(np.sqrt(num))), num))
