@@ -29,7 +29,7 @@ LAYERS = {
     # 3: methods: one module per paper, metrics, the SD pipeline, SiT's interpolants
     "accel": 3, "rfpp": 3, "interpolants": 3, "metrics": 3, "latents": 3,
     "pipelines": 3,
-    # 4: training (losses, state, loop), and GMem, whose module includes its training loop
+    # 4: training (losses, state, loop), and GMem (its batches for the loop)
     "training": 4, "gmem": 4,
     # 5: run directories, configs and the shipped testbeds built from them
     "workdir": 5, "configs": 5, "testbeds": 5, "latent_runs": 5,
