@@ -12,9 +12,10 @@ from difflax import cli, configs, data, metrics, workdir as wd
 from difflax.images import make_grid
 from difflax.latent_runs import get_decode_fn
 from difflax.latents import load_latents
+from sd_folders import save_tiny_vae
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "digits_latent_sit.py")
@@ -24,16 +25,8 @@ CONFIG = str(ROOT / "configs" / "digits_latent_sit.py")
 def latents_dir(tmp_path_factory):
     """The digits at 8x8 encoded by a tiny random diffusers VAE (4x4x2 latents), with the
     digits classifier's snippets."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(4, 8), layers_per_block=1,
-                                  norm_num_groups=2, latent_channels=2,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.2 * torch.randn_like(p))
     root = tmp_path_factory.mktemp("latent")
-    vae.save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae")
     out = str(root / "latents")
     assert cli.main(["encode", "--vae", str(root / "vae"), "--data", "digits", "--resolution",
                      "8", "--out", out, "--features", "digits_classifier"]) == 0
