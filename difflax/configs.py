@@ -144,7 +144,7 @@ def sit_from_config(config) -> SiT:
     `data.latents_dir` (latents.json: latent shape (h, h, C), class count, snippet size):
     labels if `model.conditional`, GMem's stored snippets if `model.memory`."""
     m, info = config.model, latents_info(config.data.latents_dir)
-    h, w, c = info["latent_shape"]
+    h, _, c = info["latent_shape"]
     if m.memory and "feature_dim" not in info:
         raise ValueError(f"model.memory = True needs snippets stored with the latents; "
                          f"{config.data.latents_dir} has none: encode with `difflax encode "
