@@ -62,7 +62,9 @@ def test_train_sit_on_latents_checkpoints_and_resumes_exactly(sit_run, latents_d
     assert [r["step"] for r in lines] == [2, 4] and np.isfinite(lines[-1]["loss"])
     assert os.path.exists(os.path.join(sit_run, "samples", "heun_2.png"))
     # 2 steps, then resumed to 4 from the checkpoint: the same weights as 4 steps at once
-    assert train("smoke", tmp_path, latents_dir, "--config.train.steps=2") == 0
+    assert train("smoke", tmp_path, latents_dir, "--config.train.steps=2",
+                 "--config.train.sample_every=2") == 0
+    assert os.path.exists(tmp_path / "samples" / "0000002.png")   # the loop's decoded grid
     assert train("smoke", tmp_path, latents_dir) == 0
     _, model, resumed = wd.load_run(str(tmp_path))
     _, _, direct = wd.load_run(sit_run)
