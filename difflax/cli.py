@@ -29,8 +29,7 @@ import time
 import jax
 import numpy as np
 
-from difflax import configs, data, workdir as wd
-from difflax.latent_runs import ENCODE_DATASETS, ENCODE_FEATURES
+from difflax import configs, data, latent_runs, workdir as wd
 from difflax.images import save_grid
 from difflax.training import train as train_loop
 from difflax.training.checkpoint import CheckpointMismatchError
@@ -73,13 +72,14 @@ def _parser() -> argparse.ArgumentParser:
                        "VAE latents (resumable chunks)")
     c.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (config.json + "
                    "*.safetensors)")
-    c.add_argument("--data", required=True, help=f"one of {', '.join(ENCODE_DATASETS)}")
+    c.add_argument("--data", required=True,
+                   help=f"one of {', '.join(latent_runs.ENCODE_DATASETS)}")
     c.add_argument("--out", required=True, help="output directory (latents.json + chunk_*.npz)")
     c.add_argument("--resolution", type=int, help="image size (default: the dataset's)")
     c.add_argument("--split", default="train", help="MNIST split: train or test")
     c.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
     c.add_argument("--features", help="also store GMem memory snippets of each image and flip: "
-                   f"one of {', '.join(ENCODE_FEATURES)}")
+                   f"one of {', '.join(latent_runs.ENCODE_FEATURES)}")
     x = sub.add_parser("export", help="the run's newest EMA weights + config.json into a folder "
                        "that difflax.load_testbed reads")
     x.add_argument("--workdir", required=True)
@@ -166,8 +166,6 @@ def _training_fns(config, model, cfg):
     """(make_batches(start_step), loss_fn or None for the EDM loss) of a run: a UNet's image
     batches, or a SiT's latents and interpolant loss (`difflax.latent_runs`)."""
     if configs.model_kind(config) == "sit":
-        from difflax import latent_runs
-
         return latent_runs.get_training_fns(config, model, batch_size=cfg.batch_size,
                                             seed=cfg.seed)
     d = config.data
@@ -204,8 +202,6 @@ def _sampler(model, config, sampler=None, steps=None, vae=None):
     sampler = (s.method if sit else s.sampler) if sampler is None else sampler
     steps = s.steps if steps is None else steps
     if sit:
-        from difflax import latent_runs
-
         configs.parse_sampler(f"{sampler}:{steps}", "sit")
         sample = latent_runs.get_latent_sample_fn(model, config, method=sampler, steps=steps,
                                                   vae_path=vae)
@@ -300,17 +296,13 @@ def _evaluation_data(config, model, params):
     """(dataset the samples are compared with, its resolution, sample -> the metrics'
     SampleFn); a SiT run's is the dataset its latents were encoded from."""
     if configs.model_kind(config) == "sit":
-        from difflax import latent_runs
-
         return latent_runs.evaluation_data(config, model, params)
     return (config.data.name, model.net.img_resolution,
             lambda sample: wd.labelled_sample_fn(sample, params, model.net.label_dim))
 
 
 def cmd_encode(args, overrides) -> int:
-    from difflax.latent_runs import encode
-
-    num, paths = encode(args.vae, args.data, args.out, resolution=args.resolution,
+    num, paths = latent_runs.encode(args.vae, args.data, args.out, resolution=args.resolution,
                         split=args.split, chunk_size=args.chunk_size, features=args.features)
     _print_table([{"images": num, "chunks": len(paths), "out": args.out}])
     return 0
