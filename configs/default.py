@@ -1,13 +1,18 @@
 """Defaults that every config overrides: data, model, training, sampling, evaluation.
 
 Each section is turned into typed objects once, by the CLI (difflax/configs.py):
-`model` -> difflax.models.UNetConfig + Denoiser fields, `train` -> TrainConfig.
+`model` -> difflax.models.UNetConfig + Denoiser fields (or SiTConfig), `train` -> TrainConfig.
+Variant "" holds the defaults of a UNet run on images, variant "sit" those of a SiT run on
+stored latents (`model.kind = "sit"`; a config without `model.kind` is a UNet run).
 """
 import ml_collections
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    del variant
+    if variant == "sit":
+        return sit_config()
+    if variant:
+        raise ValueError(f"unknown variant {variant!r} of default; valid: '', 'sit'")
     c = ml_collections.ConfigDict()
     c.data = dict(name="digits", resolution=16, random_flip=False, data_dir="")
     c.model = dict(
@@ -18,13 +23,36 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         conditional=True)
     c.train = dict(
         steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=0.0,
-        ema_halflife_kimg=500.0, ema_rampup_ratio=0.05, log_every=50, ckpt_every=500,
-        keep_checkpoints=3, sample_every=0, seed=0, tensorboard=False, compute_dtype="float32")
+        ema_halflife_kimg=500.0, ema_rampup_ratio=0.05, ema_decay=None, log_every=50,
+        ckpt_every=500, keep_checkpoints=3, sample_every=0, seed=0, tensorboard=False,
+        compute_dtype="float32")
     # What `difflax sample` uses by default: EDM's deterministic Heun sampler (Algorithm 1).
     c.sample = dict(sampler="edm_heun", steps=18, num=64, sigma_min=0.002, sigma_max=80.0,
                     seed=1)
     # What `difflax evaluate` runs by default: (sampler, steps) pairs and the sample count.
     c.evaluate = dict(samplers=("edm_heun:18",), num=1000, batch_size=250)
+    return c
+
+
+def sit_config() -> ml_collections.ConfigDict:
+    """SiT on the latents of `difflax encode` (SiT, Ma et al. 2024): the linear interpolant
+    with a velocity target (SiT Sec. 3's best) and Heun's ODE sampler. The latent shape and
+    class count come from `data.latents_dir`'s latents.json; `model.memory` conditions on
+    the stored GMem snippets instead of (`conditional = False`) or with the labels."""
+    c = get_config()
+    c.data = dict(name="latents", latents_dir="", random_flip=True, sample_posterior=True)
+    c.model = dict(kind="sit", patch_size=2, hidden_size=384, depth=12, num_heads=6,
+                   mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=False, conditional=True,
+                   memory=False, snippet_dropout_prob=0.4)
+    # SiT's transport (willisma/SiT `create_transport`): loss_weight "" (none), "velocity",
+    # "likelihood"
+    c.transport = dict(interpolant="linear", prediction="velocity", loss_weight="")
+    c.train.update(lr=1e-4, warmup_steps=0, ema_halflife_kimg=500.0)
+    # SiT's ODE (`difflax.interpolants.sample_ode`): method euler or heun, `steps` intervals;
+    # memory runs draw snippets from the stored bank, uniformly or by frequency
+    c.sample = dict(method="heun", steps=50, num=64, cfg_scale=1.0, bank_sampling="uniform",
+                    seed=1)
+    c.evaluate = dict(samplers=("heun:50",), num=1000, batch_size=250)
     return c
 
 

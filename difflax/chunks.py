@@ -55,15 +55,21 @@ def write_chunk(out_dir: str, i: int, **arrays) -> None:
         os.replace(tmp, path)
 
 
-def read_chunks(out_dir: str, name: str, count_key: str, keys, how_to_make: str):
-    """(meta, {key: the chunks' arrays concatenated}); the number of chunks is
-    ceil(meta[count_key] / meta["chunk_size"]) and every one must be present."""
+def read_meta(out_dir: str, name: str, how_to_make: str) -> dict:
+    """The description `<name>.json` of `out_dir`; its absence is an error saying how to
+    make it."""
     meta_path = os.path.join(out_dir, f"{name}.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{out_dir} holds no {name} (no {name}.json); make them with "
                                 f"{how_to_make}")
     with open(meta_path) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def read_chunks(out_dir: str, name: str, count_key: str, keys, how_to_make: str):
+    """(meta, {key: the chunks' arrays concatenated}); the number of chunks is
+    ceil(meta[count_key] / meta["chunk_size"]) and every one must be present."""
+    meta = read_meta(out_dir, name, how_to_make)
     num_chunks = -(-meta[count_key] // meta["chunk_size"])
     missing = [i for i in range(num_chunks) if not os.path.exists(chunk_path(out_dir, i))]
     if missing:

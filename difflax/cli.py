@@ -7,6 +7,9 @@ The only place that reads configs.
     difflax evaluate --workdir DIR [--sampler edm_heun:18 deis_tab3:10] [--num 1000]
     difflax evaluate --workdir DIR --sampler deis_tab3 --steps 10
     difflax encode --vae VAE_FOLDER --data mnist --out DIR [--resolution 32] [--chunk-size 1024]
+                   [--features digits_classifier]     # + GMem snippets
+    difflax train --config configs/digits_latent_sit.py[:smoke|:gmem] --workdir DIR  # SiT
+    difflax sample --workdir DIR [--sampler heun] [--vae VAE_FOLDER]  # decoded latents
     difflax export --workdir DIR --out FOLDER       # EMA weights + config, for load_testbed
     difflax generate --model SD_FOLDER --prompt "..." --out grid.png [--sampler ddim] [--steps 50]
 
@@ -26,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from difflax import configs, data, workdir as wd
+from difflax import configs, data, latent_runs, workdir as wd
 from difflax.images import save_grid
 from difflax.training import train as train_loop
 from difflax.training.checkpoint import CheckpointMismatchError
@@ -53,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, help="number of samples (default: the config's)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--out", help="output stem (default: WORKDIR/samples/SAMPLER_STEPS)")
+    s.add_argument("--vae", help="SiT runs: the VAE folder that decodes the latents (default: "
+                   "the one the latents' latents.json records)")
     e = sub.add_parser("evaluate", help="sample N images per sampler and report metrics")
     e.add_argument("--workdir", required=True)
     e.add_argument("--sampler", nargs="+",
@@ -62,15 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="samples per batch (default: the config's)")
     e.add_argument("--inception", help="FID: pytorch-fid's pt_inception-2015-12-05-*.pth (or .npz)")
     e.add_argument("--reference", help="FID: reference statistics .npz (mu, sigma)")
+    e.add_argument("--vae", help="SiT runs: the VAE folder (default: latents.json's)")
     c = sub.add_parser("encode", help="encode an image dataset and its horizontal flips into "
                        "VAE latents (resumable chunks)")
     c.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (config.json + "
                    "*.safetensors)")
-    c.add_argument("--data", required=True, help=f"one of {', '.join(ENCODE_DATASETS)}")
+    c.add_argument("--data", required=True,
+                   help=f"one of {', '.join(latent_runs.ENCODE_DATASETS)}")
     c.add_argument("--out", required=True, help="output directory (latents.json + chunk_*.npz)")
     c.add_argument("--resolution", type=int, help="image size (default: the dataset's)")
     c.add_argument("--split", default="train", help="MNIST split: train or test")
     c.add_argument("--chunk-size", type=int, default=1024, help="images per chunk file")
+    c.add_argument("--features", help="also store GMem memory snippets of each image and flip: "
+                   f"one of {', '.join(latent_runs.ENCODE_FEATURES)}")
     x = sub.add_parser("export", help="the run's newest EMA weights + config.json into a folder "
                        "that difflax.load_testbed reads")
     x.add_argument("--workdir", required=True)
@@ -96,13 +105,6 @@ def _parser() -> argparse.ArgumentParser:
                    "deepcache:N (a full step every N, the paper's SD branch)")
     g.add_argument("--out", required=True, help="PNG path of the image grid")
     return p
-
-
-# datasets `difflax encode` reads: name -> (resolution, split) -> (images, labels)
-ENCODE_DATASETS = {
-    "digits": lambda resolution, split: data.load_digits(resolution or 16),
-    "mnist": lambda resolution, split: data.load_mnist(split, resolution or 32),
-}
 
 
 def main(argv=None) -> int:
@@ -142,25 +144,41 @@ def _initialize_distributed(args) -> None:
 def cmd_train(args, overrides) -> int:
     config = configs.load_config(args.config, overrides)
     configs.check_config(config, jax.device_count())
-    denoiser = configs.denoiser_from_config(config)
+    model = configs.model_from_config(config)
     cfg = configs.train_config(config)
     wd.save_config(args.workdir, config)
-    d = config.data
-    make_batches = lambda start: data.batch_iterator(
-        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
-        resolution=d.resolution or None, data_dir=d.data_dir or None,
-        labels=bool(denoiser.label_dim))
-    sample, nfe, sampler, steps = _sampler(denoiser, config)
-    key, labels = jax.random.key(config.sample.seed), _grid_labels(denoiser, config.sample.num)
-    grid_fn = (lambda params, step: sample(params, key, labels)) if cfg.sample_every else None
+    make_batches, loss_fn = _training_fns(config, model, cfg)
+    sample, nfe, sampler, steps = _sampler(model, config)
+    s = config.sample
+    grid_fn = ((lambda params, step: _draw(config, model, sample, params, s.num, s.seed)[0])
+               if cfg.sample_every else None)
     tic = time.perf_counter()
-    state = train_loop(cfg, denoiser, make_batches, args.workdir, sample_fn=grid_fn)
+    state = train_loop(cfg, model, make_batches, args.workdir, loss_fn=loss_fn, sample_fn=grid_fn)
     seconds = time.perf_counter() - tic
-    path = _write_samples(args.workdir, config, denoiser, state.ema_params, sample,
+    path = _write_samples(args.workdir, config, model, state.ema_params, sample,
                           f"{sampler}_{steps}")
     _print_table([{"steps": int(state.step), "train_seconds": round(seconds, 1),
                    "grid": path, "grid_nfe": nfe}])
     return 0
+
+
+def _training_fns(config, model, cfg):
+    """(make_batches(start_step), loss_fn or None for the EDM loss) of a run: a UNet's image
+    batches, or a SiT's latents and interpolant loss (`difflax.latent_runs`)."""
+    if configs.model_kind(config) == "sit":
+        return latent_runs.get_training_fns(config, model, batch_size=cfg.batch_size,
+                                            seed=cfg.seed)
+    d = config.data
+    return (lambda start: data.batch_iterator(
+        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
+        resolution=d.resolution or None, data_dir=d.data_dir or None,
+        labels=bool(model.label_dim))), None
+
+
+def _check_sampler(spec: str) -> None:
+    """Checks NAME:STEPS before a run is loaded: a sampler of a UNet run or a SiT run."""
+    name = spec.partition(":")[0]
+    configs.parse_sampler(spec, "sit" if name in configs.SIT_ODE_METHODS else "unet")
 
 
 def _check_args(args, **minimum) -> None:
@@ -176,37 +194,60 @@ def _grid_labels(denoiser, num):
     return np.arange(num) % k
 
 
-def _sampler(denoiser, config, sampler=None, steps=None):
-    """(sample fn, nfe, sampler, steps), defaults from the config's `sample` section."""
+def _sampler(model, config, sampler=None, steps=None, vae=None):
+    """(sample fn, nfe, sampler, steps), defaults from the config's `sample` section; a SiT
+    run's sample fn is `difflax.latent_runs.get_latent_sample_fn`'s (decoding with `vae`)."""
     s = config.sample
-    sampler = s.sampler if sampler is None else sampler
+    sit = configs.model_kind(config) == "sit"
+    sampler = (s.method if sit else s.sampler) if sampler is None else sampler
     steps = s.steps if steps is None else steps
-    sample, nfe = wd.get_sample_fn(denoiser, sampler=sampler, steps=steps,
+    if sit:
+        configs.parse_sampler(f"{sampler}:{steps}", "sit")
+        sample = latent_runs.get_latent_sample_fn(model, config, method=sampler, steps=steps,
+                                                  vae_path=vae)
+        return sample, steps * (2 if sampler == "heun" else 1), sampler, steps
+    sample, nfe = wd.get_sample_fn(model, sampler=sampler, steps=steps,
                                    sigma_min=s.sigma_min, sigma_max=s.sigma_max)
     return sample, nfe, sampler, steps
 
 
-def _write_samples(workdir, config, denoiser, params, sample, name, *, num=None, seed=None,
+def _draw(config, model, sample, params, num, seed):
+    """(images (num, H, W, C) in [-1, 1], labels or None, {name: array} to save too) from a
+    `_sampler` sample fn: one class per grid column; a SiT run's arrays hold the sampled
+    latents (scaled) that the images decode."""
+    key = jax.random.key(seed)
+    if configs.model_kind(config) == "sit":
+        images, latents, labels = sample(params, key, num)
+        return images, labels, {"latents": np.asarray(latents)}
+    labels = _grid_labels(model, num)
+    return sample(params, key, labels), labels, {}
+
+
+def _write_samples(workdir, config, model, params, sample, name, *, num=None, seed=None,
                    out=None):
-    """Writes a PNG grid and an .npz of `num` samples (one class per column); returns the PNG."""
+    """Writes a PNG grid and an .npz of `num` samples (`_draw`); returns the PNG path."""
     s = config.sample
     num, seed = s.num if num is None else num, s.seed if seed is None else seed
-    labels = _grid_labels(denoiser, num)
-    images = np.asarray(sample(params, jax.random.key(seed), labels))
+    images, labels, arrays = _draw(config, model, sample, params, num, seed)
+    images = np.asarray(images)
+    arrays.update(images=images, **({} if labels is None else {"labels": np.asarray(labels)}))
+    if configs.model_kind(config) == "sit":  # classes in columns, or bank snippets in a square
+        nrow = 0 if model.config.snippet_dim else model.config.num_classes
+    else:
+        nrow = model.net.label_dim
     out = out or os.path.join(workdir, "samples", name)
-    nrow = denoiser.net.label_dim or int(np.ceil(np.sqrt(num)))
     if jax.process_index() == 0:
-        save_grid(out + ".png", images, nrow=min(nrow, num))
-        np.savez(out + ".npz", images=images, labels=labels)
+        save_grid(out + ".png", images, nrow=min(nrow or int(np.ceil(np.sqrt(num))), num))
+        np.savez(out + ".npz", **arrays)
     return out + ".png"
 
 
 def cmd_sample(args, overrides) -> int:
     _check_args(args, steps=1, num=1, seed=0)
     if args.sampler is not None:
-        configs.parse_sampler(f"{args.sampler}:{args.steps or 1}")  # a known name
+        _check_sampler(f"{args.sampler}:{args.steps or 1}")  # a known name
     config, denoiser, params = wd.load_run(args.workdir)
-    sample, nfe, sampler, steps = _sampler(denoiser, config, args.sampler, args.steps)
+    sample, nfe, sampler, steps = _sampler(denoiser, config, args.sampler, args.steps, args.vae)
     path = _write_samples(args.workdir, config, denoiser, params, sample, f"{sampler}_{steps}",
                           num=args.num, seed=args.seed, out=args.out)
     _print_table([{"sampler": sampler, "nfe": nfe, "grid": path}])
@@ -220,22 +261,23 @@ def cmd_evaluate(args, overrides) -> int:
     specs = [f"{spec}:{args.steps}" if ":" not in spec and args.steps else spec
              for spec in args.sampler or ()]
     for spec in specs:
-        configs.parse_sampler(spec)
+        _check_sampler(spec)
     config, denoiser, params = wd.load_run(args.workdir)
     e = config.evaluate
     num = e.num if args.num is None else args.num
     batch = e.batch_size if args.batch_size is None else args.batch_size
+    dataset, resolution, sample_fn_of = _evaluation_data(config, denoiser, params)
     rows = []
     for spec in specs or e.samplers:
-        name, steps = configs.parse_sampler(spec)
-        sample, nfe, _, _ = _sampler(denoiser, config, name, steps)
-        sample_fn = wd.labelled_sample_fn(sample, params, denoiser.net.label_dim)
+        name, steps = configs.parse_sampler(spec, configs.model_kind(config))
+        sample, nfe, _, _ = _sampler(denoiser, config, name, steps, args.vae)
+        sample_fn = sample_fn_of(sample)
         key = jax.random.key(config.sample.seed)
         tic = time.perf_counter()
-        if config.data.name in metrics.DATASET_METRICS:
-            evaluate = metrics.dataset_metric(config.data.name).evaluate
+        if dataset in metrics.DATASET_METRICS:
+            evaluate = metrics.dataset_metric(dataset).evaluate
             result = evaluate(sample_fn, key=key, num_samples=num, batch_size=batch,
-                              resolution=denoiser.net.img_resolution)
+                              resolution=resolution)
         else:
             result = metrics.evaluate_samples(
                 sample_fn, key=key, num_samples=num, batch_size=batch,
@@ -250,20 +292,19 @@ def cmd_evaluate(args, overrides) -> int:
     return 0
 
 
-def cmd_encode(args, overrides) -> int:
-    from difflax import latents
-    from difflax.models import load_vae
+def _evaluation_data(config, model, params):
+    """(dataset the samples are compared with, its resolution, sample -> the metrics'
+    SampleFn); a SiT run's is the dataset its latents were encoded from."""
+    if configs.model_kind(config) == "sit":
+        return latent_runs.evaluation_data(config, model, params)
+    return (config.data.name, model.net.img_resolution,
+            lambda sample: wd.labelled_sample_fn(sample, params, model.net.label_dim))
 
-    if args.data not in ENCODE_DATASETS:
-        raise ValueError(f"unknown dataset {args.data!r} for encode; valid choices: "
-                         f"{', '.join(ENCODE_DATASETS)}")
-    images, labels = ENCODE_DATASETS[args.data](args.resolution, args.split)
-    vae, variables = load_vae(args.vae)
-    info = dict(dataset=args.data, split=args.split, resolution=images.shape[1],
-                vae_path=os.path.abspath(args.vae))
-    paths = latents.encode_dataset(vae, variables, images, labels, args.out,
-                                   chunk_size=args.chunk_size, info=info)
-    _print_table([{"images": len(images), "chunks": len(paths), "out": args.out}])
+
+def cmd_encode(args, overrides) -> int:
+    num, paths = latent_runs.encode(args.vae, args.data, args.out, resolution=args.resolution,
+                        split=args.split, chunk_size=args.chunk_size, features=args.features)
+    _print_table([{"images": num, "chunks": len(paths), "out": args.out}])
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A config file defines `get_config(variant: str = "") -> ml_collections.ConfigDict` with the
 sections of `configs/default.py`. Nothing past this module sees a ConfigDict: the model
-becomes a `Denoiser` (frozen `UNetConfig` inside), training a `TrainConfig`. `check_config`
+becomes a `Denoiser` (frozen `UNetConfig` inside) or, for `model.kind = "sit"` (SiT on the
+latents of `difflax encode`), a `SiT` (`sit_from_config`), training a `TrainConfig`. `check_config`
 validates every value of those sections first (type, range, known names, the batch against
 the devices), so that bad input ends in one line naming the key, the value and what is
 allowed. Sampler specs ("deis_tab3:10") are parsed here too, for configs and the CLI alike.
@@ -18,7 +19,12 @@ import sys
 import ml_collections
 
 from difflax import data
+from difflax.gmem import SAMPLING
+from difflax.interpolants import INTERPOLANTS, SIT_PREDICTIONS
+from difflax.latents import latents_info
 from difflax.models import Denoiser, UNetConfig
+from difflax.models.sit import SiT, SiTConfig
+from difflax.training.interpolant_loss import LOSS_WEIGHTS
 from difflax.samplers import SAMPLERS, split_sampler_name
 from difflax.training import TrainConfig
 
@@ -120,6 +126,42 @@ def denoiser_from_config(config) -> Denoiser:
     return Denoiser(net=net, **precond)
 
 
+# what a config's `model.kind` says it trains; a config without the key (every config and
+# run directory from before SiT runs) is a UNet run
+MODEL_KINDS = ("unet", "sit")
+SIT_ODE_METHODS = ("euler", "heun")
+
+
+def model_kind(config) -> str:
+    """"unet" or "sit": the config's `model.kind` ("unet" if it has none)."""
+    kind = config.model.get("kind", "unet")
+    check_value("model.kind", kind, kind in MODEL_KINDS, f"one of {', '.join(MODEL_KINDS)}")
+    return kind
+
+
+def sit_from_config(config) -> SiT:
+    """The `SiT` a `model.kind = "sit"` config describes, sized to the latents of
+    `data.latents_dir` (latents.json: latent shape (h, h, C), class count, snippet size):
+    labels if `model.conditional`, GMem's stored snippets if `model.memory`."""
+    m, info = config.model, latents_info(config.data.latents_dir)
+    h, _, c = info["latent_shape"]
+    if m.memory and "feature_dim" not in info:
+        raise ValueError(f"model.memory = True needs snippets stored with the latents; "
+                         f"{config.data.latents_dir} has none: encode with `difflax encode "
+                         "--features digits_classifier`")
+    fields = {k: m[k] for k in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                                "class_dropout_prob", "learn_sigma", "snippet_dropout_prob")}
+    return SiT(SiTConfig(input_size=h, in_channels=c, **fields,
+                         num_classes=info["num_classes"] if m.conditional else 0,
+                         snippet_dim=info["feature_dim"] if m.memory else 0))
+
+
+def model_from_config(config):
+    """The model a config trains: a `Denoiser` (`denoiser_from_config`) or, for
+    `model.kind = "sit"`, a `SiT` (`sit_from_config`)."""
+    return sit_from_config(config) if model_kind(config) == "sit" else denoiser_from_config(config)
+
+
 def train_config(config) -> TrainConfig:
     t = dict(config.train)
     t["grad_clip"] = t["grad_clip"] or None
@@ -151,9 +193,37 @@ def _integers(lo: int, *, nonempty: bool):
 
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
 
+def _choice(choices):
+    return lambda v: v in choices, f"one of {', '.join(map(repr, choices))}"
+
+
 # key -> (predicate, what is allowed): the values `difflax train | sample | evaluate` read.
 # Names (dataset, model_type, precond, ...) are checked where they are used, with their choices.
-RULES = {
+TRAIN_RULES = {
+    "train.steps": _integer(1),
+    "train.batch_size": _integer(1),
+    "train.lr": _number(0),
+    "train.warmup_steps": _integer(0),
+    "train.weight_decay": _number(0, open_lo=False),
+    "train.grad_clip": (_number(0, open_lo=False)[0], "a number >= 0 (0: no clipping)"),
+    "train.ema_halflife_kimg": _number(0),
+    "train.ema_rampup_ratio": (lambda v: v is None or _number(0)[0](v), "a number > 0 or None"),
+    "train.ema_decay": (lambda v: v is None or _number(0, 1)[0](v),
+                        "a number > 0 and < 1 (a constant EMA decay) or None (the half-life)"),
+    "train.log_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
+    "train.ckpt_every": (_integer(0)[0], "an integer >= 0 (0: only at the end)"),
+    "train.keep_checkpoints": _integer(1),
+    "train.sample_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
+    "train.seed": _integer(0),
+    "train.tensorboard": _BOOL,
+    "train.compute_dtype": (lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
+    "sample.steps": _integer(1),
+    "sample.num": _integer(1),
+    "sample.seed": _integer(0),
+    "evaluate.num": _integer(1),
+    "evaluate.batch_size": _integer(1),
+}
+UNET_RULES = {
     "data.resolution": (_integer(0)[0], "an integer >= 0 (0: the dataset's own)"),
     "data.random_flip": _BOOL,
     "model.sigma_data": _number(0),
@@ -166,28 +236,32 @@ RULES = {
     "model.label_dropout": _number(0, 1, open_lo=False),
     "model.channel_mult_noise": _integer(1),
     "model.conditional": _BOOL,
-    "train.steps": _integer(1),
-    "train.batch_size": _integer(1),
-    "train.lr": _number(0),
-    "train.warmup_steps": _integer(0),
-    "train.weight_decay": _number(0, open_lo=False),
-    "train.grad_clip": (_number(0, open_lo=False)[0], "a number >= 0 (0: no clipping)"),
-    "train.ema_halflife_kimg": _number(0),
-    "train.ema_rampup_ratio": (lambda v: v is None or _number(0)[0](v), "a number > 0 or None"),
-    "train.log_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
-    "train.ckpt_every": (_integer(0)[0], "an integer >= 0 (0: only at the end)"),
-    "train.keep_checkpoints": _integer(1),
-    "train.sample_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
-    "train.seed": _integer(0),
-    "train.tensorboard": _BOOL,
-    "train.compute_dtype": (lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
-    "sample.steps": _integer(1),
-    "sample.num": _integer(1),
     "sample.sigma_min": _number(0),
     "sample.sigma_max": _number(0),
-    "sample.seed": _integer(0),
-    "evaluate.num": _integer(1),
-    "evaluate.batch_size": _integer(1),
+}
+SIT_RULES = {
+    "data.name": _choice(("latents",)),
+    "data.latents_dir": (lambda v: isinstance(v, str) and v != "",
+                         "the output directory of `difflax encode`"),
+    "data.random_flip": _BOOL,
+    "data.sample_posterior": _BOOL,
+    "model.kind": _choice(MODEL_KINDS),
+    "model.patch_size": _integer(1),
+    "model.hidden_size": _integer(1),
+    "model.depth": _integer(1),
+    "model.num_heads": _integer(1),
+    "model.mlp_ratio": _number(0),
+    "model.class_dropout_prob": _number(0, 1, open_lo=False),
+    "model.snippet_dropout_prob": _number(0, 1, open_lo=False),
+    "model.learn_sigma": _BOOL,
+    "model.conditional": _BOOL,
+    "model.memory": _BOOL,
+    "transport.interpolant": _choice(INTERPOLANTS),
+    "transport.prediction": _choice(tuple(SIT_PREDICTIONS)),
+    "transport.loss_weight": _choice(("",) + LOSS_WEIGHTS[1:]),
+    "sample.method": _choice(SIT_ODE_METHODS),
+    "sample.cfg_scale": _number(0),
+    "sample.bank_sampling": _choice(SAMPLING),
 }
 
 
@@ -198,22 +272,31 @@ def check_value(key: str, value, ok: bool, allowed: str) -> None:
 
 
 def check_config(config, num_devices: int) -> None:
-    """Validates the data / model / train / sample / evaluate values a run reads (see RULES):
-    types, ranges, sampler names and steps, sigma_min < sigma_max, and a training batch that
-    splits evenly over `num_devices` (the global device count). Raises a one-line ValueError."""
-    defaults = load_config(os.path.join(CONFIG_DIR, "default.py"))
+    """Validates the data / model / train / sample / evaluate values a run reads (see
+    TRAIN_RULES and UNET_RULES or SIT_RULES, by `model_kind`): types, ranges, sampler names
+    and steps, sigma_min < sigma_max, and a training batch that splits evenly over
+    `num_devices` (the global device count). Raises a one-line ValueError."""
+    kind = model_kind(config)
+    variant = ":sit" if kind == "sit" else ""
+    defaults = load_config(os.path.join(CONFIG_DIR, "default.py") + variant)
     missing = [f"{section}.{k}" for section in defaults for k in defaults[section]
                if k not in config.get(section, {})]
     if missing:
         raise ValueError(f"this config lacks {', '.join(missing[:4])}"
-                         f"{' ...' if len(missing) > 4 else ''} (keys of configs/default.py that "
-                         "`difflax` runs read); it belongs to an experiment script (see its docstring)")
-    for key, (ok, allowed) in RULES.items():
+                         f"{' ...' if len(missing) > 4 else ''} (keys of configs/default.py"
+                         f"{variant} that `difflax` runs read); it belongs to an experiment script "
+                         "(see its docstring)")
+    rules = {**TRAIN_RULES, **(SIT_RULES if kind == "sit" else UNET_RULES)}
+    for key, (ok, allowed) in rules.items():
         section, name = key.split(".")
         check_value(key, config[section][name], ok(config[section][name]), allowed)
     t, s = config.train, config.sample
     check_value("train.batch_size", t.batch_size, t.batch_size % num_devices == 0,
                 f"divisible by the {num_devices} devices (each takes an equal share)")
+    if kind == "sit":
+        for spec in config.evaluate.samplers:
+            parse_sampler(spec, kind)
+        return
     check_value("sample.sigma_max", s.sigma_max, s.sigma_max > s.sigma_min,
                 f"> sample.sigma_min = {s.sigma_min}")
     check_value("sample.sampler", s.sampler, _known_sampler(s.sampler), _SAMPLER_CHOICES)
@@ -229,14 +312,18 @@ def _known_sampler(name) -> bool:
     return isinstance(name, str) and split_sampler_name(name)[0] in SAMPLERS
 
 
-def parse_sampler(spec: str) -> tuple[str, int]:
+def parse_sampler(spec: str, kind: str = "unet") -> tuple[str, int]:
     """"edm_heun:18" -> ("edm_heun", 18); "deis_tab3:10" -> ("deis_tab3", 10). The name must
-    be a known sampler and the steps an integer >= 1."""
+    be a known sampler of the run's `kind` (a SiT run's: its ODE methods, "heun:50") and
+    the steps an integer >= 1."""
     name, sep, steps = spec.partition(":")
     if not sep or not steps.isdigit() or int(steps) < 1:
         raise ValueError(f"sampler {spec!r} must be NAME:STEPS with STEPS an integer >= 1 "
                          "(e.g. edm_heun:18, deis_tab3:10), or NAME with --steps N")
-    if not _known_sampler(name):
+    if kind == "sit" and name not in SIT_ODE_METHODS:
+        raise ValueError(f"unknown sampler {name!r} in {spec!r} for a SiT run; valid: "
+                         f"{', '.join(SIT_ODE_METHODS)} (SiT's ODE)")
+    if kind != "sit" and not _known_sampler(name):
         raise ValueError(f"unknown sampler {name!r} in {spec!r}; valid: {_SAMPLER_CHOICES}")
     return name, int(steps)
 

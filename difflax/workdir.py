@@ -59,7 +59,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_run(source: str, mesh=None, step: int | None = None):
-    """(config, denoiser, ema_params) of a model, from any of three sources:
+    """(config, denoiser, ema_params) of a model, from any of three sources (a SiT run's
+    directory gives its `difflax.models.SiT` in place of the denoiser):
 
     - a training run's directory (``config.json`` + ``checkpoints/``): its newest checkpoint;
     - an exported testbed folder (``config.json`` + ``ema_params.safetensors``, written by
@@ -81,7 +82,7 @@ def load_run(source: str, mesh=None, step: int | None = None):
 
 def _load_checkpoint(workdir, mesh, step):
     config = load_config(workdir)
-    denoiser = configs.denoiser_from_config(config)
+    denoiser = configs.model_from_config(config)
     mesh = mesh or make_mesh()
     init = get_init_params_fn(denoiser, jax.random.key(0))
     tx = make_optimizer(configs.train_config(config))

@@ -15,7 +15,10 @@ and spherical interpolations between two snippets.
                                [--config.train.steps=3200 --config.evaluate.at_steps=...]
 
 Writes DIR/table.md, results.json, fd_vs_steps.png and grids/*.png (default
-experiments/results/gmem); prints the table.
+experiments/results/gmem); prints the table. Each model is trained by `difflax.training.train`
+in increments up to each evaluation step (the loop resumes from its checkpoint in a temporary
+workdir, so the increments make one run); train_seconds is the wall time of those calls
+(compilation and checkpoints included).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -31,12 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax import configs, data
-from difflax.gmem import (build_memory_bank, digits_snippet_encoder, get_draw_fn, kmeans_compress,
-                          lerp, sample_entries, sample_from_bank, slerp, svd_compress, train_sit)
+from difflax.gmem import (build_memory_bank, digits_snippet_encoder, get_batches_fn, get_draw_fn,
+                          kmeans_compress, lerp, sample_entries, sample_from_bank, slerp,
+                          svd_compress)
 from difflax.images import save_grid
 from difflax.metrics import digits_frechet_metric, digits_logits, evaluate_samples, load_digits_classifier
-from difflax.models.sit import SiT, SiTConfig
-from difflax.training import TrainConfig, make_mesh
+from difflax.models.sit import SiT, SiTConfig, init_sit
+from difflax.training import TrainConfig, make_mesh, train
+from difflax.training.interpolant_loss import get_interpolant_loss_fn
 
 SNIPPET_DIM = 64
 
@@ -80,9 +86,13 @@ def run_one(name, config, *, memory, train_x, train_y, bank, metric, classify, m
     model = SiT(sit_config(config, memory=memory))
     t = dict(config.train)
     t["grad_clip"] = t["grad_clip"] or None
-    tcfg = TrainConfig(**t)
     tr = config.transport
     snippets = np.asarray(bank.snippets_of(jnp.arange(len(train_x)))) if memory else None
+    make_batches = get_batches_fn(train_x, train_y, snippets, batch_size=t["batch_size"],
+                                  seed=t["seed"])
+    loss_fn = get_interpolant_loss_fn(model, interpolant=tr.interpolant, prediction=tr.prediction,
+                                      loss_weight=tr.loss_weight or None)
+    init = lambda: init_sit(model.config, jax.random.key(t["seed"]))["params"]
     draw = draw_fn(model, config)
     ev, res = config.evaluate, config.data.resolution
 
@@ -98,7 +108,7 @@ def run_one(name, config, *, memory, train_x, train_y, bank, metric, classify, m
 
     rows = []
 
-    def evaluate(step, state, losses, train_seconds):
+    def evaluate(step, state, loss, train_seconds):
         tic = time.perf_counter()
         out = evaluate_samples(functools.partial(sample_fn, state.ema_params),
                                key=jax.random.key(config.sample.seed), num_samples=ev.num,
@@ -106,15 +116,22 @@ def run_one(name, config, *, memory, train_x, train_y, bank, metric, classify, m
                                classify_fn=classify, progress=False)
         rows.append(dict(model=name, step=step, fd_digits=round(out["fd_digits"], 3),
                          class_accuracy=round(out.get("class_accuracy", float("nan")), 3),
-                         loss=round(float(np.mean(losses[-50:])), 4),
+                         loss=round(loss, 4),
                          train_seconds=round(train_seconds, 1),
                          eval_seconds=round(time.perf_counter() - tic, 1),
                          params=sum(x.size for x in jax.tree.leaves(state.params))))
         print(json.dumps(rows[-1]), flush=True)
 
-    state = train_sit(model, tcfg, mesh, images=train_x, labels=train_y, snippets=snippets,
-                      interpolant=tr.interpolant, prediction=tr.prediction,
-                      loss_weight=tr.loss_weight or None, eval_at=ev.at_steps, on_eval=evaluate)
+    train_seconds = 0.0
+    with tempfile.TemporaryDirectory() as workdir:
+        for step in sorted({s for s in ev.at_steps if s < t["steps"]} | {t["steps"]}):
+            tic = time.perf_counter()
+            state = train(TrainConfig(**{**t, "steps": step}), model, make_batches, workdir,
+                          loss_fn=loss_fn, mesh=mesh, progress=False, init_params_fn=init)
+            train_seconds += time.perf_counter() - tic
+            with open(os.path.join(workdir, "metrics.jsonl")) as f:
+                loss = json.loads(f.readlines()[-1])["loss"]  # the mean of the last log_every
+            evaluate(step, state, loss, train_seconds)
     return rows, model, state.ema_params
 
 

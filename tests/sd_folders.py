@@ -26,6 +26,25 @@ def perturbed(model, seed=1, scale=0.2):
     return model.eval()
 
 
+def save_tiny_vae(folder):
+    """A tiny random diffusers AutoencoderKL (2 levels of 4 and 8 channels: 2x down-sampling
+    to 2 latent channels), weights moved off their initial values (torch seed 0), saved to
+    `folder` with save_pretrained; returns the model."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(block_out_channels=(4, 8), layers_per_block=1,
+                                    norm_num_groups=2, latent_channels=2,
+                                    down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
 def write_tiny_tokenizer(folder, pad_token):
     """A CLIP tokenizer folder with the 256 byte symbols (alone and word-final) and a few
     merges, in the files of an SD checkpoint's tokenizer/ folder."""

@@ -9,6 +9,7 @@ import pytest
 from difflax import cli, data
 from difflax.latents import encode_dataset, latent_batches, load_latents
 from difflax.models.vae import AutoencoderKL, VAEConfig, init_vae
+from sd_folders import save_tiny_vae
 
 TINY = VAEConfig(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2,
                  latent_channels=2, scaling_factor=0.5)
@@ -91,16 +92,8 @@ def test_latent_batches_depend_only_on_seed_and_step(synthetic):
 
 def test_cli_encode_matches_diffusers(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(block_out_channels=(4, 8), layers_per_block=1,
-                                    norm_num_groups=2, latent_channels=2,
-                                    down_block_types=("DownEncoderBlock2D",) * 2,
-                                    up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "vae")
+    pytest.importorskip("diffusers")
+    model = save_tiny_vae(tmp_path / "vae")
     out = str(tmp_path / "latents")
     argv = ["encode", "--vae", str(tmp_path / "vae"), "--data", "digits", "--resolution", "8",
             "--out", out, "--chunk-size", "1024"]

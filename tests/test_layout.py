@@ -29,10 +29,10 @@ LAYERS = {
     # 3: methods: one module per paper, metrics, the SD pipeline, SiT's interpolants
     "accel": 3, "rfpp": 3, "interpolants": 3, "metrics": 3, "latents": 3,
     "pipelines": 3,
-    # 4: training (losses, state, loop), and GMem, whose module includes its training loop
+    # 4: training (losses, state, loop), and GMem (its batches for the loop)
     "training": 4, "gmem": 4,
     # 5: run directories, configs and the shipped testbeds built from them
-    "workdir": 5, "configs": 5, "testbeds": 5,
+    "workdir": 5, "configs": 5, "testbeds": 5, "latent_runs": 5,
     # 6: the command line; 7: the package's flat public API
     "cli": 6, "__init__": 7,
 }

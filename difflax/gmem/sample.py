@@ -11,18 +11,19 @@ from difflax.interpolants import get_sit_fn, sample_ode
 
 
 def get_draw_fn(model, *, interpolant: str = "linear", prediction: str = "velocity",
-                method: str = "heun", steps: int = 50, cfg_scale: float = 1.0):
+                method: str = "heun", steps: int = 50, cfg_scale: float = 1.0,
+                clip: bool = True):
     """Jitted draw(params, noise (B, ...), y (B,) | None, snippet (B, D) | None) -> samples
-    (B, ...) clipped to [-1, 1]: `difflax.interpolants.sample_ode` of a `difflax.models.SiT`
-    conditioned on labels y and / or snippets (`get_sit_fn`, guidance `cfg_scale`); compiled
-    once per shape."""
+    (B, ...) clipped to [-1, 1] (images; `clip=False` for latents): `difflax.interpolants.
+    sample_ode` of a `difflax.models.SiT` conditioned on labels y and / or snippets
+    (`get_sit_fn`, guidance `cfg_scale`); compiled once per shape."""
 
     @jax.jit
     def draw(params, noise, y, snippet):
         fn = get_sit_fn(model, {"params": params}, y=y, snippet=snippet, cfg_scale=cfg_scale)
         x, _ = sample_ode(fn, noise, interpolant=interpolant, prediction=prediction,
                           method=method, steps=steps)
-        return jnp.clip(x, -1, 1)
+        return jnp.clip(x, -1, 1) if clip else x
 
     return draw
 

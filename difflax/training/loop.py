@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from difflax.images import make_grid, save_grid
 from difflax.mesh import host_to_global, make_mesh, replicated, shard_batch
 from difflax.models.precond import model_signature
+from difflax.models.sit import SiT, init_sit
 from difflax.training import checkpoint as ckpt
 from difflax.training import parallel
 from difflax.training.losses import get_edm_loss_fn
@@ -41,7 +42,10 @@ SampleFn = Callable[[object, int], jax.Array]
 
 def get_init_params_fn(model, key: jax.Array):
     """Returns init() -> params of a denoiser D(x (B, *input_shape), sigma (B,), labels), the
-    shape and class count read from the model (`model_signature`)."""
+    shape and class count read from the model (`model_signature`), or of a
+    `difflax.models.SiT` (SiT's initialisation, `init_sit`, with its labels and snippets)."""
+    if isinstance(model, SiT):
+        return lambda: init_sit(model.config, key)["params"]
     input_shape, label_dim = model_signature(model)
 
     def init():
@@ -144,7 +148,8 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     make_batches(start_step) -> iterator of this process's numpy (images, labels) rows of
     global batches of cfg.batch_size, batch i depending only on i (e.g.
     `functools.partial(data.batch_iterator, name, B, seed=s)` via start_step=...); labels
-    None for an unconditional model. The example shape and class count come from the model
+    None for an unconditional model; any tuple of arrays that `loss_fn` reads (a SiT's
+    (latents, labels[, snippets]), `difflax.latents.latent_batches`). The example shape and class count come from the model
     (`model.input_shape`, `model.label_dim`; a batch that does not fit them is an error).
     loss_fn(params, batch, key) defaults to the EDM loss. sample_fn(ema_params, step) -> images in [-1, 1] is called every
     cfg.sample_every steps and written to workdir/samples. init_params_fn() -> params, pure,
