@@ -11,6 +11,7 @@ allowed. Sampler specs ("deis_tab3:10") are parsed here too, for configs and the
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -154,6 +155,16 @@ def sit_from_config(config) -> SiT:
     return SiT(SiTConfig(input_size=h, in_channels=c, **fields,
                          num_classes=info["num_classes"] if m.conditional else 0,
                          snippet_dim=info["feature_dim"] if m.memory else 0))
+
+
+def model_defaults(config) -> dict:
+    """The model keys a run's config.json may lack (a run saved before difflax added the key)
+    and the value such a run is built with: `kind` "unet", and for a UNet run each
+    `UNetConfig` field's default (`denoiser_from_config` passes the keys it finds)."""
+    if model_kind(config) == "sit":
+        return {"kind": "unet"}
+    return {"kind": "unet", **{f.name: f.default for f in dataclasses.fields(UNetConfig)
+                               if f.default is not dataclasses.MISSING}}
 
 
 def model_from_config(config):

@@ -24,7 +24,8 @@ from difflax.training import (abstract_train_state, get_init_params_fn, make_che
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json; a workdir that holds a run of another model is an error.
+    """Writes config.json; a workdir that holds a run of another model is an error (a model
+    key the old config.json lacks counts as its default, `configs.model_defaults`).
 
     Every process checks; process 0 writes, atomically (the others may be reading it)."""
     os.makedirs(workdir, exist_ok=True)
@@ -33,6 +34,8 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         with open(path) as f:
             old = json.load(f)
         new = json.loads(config.to_json())
+        # a key the old run lacks was added to difflax since: the run was built with its default
+        old["model"] = {**configs.model_defaults(config), **old["model"]}
         diff = [f"{section}.{k}: {old[section].get(k)!r} -> {v!r}"
                 for section in ("model", "data") for k, v in new[section].items()
                 if _plain(old[section].get(k)) != _plain(v)]

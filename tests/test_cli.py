@@ -180,6 +180,21 @@ def test_another_architecture_in_the_same_workdir(trained, capsys):
     assert code == 2 and "another model" in err and "model_channels" in err
 
 
+def test_a_model_key_added_since_a_run_counts_as_its_default(tmp_path):
+    config = configs.load_config(SMOKE)
+    wd.save_config(str(tmp_path), config)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["model"]["label_dropout"] == 0.0  # UNetConfig's default
+    del saved["model"]["label_dropout"]  # as written by a difflax without the key
+    path.write_text(json.dumps(saved))
+    wd.save_config(str(tmp_path), config)  # resumes
+    del saved["model"]["model_channels"]  # the smoke run is not the default width
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="model_channels: 128"):
+        wd.save_config(str(tmp_path), config)
+
+
 def test_unknown_sampler_names_the_valid_ones(trained, capsys):
     assert cli.main(["sample", "--workdir", trained, "--sampler", "magic"]) == 2
     err = capsys.readouterr().err
