@@ -1,4 +1,5 @@
 """Frechet distance, streaming statistics, the digits feature network, batched evaluation."""
+import functools
 import importlib
 import os
 
@@ -376,6 +377,51 @@ def test_evaluate_samples_paired_differences_to_a_baseline_setting():
     with pytest.raises(ValueError, match="baseline 2 must index"):
         M.evaluate_samples(sample_fn, key=key, num_samples=30, batch_size=10,
                            frechet_metrics=[metric], progress=False, settings=2, baseline=2)
+
+
+def test_evaluate_samples_store_resumes_an_interrupted_evaluation(tmp_path):
+    data = np.random.default_rng(11).normal(size=(40, 2, 2, 1)).astype(np.float32)
+    calls = []
+
+    def sample_fn(key, batch_size, fail_at=None):  # settings 2: the data and the data shifted
+        i = int(jax.random.randint(key, (), 0, 1000)) % 4
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append(i)
+        x = jnp.asarray(data[i * 10:(i + 1) * 10])
+        return jnp.stack([x, x + 0.3]), jnp.asarray(np.arange(10) % 3)
+
+    flat = lambda x: x.reshape(x.shape[0], -1)
+    metric = M.FrechetMetric("fd_flat", flat, np.zeros(4), np.eye(4))
+    classify = lambda x: jax.nn.one_hot((x[:, 0, 0, 0] > 0).astype(jnp.int32), 3)
+    kw = dict(key=jax.random.key(0), num_samples=38, batch_size=10, frechet_metrics=[metric],
+              classify_fn=classify, progress=False, settings=2, baseline=0, bootstrap=20)
+    want = M.evaluate_samples(sample_fn, **kw)
+    store, tag = str(tmp_path / "cell"), "model A, sampler B"
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # interrupted while drawing the third batch
+        M.evaluate_samples(functools.partial(sample_fn, fail_at=2), **kw, store=store,
+                           store_tag=tag)
+    drawn = list(calls)
+    assert len(drawn) == 2 and sorted(os.listdir(store)) == [
+        "batch_00000.npz", "batch_00001.npz", "store.json"]
+    got = M.evaluate_samples(sample_fn, **kw, store=store, store_tag=tag)
+    assert calls[2:] == want_draws_after(drawn, 4)  # only batches 2 and 3 are drawn again
+    assert got == want  # the same result as without interruption, intervals included
+    calls.clear()
+    assert M.evaluate_samples(sample_fn, **kw, store=store, store_tag=tag) == want and not calls
+    with pytest.raises(ValueError, match="another evaluation .*tag: 'model A, sampler B' -> 'C'"):
+        M.evaluate_samples(sample_fn, **kw, store=store, store_tag="C")
+    with pytest.raises(ValueError, match="num_samples: 38 -> 30"):
+        M.evaluate_samples(sample_fn, **{**kw, "num_samples": 30}, store=store, store_tag=tag)
+
+
+def want_draws_after(drawn, num_batches):
+    """The batch indices (as sample_fn sees them) of the batches not yet drawn."""
+    keys = [int(jax.random.randint(jax.random.fold_in(jax.random.key(0), i), (), 0, 1000)) % 4
+            for i in range(num_batches)]
+    assert keys[:len(drawn)] == drawn
+    return keys[len(drawn):]
 
 
 def test_dataset_metric_names_each_datasets_metric():

@@ -38,6 +38,7 @@ from difflax.metrics.mnist_features import (
     mnist_logits,
     mnist_reference_stats,
 )
+from difflax.metrics.sample_store import SampleStore
 
 __all__ = [
     "DATASET_METRICS",
@@ -91,7 +92,8 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
                      classify_fn: Callable[[jax.Array], jax.Array] | None = None,
                      progress: bool = True, frechet_method: str = "sqrtm",
                      bootstrap: int = 0, level: float = 0.95, settings: int | None = None,
-                     baseline: int | None = None) -> dict[str, float] | list[dict[str, float]]:
+                     baseline: int | None = None, store: str | None = None,
+                     store_tag: str = "") -> dict[str, float] | list[dict[str, float]]:
     """Draws ``num_samples`` images in batches and computes metrics on the fly.
 
     Args:
@@ -121,6 +123,10 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
         minus the baseline's, and that difference's ``level`` interval from the paired
         jackknife (:func:`difflax.metrics.frechet_difference_interval`, the same 25 groups
         of samples left out of both) as ``{name}_diff_ci_low`` / ``_ci_high``.
+      store: a folder that keeps every drawn batch (:class:`difflax.metrics.SampleStore`), so
+        that an interrupted evaluation, run again, draws only the missing batches and returns
+        the same result; ``store_tag`` names what the folder's cell is (model, sampler, plan):
+        a store of another tag, key, count, batch size or settings is an error.
     Returns:
       ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``,
       plus the intervals' ends if ``bootstrap``; with ``settings``, a list of K such dicts.
@@ -134,9 +140,13 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
     streams = [_Stream(len(frechet_metrics)) for _ in range(settings or 1)]
     done = 0
     num_batches = -(-num_samples // batch_size)
+    kept = None if store is None else SampleStore(
+        store, tag=store_tag, num_samples=num_samples, batch_size=batch_size, settings=settings,
+        key=SampleStore.key_data(key))
     with tqdm(total=num_samples, disable=not progress, unit="img", desc="evaluate") as bar:
         for i in range(num_batches):
-            images, labels = _split_batch(sample_fn(jax.random.fold_in(key, i), batch_size))
+            draw = lambda i=i: _split_batch(sample_fn(jax.random.fold_in(key, i), batch_size))  # noqa: E731
+            images, labels = draw() if kept is None else kept.batch(i, draw)
             take = min(batch_size, num_samples - done)
             for j, stream in enumerate(streams):
                 stream.add((images if settings is None else images[j])[:take], labels, take,
