@@ -172,13 +172,14 @@ def get_sweep_fn(denoiser, *, sampler: str, steps: int, sigma_min: float = 0.002
 
 def evaluate_settings(sweep, variables, skip_scales, *, metric, key, num_samples: int,
                       batch_size: int, num_classes: int = 10,
-                      classify_fn: Callable | None = None) -> list[dict]:
+                      classify_fn: Callable | None = None, **store) -> list[dict]:
     """Frechet distance (and class accuracy) of each of the K stacked settings.
 
     `metric` is a `difflax.metrics.FrechetMetric` (e.g. `digits_frechet_metric`); batch i
     uses key fold_in(key, i) and labels drawn uniformly from `num_classes`, the same for all
     settings (`difflax.metrics.evaluate_samples` with `settings=K`). Returns K dicts
-    {metric.name: float, "class_accuracy": float (if classify_fn)}.
+    {metric.name: float, "class_accuracy": float (if classify_fn)}. `store` / `store_tag`
+    keep the drawn batches for a resumable run (`evaluate_samples`).
     """
     from difflax.metrics import evaluate_samples  # the metrics package is heavy: import on use
 
@@ -189,24 +190,25 @@ def evaluate_settings(sweep, variables, skip_scales, *, metric, key, num_samples
     rows = evaluate_samples(sample_fn, key=key, num_samples=num_samples, batch_size=batch_size,
                             frechet_metrics=[metric], classify_fn=classify_fn, progress=False,
                             frechet_method="eigh",
-                            settings=jax.tree.leaves(skip_scales)[0].shape[0])
+                            settings=jax.tree.leaves(skip_scales)[0].shape[0], **store)
     return [{k: v for k, v in row.items() if k != "num_samples"} for row in rows]
 
 
 def search(sweep, variables, settings: Mapping[object, object], *, metric, key,
            num_samples: int, batch_size: int, num_classes: int = 10,
-           classify_fn: Callable | None = None):
+           classify_fn: Callable | None = None, **store):
     """Picks the setting with the lowest `metric` for the sampler and NFE of `sweep`.
 
     `settings` maps a label (e.g. (rho_top, rho_bottom)) to a skip_scales value; all of them
     are evaluated in one vmapped call per batch (Sec. 4's grid search over rho).
     Returns (best_label, table) with table a list of {"setting": label, metric: ...}.
+    `store` / `store_tag`: as `evaluate_settings`.
     """
     labels = list(settings)
     rows = evaluate_settings(sweep, variables, stack_skip_scales([settings[s] for s in labels]),
                              metric=metric, key=key, num_samples=num_samples,
                              batch_size=batch_size, num_classes=num_classes,
-                             classify_fn=classify_fn)
+                             classify_fn=classify_fn, **store)
     table = [{"setting": s, **r} for s, r in zip(labels, rows)]
     best = min(table, key=lambda r: r[metric.name])["setting"]
     return best, table

@@ -49,7 +49,7 @@ from difflax.metrics.mnist_features import (
     mnist_reference_stats,
     train_mnist_classifier,
 )
-from difflax.metrics.sample_store import SampleStore
+from difflax.metrics.sample_store import SampleStore, fingerprint
 from difflax.metrics.lpips import LPIPS, get_lpips_fn, load_lpips, random_lpips_params
 from difflax.metrics.inception import (
     FID_WEIGHTS_URL,
@@ -60,7 +60,7 @@ from difflax.metrics.inception import (
 )
 
 __all__ = [
-    "TrainedClassifier", "default_cache_dir", "SampleStore",
+    "TrainedClassifier", "default_cache_dir", "SampleStore", "fingerprint",
     "CLAIMS", "bootstrap_interval", "claim_verdict", "format_interval",
     "frechet_difference_interval",
     "frechet_jackknife_interval", "mean_interval",

@@ -123,10 +123,11 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
         minus the baseline's, and that difference's ``level`` interval from the paired
         jackknife (:func:`difflax.metrics.frechet_difference_interval`, the same 25 groups
         of samples left out of both) as ``{name}_diff_ci_low`` / ``_ci_high``.
-      store: a folder that keeps every drawn batch (:class:`difflax.metrics.SampleStore`), so
-        that an interrupted evaluation, run again, draws only the missing batches and returns
-        the same result; ``store_tag`` names what the folder's cell is (model, sampler, plan):
-        a store of another tag, key, count, batch size or settings is an error.
+      store: a folder in which every drawn batch is kept (:class:`difflax.metrics.SampleStore`,
+        in a subfolder named after ``store_tag``), so that an interrupted evaluation, run
+        again, draws only the missing batches and returns the same result. ``store_tag``
+        names the cell (model, sampler, plan, ...); a subfolder of the same name written with
+        another key, count, batch size or settings is an error.
     Returns:
       ``{name: distance, ..., "class_accuracy": float (if labels), "num_samples": n}``,
       plus the intervals' ends if ``bootstrap``; with ``settings``, a list of K such dicts.
@@ -141,7 +142,7 @@ def evaluate_samples(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, b
     done = 0
     num_batches = -(-num_samples // batch_size)
     kept = None if store is None else SampleStore(
-        store, tag=store_tag, num_samples=num_samples, batch_size=batch_size, settings=settings,
+        store, store_tag, num_samples=num_samples, batch_size=batch_size, settings=settings,
         key=SampleStore.key_data(key))
     with tqdm(total=num_samples, disable=not progress, unit="img", desc="evaluate") as bar:
         for i in range(num_batches):
