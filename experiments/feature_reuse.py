@@ -56,7 +56,7 @@ from difflax.accel import (adjacent_step_similarity, deepcache_plan, denoiser_ru
                            encoder_propagation_plan, faster_diffusion_key_steps, full_plan,
                            inheritance_plan, node_flops, plan_cost)
 from difflax.images import save_grid  # noqa: E402
-from difflax.metrics import claim_verdict, dataset_metric, format_interval  # noqa: E402
+from difflax.metrics import claim_verdict, dataset_metric, fingerprint, format_interval  # noqa: E402
 from difflax.models import Denoiser, adm  # noqa: E402
 from difflax.samplers import make_grid  # noqa: E402
 from difflax.samplers.flow import euler_trajectory  # noqa: E402
@@ -119,9 +119,10 @@ def sampling_setting(setting, config, steps):
                 grid=sd.ddim_grid(steps))
 
 
-def model_part(workdir, p, out_dir, setting, tolerance, previous=None):
+def model_part(workdir, p, out_dir, setting, tolerance, previous=None, store=None):
     """Rows per plan; with `previous` (rows of an earlier run) only the timing is redone and
-    the quality columns are taken from it."""
+    the quality columns are taken from it. `store`: where the drawn batches are kept
+    (`difflax.metrics.SampleStore`), so that an interrupted run resumes."""
     config, denoiser, params = load_run(workdir)
     net, dm = denoiser.net, dataset_metric(config.data.name)
     x = jnp.zeros((p["time_batch"], net.img_resolution, net.img_resolution, net.in_channels))
@@ -141,7 +142,9 @@ def model_part(workdir, p, out_dir, setting, tolerance, previous=None):
                                                net.label_dim),
                               key=jax.random.key(1), num_samples=p["num"], batch_size=p["batch"],
                               resolution=net.img_resolution, progress=False,
-                              settings=len(plans), baseline=0)
+                              settings=len(plans), baseline=0, store=store,
+                              store_tag=f"{config.data.name} {fingerprint(params)} {setting} "
+                                        f"{p['sampler']} {p['steps']} {[label(q) for q in plans]}")
     rows = []
     for plan, q in zip(plans, quality):
         (fn, nfe), (seconds, cpu) = fns[label(plan)], times[label(plan)]
@@ -294,6 +297,9 @@ def main():
                     help="only the adjacent-step feature similarity diagnostic of --workdir's "
                          "model: OUT/similarity.png and similarity.json")
     ap.add_argument("--similarity-steps", type=int, default=50)
+    ap.add_argument("--store", default="runs/stores/feature_reuse",
+                    help="where drawn batches are kept, so that an interrupted run resumes "
+                         "(difflax.metrics.SampleStore); 'none' keeps nothing")
     args = ap.parse_args()
     if args.tolerance < 0:
         ap.error(f"--tolerance {args.tolerance}: must be >= 0")
@@ -311,7 +317,8 @@ def main():
         with open(os.path.join(args.out, "results.json")) as f:
             previous = {r["plan"]: r for r in json.load(f)["model"]}
     t0 = time.time()
-    rows, name = model_part(args.workdir, p, args.out, args.setting, args.tolerance, previous)
+    rows, name = model_part(args.workdir, p, args.out, args.setting, args.tolerance, previous,
+                            None if args.store == "none" else args.store)
     big_rows, big_info = big_part(p)
     table = format_table(rows, big_rows, big_info, p, name, args.setting, args.tolerance,
                          args.workdir)

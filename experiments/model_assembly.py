@@ -12,7 +12,9 @@ A-SDM's claim (a faster model of the same quality, within --tolerance times the 
 distance; `difflax.metrics.claim_verdict`). Then multi-UNet switching (teacher for the first k
 model evaluations, the student after). Writes table.md, results.json and samples.png (one row
 per model, one class per column) to --out; students are distilled into <students>/<variant>
-(default runs/model_assembly, outside version control) and a rerun resumes them.
+(default runs/model_assembly, outside version control) and a rerun resumes them, and the
+evaluation's drawn batches are kept in <students>/samples, so an interrupted evaluation
+resumes too.
 
     python experiments/model_assembly.py [--config configs/digits_assembly.py[:smoke]] \
         [--workdir runs/digits | FOLDER | mnist_edm] [--small] [--tolerance 0.05] \
@@ -34,7 +36,7 @@ from difflax.accel import asdm
 from difflax.accel.asdm import DistillConfig, PruningStage
 from difflax.images import save_grid
 from difflax.samplers import make_grid
-from difflax.metrics import claim_verdict, dataset_metric, format_interval
+from difflax.metrics import claim_verdict, dataset_metric, fingerprint, format_interval
 from difflax.timing import interleaved_times
 from difflax.training import TrainConfig
 from difflax.training.distill import init_student_params, progressive_distill
@@ -121,7 +123,10 @@ def run(c, out_dir, students_dir, tolerance):
                                            net.label_dim),
                           key=key, num_samples=e.num, batch_size=e.batch_size,
                           resolution=net.img_resolution, progress=False,
-                          settings=len(models), baseline=0)  # the teacher's
+                          settings=len(models), baseline=0,  # the teacher's
+                          store=os.path.join(students_dir, "samples"),  # resumes if interrupted
+                          store_tag=f"{dm.name} {fingerprint([m[1] for m in models.values()])} "
+                                    f"{e.steps} {list(models)}")
     for (name, (model, params, steps)), q in zip(models.items(), quality):
         is_multi = isinstance(model, asdm.MultiUNetDenoiser)
         diff = (q[f"{dm.name}_diff"], (q[f"{dm.name}_diff_ci_low"], q[f"{dm.name}_diff_ci_high"]))

@@ -10,7 +10,9 @@ the paper's claim (the tuned sampler has a lower distance; `difflax.metrics.clai
 Then the denoising loss of real images per noise level, in pixel space and in the dataset
 classifier's feature space, for each rho_bottom relative to the plain model (Sec. 5: pixel
 loss goes up, feature loss down at intermediate sigma).
-Writes table.md, results.json and two PNG plots; prints the table.
+Writes table.md, results.json and two PNG plots; prints the table. Every drawn batch is kept
+under --store (default runs/stores/skip_tuning), so a run that is interrupted (hours on the
+MNIST testbed) resumes where it stopped when started again with the same arguments.
 
     python experiments/skip_tuning.py [--workdir runs/digits | /tmp/testbed | mnist_edm] [--small]
 """
@@ -28,7 +30,8 @@ import numpy as np
 from difflax import data
 from difflax.accel import (denoising_loss_by_sigma, get_sweep_fn, linear_skip_scales, search,
                            stack_skip_scales)
-from difflax.metrics import claim_verdict, dataset_metric, evaluate_samples, format_interval
+from difflax.metrics import (claim_verdict, dataset_metric, evaluate_samples, fingerprint,
+                             format_interval)
 from difflax.workdir import load_run
 
 NFES = (9, 13, 19, 39)
@@ -50,9 +53,10 @@ def load_images(name, resolution):
     return data.load_digits(resolution)
 
 
-def run(workdir, out_dir, p):
+def run(workdir, out_dir, p, store=None):
     os.makedirs(out_dir, exist_ok=True)
     config, denoiser, params = load_run(workdir)
+    model_tag = f"{config.data.name} {fingerprint(params)}"  # a cell's batches, for --store
     variables, net = {"params": params}, denoiser.net
     dm = dataset_metric(config.data.name)
     clf = dm.load_classifier()
@@ -72,7 +76,8 @@ def run(workdir, out_dir, p):
             best, table = search(sweep, variables, settings, key=jax.random.key(0),
                                  num_samples=p["search_num"], metric=metric,
                                  num_classes=num_classes, classify_fn=classify,
-                                 batch_size=p["batch"])
+                                 batch_size=p["batch"], store=store,
+                                 store_tag=f"{model_tag} search {name} {nfe} {sorted(settings)}")
             sweeps[f"{name} NFE {nfe}"] = table
             pair = stack_skip_scales([plain, settings[best]])
 
@@ -83,7 +88,8 @@ def run(workdir, out_dir, p):
             plain_r, best_r = evaluate_samples(
                 sample_fn, key=jax.random.key(1), num_samples=p["eval_num"],
                 batch_size=p["batch"], frechet_metrics=[metric], classify_fn=classify,
-                progress=False, frechet_method="eigh", bootstrap=200, settings=2, baseline=0)
+                progress=False, frechet_method="eigh", bootstrap=200, settings=2, baseline=0,
+                store=store, store_tag=f"{model_tag} eval {name} {nfe} {best}")
             rows.append(dict(sampler=name, nfe=nfe, best=best, plain=plain_r, tuned=best_r,
                              verdict=verdict(best_r, metric.name)))
             print(f"{name} NFE {nfe}: best {best}, {metric.name} {plain_r[metric.name]:.3f} -> "
@@ -202,12 +208,15 @@ def main():
     p.add_argument("--search-num", type=int, help="samples per setting for the search")
     p.add_argument("--eval-num", type=int, help="samples for best vs plain")
     p.add_argument("--rho-bottom", type=float, nargs="+", help="the rho_bottom grid")
+    p.add_argument("--store", default="runs/stores/skip_tuning",
+                   help="where drawn batches are kept, so that an interrupted run resumes "
+                   "(difflax.metrics.SampleStore); 'none' keeps nothing")
     args = p.parse_args()
     settings = dict(SMALL if args.small else FULL)
     for key in ("search_num", "eval_num", "rho_bottom"):
         if getattr(args, key) is not None:
             settings[key] = tuple(getattr(args, key)) if key == "rho_bottom" else getattr(args, key)
-    run(args.workdir, args.out, settings)
+    run(args.workdir, args.out, settings, None if args.store == "none" else args.store)
 
 
 if __name__ == "__main__":

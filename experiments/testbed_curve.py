@@ -8,6 +8,7 @@ the run's checkpoint of that step is loaded (`difflax.workdir.load_run(..., step
 configs/mnist_edm.py) are scored by the dataset's metric (`difflax.metrics.dataset_metric`:
 fd_mnist on MNIST, fd_digits on the digits), the same noise and labels at every step. Writes
 OUT/curve.png (loss and distance against steps), OUT/table.md (printed too), OUT/results.json.
+Drawn batches are kept under --store (`difflax.metrics.SampleStore`): an interrupted run resumes.
 
     python experiments/testbed_curve.py --workdir runs/mnist --out experiments/results/testbed_mnist
         [--steps 1000 2000 ...] [--num 2000] [--batch 250]
@@ -26,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from difflax import configs  # noqa: E402
-from difflax.metrics import dataset_metric, format_interval  # noqa: E402
+from difflax.metrics import dataset_metric, fingerprint, format_interval  # noqa: E402
 from difflax.workdir import get_sample_fn, labelled_sample_fn, load_config, load_run  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def interval(row, key):
     return format_interval(row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"])
 
 
-def evaluate_at(workdir, step, num, batch):
+def evaluate_at(workdir, step, num, batch, store=None):
     config, denoiser, params = load_run(workdir, step=step)
     name, steps = configs.parse_sampler(config.evaluate.samplers[0])
     s = config.sample
@@ -55,7 +56,9 @@ def evaluate_at(workdir, step, num, batch):
     metric = dataset_metric(config.data.name)
     result = metric.evaluate(labelled_sample_fn(sample, params, denoiser.net.label_dim),
                              key=jax.random.key(0), num_samples=num, batch_size=batch,
-                             resolution=denoiser.net.img_resolution, progress=False)
+                             resolution=denoiser.net.img_resolution, progress=False,
+                             store=store, store_tag=f"{config.data.name} step {step} "
+                                                    f"{fingerprint(params)} {name}:{steps}")
     return dict(step=step, sampler=f"{name}:{steps}", nfe=nfe, **result), metric.name
 
 
@@ -81,6 +84,9 @@ def main():
     p.add_argument("--steps", type=int, nargs="+", help="checkpoint steps to evaluate")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--store", default="runs/stores/testbed_curve",
+                   help="where drawn batches are kept, so that an interrupted run resumes "
+                   "(difflax.metrics.SampleStore); 'none' keeps nothing")
     args = p.parse_args()
     load_config(args.workdir)  # a clear error if it holds no run
     saved = saved_steps(args.workdir)
@@ -88,7 +94,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     rows, metric = [], None
     for step in steps:
-        row, metric = evaluate_at(args.workdir, step, args.num, args.batch)
+        row, metric = evaluate_at(args.workdir, step, args.num, args.batch,
+                                  None if args.store == "none" else args.store)
         rows.append(row)
         print(f"step {step}: {metric} {interval(row, metric)}, class accuracy "
               f"{interval(row, 'class_accuracy')}", flush=True)
