@@ -43,10 +43,13 @@ def sit_config() -> ml_collections.ConfigDict:
     c.data = dict(name="latents", latents_dir="", random_flip=True, sample_posterior=True)
     c.model = dict(kind="sit", patch_size=2, hidden_size=384, depth=12, num_heads=6,
                    mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=False, conditional=True,
-                   memory=False, snippet_dropout_prob=0.4)
+                   memory=False, snippet_dropout_prob=0.4, repa_depth=4, repa_hidden=2048)
     # SiT's transport (willisma/SiT `create_transport`): loss_weight "" (none), "velocity",
-    # "likelihood"
-    c.transport = dict(interpolant="linear", prediction="velocity", loss_weight="")
+    # "likelihood". repa_weight > 0 adds REPA's alignment loss (GMem's code: 0.5, the tokens
+    # after block model.repa_depth = 4 through an MLP of width model.repa_hidden = 2048) with
+    # the features stored by `difflax encode --features` as targets.
+    c.transport = dict(interpolant="linear", prediction="velocity", loss_weight="",
+                       repa_weight=0.0)
     c.train.update(lr=1e-4, warmup_steps=0, ema_halflife_kimg=500.0)
     # SiT's ODE (`difflax.interpolants.sample_ode`): method euler or heun, `steps` intervals;
     # memory runs draw snippets from the stored bank, uniformly or by frequency

@@ -143,15 +143,22 @@ def model_kind(config) -> str:
 def sit_from_config(config) -> SiT:
     """The `SiT` a `model.kind = "sit"` config describes, sized to the latents of
     `data.latents_dir` (latents.json: latent shape (h, h, C), class count, snippet size):
-    labels if `model.conditional`, GMem's stored snippets if `model.memory`."""
+    labels if `model.conditional`, GMem's stored snippets if `model.memory`, and a REPA
+    projector after block `model.repa_depth` to the stored features if `transport.repa_weight`
+    > 0 (configs from before REPA have neither key: no projector)."""
     m, info = config.model, latents_info(config.data.latents_dir)
     h, _, c = info["latent_shape"]
-    if m.memory and "feature_dim" not in info:
-        raise ValueError(f"model.memory = True needs snippets stored with the latents; "
-                         f"{config.data.latents_dir} has none: encode with `difflax encode "
-                         "--features digits_classifier`")
+    repa = config.transport.get("repa_weight", 0.0) > 0
+    for key, wanted in (("model.memory = True", m.memory), ("transport.repa_weight > 0", repa)):
+        if wanted and "feature_dim" not in info:
+            raise ValueError(f"{key} needs features stored with the latents; "
+                             f"{config.data.latents_dir} has none: encode with `difflax encode "
+                             "--features digits_classifier`")
     fields = {k: m[k] for k in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
                                 "class_dropout_prob", "learn_sigma", "snippet_dropout_prob")}
+    if repa:
+        fields.update(repa_depth=m.repa_depth, repa_hidden=m.repa_hidden,
+                      repa_dim=info["feature_dim"])
     return SiT(SiTConfig(input_size=h, in_channels=c, **fields,
                          num_classes=info["num_classes"] if m.conditional else 0,
                          snippet_dim=info["feature_dim"] if m.memory else 0))
@@ -267,6 +274,9 @@ SIT_RULES = {
     "model.learn_sigma": _BOOL,
     "model.conditional": _BOOL,
     "model.memory": _BOOL,
+    "model.repa_depth": _integer(1),
+    "model.repa_hidden": _integer(1),
+    "transport.repa_weight": _number(0, open_lo=False),
     "transport.interpolant": _choice(INTERPOLANTS),
     "transport.prediction": _choice(tuple(SIT_PREDICTIONS)),
     "transport.loss_weight": _choice(("",) + LOSS_WEIGHTS[1:]),

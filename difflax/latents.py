@@ -128,12 +128,14 @@ def load_latents(out_dir: str) -> dict:
 
 def latent_batches(latents: dict, batch_size: int, *, seed: int = 0, start_step: int = 0,
                    random_flip: bool = True, sample_posterior: bool = True,
-                   snippets: bool = False, process_index: int | None = None,
-                   process_count: int | None = None):
+                   snippets: bool = False, repa_targets: bool = False,
+                   process_index: int | None = None, process_count: int | None = None):
     """Infinite iterator of this process's rows of (latents (B, h, w, C), labels (B,)) batches,
     latents scaled for the diffusion model (`difflax.models.vae.scale_latents`); with
     `snippets`, (latents, labels, snippets (B, D)): each example's stored GMem snippet, of the
-    same flip as its latent (the batches `get_interpolant_loss_fn` reads).
+    same flip as its latent (the batches `get_interpolant_loss_fn` reads); with
+    `repa_targets`, the same stored features once more, last, as REPA's targets (B, D) (pooled:
+    the stored encoder features stand in for REPA's per-token ones).
 
     The examples of batch i follow `difflax.data.index_batches`; the flip (probability 1/2 if
     `random_flip`, else never) and the posterior noise (if `sample_posterior`, else the mean)
@@ -151,4 +153,5 @@ def latent_batches(latents: dict, batch_size: int, *, seed: int = 0, start_step:
         mean, logvar = latents["mean"][idx, flip], latents["logvar"][idx, flip]
         z = scale_latents(config, mean, logvar, noise if sample_posterior else None)
         batch = (np.asarray(z, np.float32), latents["labels"][idx])
-        yield batch + ((latents["features"][idx, flip],) if snippets else ())
+        features = latents["features"][idx, flip] if snippets or repa_targets else None
+        yield batch + (features,) * (int(snippets) + int(repa_targets))

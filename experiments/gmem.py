@@ -1,15 +1,21 @@
-"""GMem on the digits: fd_digits against training steps for SiT without and with memory.
+"""GMem on the digits: fd_digits against training steps for SiT, GMem, and GMem + REPA.
 
 GMem's claim (Tang et al. 2024, abstract): a SiT conditioned on snippets of an
 explicit memory bank trains much faster than the same SiT conditioned on class labels
-(46.7x on ImageNet-256). Here both share one network size, data, optimiser, batch and
-sampler (configs/digits_sit.py); the only difference is the condition: the class label
-(SiT) or the memory snippet of each training image (GMem: a digits classifier's 64-d
-features, trained offline with its own seed). Both are evaluated with the EMA weights at
-several step counts on the same noise: SiT with uniformly drawn labels, GMem with
-snippets drawn from its bank (uniformly: the training distribution of snippets). Then grids
-from the final GMem model: bank snippets, snippets of held-out ("new") digits, and linear
-and spherical interpolations between two snippets.
+(46.7x on ImageNet-256). That number compares GMem trained with REPA's alignment loss
+(its code: weight 0.5, a projector after block 4 aligned with DINOv2 patch tokens) against
+SiT without it. Here three arms share one network size, data, optimiser, batch and sampler
+(configs/digits_sit.py): SiT (the class label), GMem (the memory snippet of each training
+image: a digits classifier's 64-d features, trained offline with its own seed), and GMem +
+REPA (the same, plus REPA's loss on the tokens after block `repa.depth`; the targets are the
+same classifier's pooled features of each image, broadcast over the tokens, in place of
+DINOv2's patch tokens: the digits have no offline encoder with per-token features). So
+"GMem vs SiT" is today's memory-only comparison and "GMem + REPA vs SiT" the setting of the
+46.7x. Each is evaluated with the EMA weights at several step counts on the same noise: SiT
+with uniformly drawn labels, GMem with snippets drawn from its bank (uniformly: the training
+distribution of snippets), fd_digits with its 95% jackknife interval. Then grids from the
+final GMem + REPA model: bank snippets, snippets of held-out ("new") digits, and linear and
+spherical interpolations between two snippets.
 
     python experiments/gmem.py [--config configs/digits_sit.py[:smoke]] [--out DIR]
                                [--config.train.steps=3200 --config.evaluate.at_steps=...]
@@ -39,20 +45,26 @@ from difflax.gmem import (build_memory_bank, digits_snippet_encoder, get_batches
                           kmeans_compress, lerp, sample_entries, sample_from_bank, slerp,
                           svd_compress)
 from difflax.images import save_grid
-from difflax.metrics import digits_frechet_metric, digits_logits, evaluate_samples, load_digits_classifier
+from difflax.metrics import (digits_frechet_metric, digits_logits, evaluate_samples,
+                             format_interval, load_digits_classifier)
 from difflax.models.sit import SiT, SiTConfig, init_sit
 from difflax.training import TrainConfig, make_mesh, train
 from difflax.training.interpolant_loss import get_interpolant_loss_fn
 
 SNIPPET_DIM = 64
+# name -> (memory snippets, REPA): the three arms, in the order they are trained
+ARMS = {"SiT": (False, False), "GMem": (True, False), "GMem + REPA": (True, True)}
 
 
-def sit_config(config, *, memory: bool) -> SiTConfig:
-    """The digits SiT of `config`: labels (memory=False) or snippets (memory=True)."""
+def sit_config(config, *, memory: bool, repa: bool = False) -> SiTConfig:
+    """The digits SiT of `config`: labels (memory=False) or snippets (memory=True), with a
+    REPA projector to the snippet encoder's SNIPPET_DIM features if `repa`."""
     m = dict(config.model)
+    r = config.repa
+    extra = dict(repa_depth=r.depth, repa_dim=SNIPPET_DIM, repa_hidden=r.hidden) if repa else {}
     return SiTConfig(input_size=config.data.resolution, in_channels=1,
                      num_classes=0 if memory else 10, snippet_dim=SNIPPET_DIM if memory else 0,
-                     **m)
+                     **m, **extra)
 
 
 def split_digits(config):
@@ -81,17 +93,21 @@ def draw_fn(model, config):
                        method=s.method, steps=s.steps, cfg_scale=s.cfg_scale)
 
 
-def run_one(name, config, *, memory, train_x, train_y, bank, metric, classify, mesh):
-    """Trains one model, evaluating at config.evaluate.at_steps; returns (rows, ema params)."""
-    model = SiT(sit_config(config, memory=memory))
+def run_one(name, config, *, train_x, train_y, features, bank, metric, classify, mesh):
+    """Trains arm `name` of ARMS, evaluating at config.evaluate.at_steps; returns (rows,
+    model, ema params). `features` (N, SNIPPET_DIM): the encoder's features of train_x, the
+    REPA targets."""
+    memory, repa = ARMS[name]
+    model = SiT(sit_config(config, memory=memory, repa=repa))
     t = dict(config.train)
     t["grad_clip"] = t["grad_clip"] or None
     tr = config.transport
     snippets = np.asarray(bank.snippets_of(jnp.arange(len(train_x)))) if memory else None
     make_batches = get_batches_fn(train_x, train_y, snippets, batch_size=t["batch_size"],
-                                  seed=t["seed"])
+                                  seed=t["seed"], repa_targets=features if repa else None)
     loss_fn = get_interpolant_loss_fn(model, interpolant=tr.interpolant, prediction=tr.prediction,
-                                      loss_weight=tr.loss_weight or None)
+                                      loss_weight=tr.loss_weight or None,
+                                      repa_weight=config.repa.weight if repa else 0.0)
     init = lambda: init_sit(model.config, jax.random.key(t["seed"]))["params"]
     draw = draw_fn(model, config)
     ev, res = config.evaluate, config.data.resolution
@@ -113,13 +129,14 @@ def run_one(name, config, *, memory, train_x, train_y, bank, metric, classify, m
         out = evaluate_samples(functools.partial(sample_fn, state.ema_params),
                                key=jax.random.key(config.sample.seed), num_samples=ev.num,
                                batch_size=ev.batch_size, frechet_metrics=[metric],
-                               classify_fn=classify, progress=False)
-        rows.append(dict(model=name, step=step, fd_digits=round(out["fd_digits"], 3),
-                         class_accuracy=round(out.get("class_accuracy", float("nan")), 3),
-                         loss=round(loss, 4),
+                               classify_fn=classify, progress=False, bootstrap=ev.bootstrap)
+        sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in state.params.items()}
+        projector = sum(n for k, n in sizes.items() if k.startswith("repa_projector"))
+        rows.append(dict(model=name, step=step, loss=round(loss, 4),
                          train_seconds=round(train_seconds, 1),
                          eval_seconds=round(time.perf_counter() - tic, 1),
-                         params=sum(x.size for x in jax.tree.leaves(state.params))))
+                         params=sum(sizes.values()) - projector, repa_projector_params=projector,
+                         **{k: round(v, 3) for k, v in out.items() if k != "num_samples"}))
         print(json.dumps(rows[-1]), flush=True)
 
     train_seconds = 0.0
@@ -185,66 +202,95 @@ def steps_to_reach(rows, target):
     return None
 
 
-def _reach(gmem, b):
-    at = steps_to_reach(gmem, b["fd_digits"])
+def _reach(arm, b):
+    """Text and speed-up of `arm` (rows) reaching the fd_digits of SiT's row `b`."""
+    at = steps_to_reach(arm, b["fd_digits"])
     if at is None:
-        return f"> {gmem[-1]['step']}", None
+        return f"> {arm[-1]['step']}", None
     if at == 0:
-        return f"<= {gmem[0]['step']}", None
+        return f"<= {arm[0]['step']}", None
     return f"{at:.0f} ({b['step'] / at:.2f}x)", b["step"] / at
 
 
-def write_results(out_dir, rows, config, seconds):
-    base = [r for r in rows if r["model"] == "SiT"]
-    gmem = [r for r in rows if r["model"] == "GMem"]
-    lines = ["| steps | SiT fd_digits | GMem fd_digits | GMem steps to SiT's fd (speed-up) "
-             "| SiT class acc. | GMem snippet-class acc. | SiT loss | GMem loss |",
-             "|---|---|---|---|---|---|---|---|"]
-    speedups = []
-    for b, g in zip(base, gmem):
-        text, ratio = _reach(gmem, b)
-        speedups.append(ratio)
-        lines.append(f"| {b['step']} | {b['fd_digits']:.3f} | {g['fd_digits']:.3f} | {text} | "
-                     f"{b['class_accuracy']:.3f} | {g['class_accuracy']:.3f} | {b['loss']:.4f} | "
-                     f"{g['loss']:.4f} |")
+def _fd(r):
+    return format_interval(r["fd_digits"], r["fd_digits_ci_low"], r["fd_digits_ci_high"], digits=2)
+
+
+def _verdict(name, base, arm, speedups):
     final = speedups[-1]
-    verdict = (f"At the full budget GMem reaches SiT's final fd_digits "
-               f"({base[-1]['fd_digits']:.3f}, {base[-1]['step']} steps) {final:.2f}x faster."
-               if final else
-               f"At the full budget GMem does not reach SiT's final fd_digits "
-               f"({base[-1]['fd_digits']:.3f}) within {gmem[-1]['step']} steps "
-               f"(GMem: {gmem[-1]['fd_digits']:.3f}).")
-    early = [(b["step"], r) for b, r in zip(base, speedups) if r]
+    text = (f"At the full budget {name} reaches SiT's final fd_digits "
+            f"({base[-1]['fd_digits']:.2f}, {base[-1]['step']} steps) {final:.2f}x faster."
+            if final else
+            f"At the full budget {name} does not reach SiT's final fd_digits "
+            f"({base[-1]['fd_digits']:.2f}) within {arm[-1]['step']} steps "
+            f"({name}: {arm[-1]['fd_digits']:.2f}).")
+    early = [(b["step"], r) for b, r in zip(base[:-1], speedups) if r]
     if early:
-        verdict += " Earlier: " + ", ".join(f"SiT's fd at {st} steps is reached {r:.2f}x faster"
-                                            for st, r in early) + "."
+        text += " Earlier: " + ", ".join(f"SiT's fd at {st} steps is reached {r:.2f}x faster"
+                                         for st, r in early) + "."
+    return text
+
+
+def write_results(out_dir, rows, config, seconds):
+    by_arm = {name: [r for r in rows if r["model"] == name] for name in ARMS}
+    base, others = by_arm["SiT"], [n for n in ARMS if n != "SiT"]
+    lines = ["| steps | " + " | ".join(f"{n} fd_digits" for n in ARMS) + " | "
+             + " | ".join(f"{n}: steps to SiT's fd (speed-up)" for n in others) + " | "
+             + " | ".join(f"{n} class acc." for n in ARMS) + " |",
+             "|---" * (1 + 2 * len(ARMS) + len(others)) + "|"]
+    speedups = {n: [] for n in others}
+    for i, b in enumerate(base):
+        reach = []
+        for n in others:
+            text, ratio = _reach(by_arm[n], b)
+            speedups[n].append(ratio)
+            reach.append(text)
+        lines.append(f"| {b['step']} | " + " | ".join(_fd(by_arm[n][i]) for n in ARMS) + " | "
+                     + " | ".join(reach) + " | "
+                     + " | ".join(f"{by_arm[n][i].get('class_accuracy', float('nan')):.3f}"
+                                  for n in ARMS) + " |")
+    verdicts = [_verdict(n, base, by_arm[n], speedups[n]) for n in others]
     s, ev = config.sample, config.evaluate
     notes = (f"{ev.num} samples per cell ({s.method} ODE, {s.steps} steps, cfg {s.cfg_scale}), "
-             f"same noise at every step count; parameters: SiT {base[0]['params']:,}, GMem "
-             f"{gmem[0]['params']:,}; batch {config.train.batch_size}; total wall time "
+             f"same noise at every step count; fd_digits with its 95% jackknife interval; "
+             f"class acc.: the fraction classified as the label (SiT) or as the digit of the "
+             f"snippet's image (GMem). Parameters: " + ", ".join(
+                 f"{n} {by_arm[n][0]['params']:,}" for n in ARMS)
+             + f" (+ REPA's projector in training, {by_arm['GMem + REPA'][0]['repa_projector_params']:,}); "
+             f"REPA weight {config.repa.weight}, after block {config.repa.depth} of "
+             f"{config.model.depth}; batch {config.train.batch_size}; total wall time "
              f"{seconds / 60:.1f} min. Real digits score 1.03 at 500 samples (sampling floor).")
-    table = "\n".join(lines + ["", verdict, "", notes])
+    table = "\n".join(lines + [""] + verdicts + ["", notes])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(rows=rows, speedups=speedups, seconds=round(seconds, 1),
                        config=config.to_dict()), f, indent=1, default=list)
+    plot(out_dir, by_arm)
+    return table
+
+
+def plot(out_dir, by_arm):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, rs in (("SiT (class labels)", base), ("GMem (memory snippets)", gmem)):
-        ax.plot([r["step"] for r in rs], [r["fd_digits"] for r in rs], "o-", label=name)
+    labels = {"SiT": "SiT (class labels)", "GMem": "GMem (memory snippets)",
+              "GMem + REPA": "GMem + REPA"}
+    for name, rs in by_arm.items():
+        steps = [r["step"] for r in rs]
+        ax.plot(steps, [r["fd_digits"] for r in rs], "o-", label=labels[name])
+        ax.fill_between(steps, [r["fd_digits_ci_low"] for r in rs],
+                        [r["fd_digits_ci_high"] for r in rs], alpha=0.2)
     ax.axhline(1.03, color="gray", ls=":", label="real digits (500 samples)")
     ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel="fd_digits",
-           title="SiT vs GMem on the digits")
-    ax.legend()
+           title="SiT, GMem and GMem + REPA on the digits")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "fd_vs_steps.png"), dpi=120)
-    return table
 
 
 def main(argv=None):
@@ -263,12 +309,15 @@ def main(argv=None):
     classify = lambda x: digits_logits(clf.params, x)
     encoder = digits_snippet_encoder(seed=config.memory.encoder_seed)
     bank = make_bank(config, encoder, train_x)
-    common = dict(train_x=train_x, train_y=train_y, bank=bank, metric=metric, classify=classify,
-                  mesh=mesh)
-    rows, _, _ = run_one("SiT", config, memory=False, **common)
-    gmem_rows, model, params = run_one("GMem", config, memory=True, **common)
+    features = np.asarray(encoder(jnp.asarray(train_x)))  # REPA's targets, pooled (N, 64)
+    common = dict(train_x=train_x, train_y=train_y, features=features, bank=bank, metric=metric,
+                  classify=classify, mesh=mesh)
+    rows = []
+    for name in ARMS:
+        arm_rows, model, params = run_one(name, config, **common)
+        rows += arm_rows
     write_grids(args.out, config, model, params, bank, encoder, train_x, new_x)
-    table = write_results(args.out, rows + gmem_rows, config, time.perf_counter() - tic)
+    table = write_results(args.out, rows, config, time.perf_counter() - tic)
     print(table)
     return 0
 

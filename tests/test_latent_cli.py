@@ -104,10 +104,13 @@ def test_evaluate_scores_the_decoded_samples_on_the_source_dataset(sit_run):
     assert 0 <= rows[0]["class_accuracy"] <= 1
 
 
-def test_gmem_trains_on_snippets_and_samples_from_the_bank(latents_dir, tmp_path):
-    assert train("gmem_smoke", tmp_path, latents_dir, "--config.train.steps=2") == 0
-    config, model, _ = wd.load_run(str(tmp_path))
+def test_gmem_with_repa_trains_on_snippets_and_samples_from_the_bank(latents_dir, tmp_path):
+    assert train("gmem_repa_smoke", tmp_path, latents_dir, "--config.train.steps=2") == 0
+    config, model, params = wd.load_run(str(tmp_path))
     assert (model.config.snippet_dim, model.config.num_classes) == (64, 0)
+    # REPA's projector (block 1 -> 16 -> 16 -> the 64 stored features) was trained
+    assert (model.config.repa_depth, model.config.repa_dim) == (1, 64)
+    assert params["repa_projector_2"]["kernel"].shape == (16, 64)
     saved = np.load(tmp_path / "samples" / "heun_2.npz")
     stored = load_latents(latents_dir)
     # the labels saved are those of the bank entries' images: a valid digit for each sample
@@ -129,7 +132,8 @@ def test_bad_sit_config_is_one_clear_line(tmp_path, capsys, override, message):
 
 
 @pytest.mark.parametrize("spec", ["digits_latent_sit.py", "digits_latent_sit.py:gmem",
-                                  "imagenet256_sit.py", "imagenet256_sit.py:gmem"])
+                                  "digits_latent_sit.py:gmem_repa", "imagenet256_sit.py",
+                                  "imagenet256_sit.py:gmem"])
 def test_latent_configs_pass_check_config(spec):
     config = configs.load_config(str(ROOT / "configs" / spec))
     configs.check_config(config, num_devices=8)

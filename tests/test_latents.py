@@ -109,3 +109,19 @@ def test_cli_encode_matches_diffusers(tmp_path, capsys):
     argv[argv.index("digits")] = "cifar"
     assert cli.main(argv) == 2
     assert "valid choices: digits, mnist" in capsys.readouterr().err
+
+
+def test_latent_batches_carry_each_flips_features_as_snippets_and_repa_targets(synthetic):
+    # feature f of image i and flip k: 10 i + k, so a batch shows which example and flip it holds
+    features = (10.0 * np.arange(12)[:, None, None] + np.arange(2)[None, :, None]) * np.ones(3)
+    stored = dict(synthetic, features=features.astype(np.float32))
+    scaled = 0.5 * (synthetic["mean"] - 0.1)
+    for z, y, snippets, targets in itertools.islice(latent_batches(
+            stored, 4, seed=3, sample_posterior=False, snippets=True, repa_targets=True), 3):
+        flip = snippets[:, 0] - 10 * y
+        assert set(flip) <= {0, 1}
+        np.testing.assert_allclose(z, scaled[y, flip.astype(int)], rtol=1e-6)
+        np.testing.assert_array_equal(targets, snippets)
+    z, y, targets = next(latent_batches(stored, 4, seed=3, sample_posterior=False,
+                                        repa_targets=True))   # SiT + REPA: no snippets
+    np.testing.assert_array_equal(targets[:, 0] // 10, y)

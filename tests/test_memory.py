@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.gmem import (MemoryBank, build_memory_bank, interpolate_snippets, kmeans_compress,
+from difflax.gmem import (MemoryBank, batch_rows, build_memory_bank, get_batches_fn,
+                          interpolate_snippets, kmeans_compress,
                           lerp, load_memory_bank, sample_entries, sample_snippets,
                           save_memory_bank, shard_memory_bank, slerp, svd_compress)
 from difflax.training import make_mesh
@@ -144,3 +145,21 @@ def test_interpolation_linear_and_spherical():
     np.testing.assert_allclose(lerp(a, b, 0.5), slerp(a, b, 0.5), atol=1e-6)
     assert float(jnp.abs(lerp(a, b, 0.25) - slerp(a, b, 0.25)).max()) > 1e-2
     np.testing.assert_allclose(slerp(a, a, 0.3), a, atol=1e-6)  # parallel: no division by 0
+
+
+def test_batches_keep_each_image_with_its_snippet_and_repa_target():
+    images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    labels, snippets = np.arange(10) % 3, np.arange(10.0)[:, None] * [1.0, 2.0]
+    targets = np.arange(10.0)[:, None, None] * np.ones((1, 4, 3))  # (N, T, D) per token
+    make = get_batches_fn(images, labels, snippets, batch_size=6, seed=5, repa_targets=targets)
+    batches = make(2)  # resumes at step 3
+    for step in (3, 4):
+        x, y, s, z = next(batches)
+        idx = batch_rows(5, step, 10, 6)
+        np.testing.assert_array_equal(x[:, 0, 0, 0], idx)
+        np.testing.assert_array_equal(y, idx % 3)
+        np.testing.assert_array_equal(s[:, 1], 2.0 * idx)
+        np.testing.assert_array_equal(z[:, 2, 1], idx)
+    x, y, z = next(get_batches_fn(images, labels, None, batch_size=6, seed=5,
+                                  repa_targets=targets[:, 0])(0))  # no snippets: targets third
+    np.testing.assert_array_equal(z[:, 0], x[:, 0, 0, 0])

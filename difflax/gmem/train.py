@@ -29,16 +29,19 @@ def batch_rows(seed: int, step: int, num_rows: int, batch_size: int) -> np.ndarr
 
 
 def get_batches_fn(images: np.ndarray, labels: np.ndarray, snippets: np.ndarray | None = None,
-                   *, batch_size: int, seed: int):
+                   *, batch_size: int, seed: int, repa_targets: np.ndarray | None = None):
     """make_batches(start_step) -> iterator of (images (B, H, W, C), labels (B,)[, snippets
-    (B, D)]) for steps start_step + 1, start_step + 2, ... (`batch_rows`), the argument
-    `difflax.training.train` takes. images in [-1, 1]; labels int; snippets the memory
-    snippet of each image (GMem) or None (the label-conditioned SiT). One process (the rows
-    are the global batch)."""
+    (B, D)][, repa_targets (B, ...)]) for steps start_step + 1, start_step + 2, ...
+    (`batch_rows`), the argument `difflax.training.train` takes. images in [-1, 1]; labels
+    int; snippets the memory snippet of each image (GMem) or None (the label-conditioned SiT);
+    repa_targets the encoder features of each image, (N, T, D) per token or (N, D) pooled,
+    for REPA's alignment loss (`get_interpolant_loss_fn(..., repa_weight=)` reads them last),
+    or None. One process (the rows are the global batch)."""
+    extras = tuple(a for a in (snippets, repa_targets) if a is not None)
 
     def make_batches(start_step: int):
         for step in itertools.count(start_step + 1):
             idx = batch_rows(seed, step, len(images), batch_size)
-            yield (images[idx], labels[idx]) + (() if snippets is None else (snippets[idx],))
+            yield (images[idx], labels[idx]) + tuple(a[idx] for a in extras)
 
     return make_batches
