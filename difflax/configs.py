@@ -166,10 +166,11 @@ def sit_from_config(config) -> SiT:
 
 def model_defaults(config) -> dict:
     """The model keys a run's config.json may lack (a run saved before difflax added the key)
-    and the value such a run is built with: `kind` "unet", and for a UNet run each
-    `UNetConfig` field's default (`denoiser_from_config` passes the keys it finds)."""
-    if model_kind(config) == "sit":
-        return {"kind": "unet"}
+    and the value such a run is built with: `kind` "unet"; for a UNet run each `UNetConfig`
+    field's default (`denoiser_from_config` passes the keys it finds); for a SiT run the REPA
+    projector's keys, unused without `transport.repa_weight`."""
+    if model_kind(config) == "sit":  # runs from before REPA had no projector: any value fits
+        return {"kind": "unet", **{k: config.model.get(k) for k in ("repa_depth", "repa_hidden")}}
     return {"kind": "unet", **{f.name: f.default for f in dataclasses.fields(UNetConfig)
                                if f.default is not dataclasses.MISSING}}
 

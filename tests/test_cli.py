@@ -193,6 +193,13 @@ def test_a_model_key_added_since_a_run_counts_as_its_default(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="model_channels: 128"):
         wd.save_config(str(tmp_path), config)
+    sit = configs.load_config(str(ROOT / "configs" / "digits_latent_sit.py") + ":smoke")
+    wd.save_config(str(tmp_path / "sit"), sit)
+    saved = json.loads((tmp_path / "sit" / "config.json").read_text())
+    for key in ("repa_depth", "repa_hidden"):  # a SiT run from before REPA
+        del saved["model"][key]
+    (tmp_path / "sit" / "config.json").write_text(json.dumps(saved))
+    wd.save_config(str(tmp_path / "sit"), sit)
 
 
 def test_unknown_sampler_names_the_valid_ones(trained, capsys):
