@@ -2,16 +2,19 @@
 SiT-on-latents experiments here (no pretrained VAE can be downloaded on this machine, and SD's
 is 84M parameters for 8x8 digits).
 
-    PYTHONPATH=. python experiments/digits_vae.py --out runs/digits_vae [--steps 3000] [--small]
-    difflax encode --vae runs/digits_vae --data digits --out runs/digits_vae_latents
+    PYTHONPATH=. python experiments/digits_vae.py --out runs/digits_vae [--steps 1000]
+        [--resolution 8] [--small]
+    difflax encode --vae runs/digits_vae --data digits --resolution 8 --out runs/digits_vae_latents
 
 The network is difflax's `AutoencoderKL` (diffusers' architecture) with a small `VAEConfig`:
-one channel in and out, levels of 32 and 64 channels, one ResNet block each, 4 latent
-channels, so that the 16x16 digits become 8x8x4 latents (as the SD-VAE makes of 64x64 ones).
+one channel in and out, levels of 16 and 32 channels, one ResNet block each, 4 latent
+channels: the 8x8 digits (their own size; 16x16 with --resolution 16) become 4x4x4 latents
+(8x8x4, as the SD-VAE makes of 64x64 digits). On this shared 2-core CPU the 16x16 network
+had not reached step 200 after 100 CPU-s, hence the 8x8 default.
 Loss, per image (LDM, Rombach et al. 2022, Sec. 3 and App. G, without its perceptual and
 adversarial terms): the squared error of the decoded posterior sample summed over pixels, plus
 `--kl` times KL(q(z | x) || N(0, I)) summed over latent entries; each batch is flipped
-horizontally at random (`difflax encode` stores every image and its flip). Adam, batch 64.
+horizontally at random (`difflax encode` stores every image and its flip). Adam, batch 32.
 Afterwards `scaling_factor` is set to 1 / std of the posterior means over the data (LDM Sec.
 4.3.2, where SD's 0.18215 comes from), and the folder (config.json +
 diffusion_pytorch_model.safetensors, `difflax.models.save_vae`) is what `load_vae`, `difflax
@@ -36,7 +39,7 @@ from difflax import data, metrics
 from difflax.models import AutoencoderKL, VAEConfig, save_vae
 from difflax.models.vae import init_vae
 
-CONFIG = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+CONFIG = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
                    latent_channels=4, norm_num_groups=8, scaling_factor=1.0)
 SMALL_CONFIG = dataclasses.replace(CONFIG, block_out_channels=(8, 16), norm_num_groups=4)
 
@@ -51,7 +54,7 @@ def vae_loss(vae, params, images, key, kl_weight):
     return jnp.mean(jnp.sum(err, axis=(1, 2, 3)) + kl_weight * kl), jnp.mean(err)
 
 
-def train_vae(config, images, *, steps, batch_size=64, lr=1e-3, kl_weight=1e-3, seed=0):
+def train_vae(config, images, *, steps, batch_size=32, lr=1e-3, kl_weight=1e-3, seed=0):
     """Adam on `vae_loss` over random batches of `images` (flipped at random); returns the
     variables."""
     vae, tx = AutoencoderKL(config), optax.adam(lr)
@@ -99,12 +102,13 @@ def reconstruction_report(config, params, images, labels):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/digits_vae", help="the diffusers folder to write")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--resolution", type=int, default=8, help="digits size: 8 (their own) or 16")
     p.add_argument("--kl", type=float, default=1e-3, help="weight of the KL term")
     p.add_argument("--small", action="store_true", help="a tiny network, 20 steps: a check")
     args = p.parse_args()
     config, steps = (SMALL_CONFIG, 20) if args.small else (CONFIG, args.steps)
-    images, labels = data.load_digits(16)
+    images, labels = data.load_digits(args.resolution)
     tic = time.perf_counter()
     params = train_vae(config, images, steps=steps, kl_weight=args.kl)
     config, report = reconstruction_report(config, params, images, labels)
