@@ -43,7 +43,7 @@ from difflax.samplers import get_sample_fn
 from difflax.timing import interleaved_times, ratio_summary
 from difflax.workdir import load_run, paired_sample_fn
 
-FULL = dict(steps=20, num=1000, batch=250, time_batch=250, rounds=5)
+FULL = dict(steps=20, num=1000, batch=200, time_batch=100, rounds=3)
 SMALL = dict(steps=20, num=64, batch=32, time_batch=32, rounds=2)
 
 
@@ -142,8 +142,11 @@ def main():
     p.add_argument("--out", default="experiments/results/sit_feature_reuse")
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--small", action="store_true", help="64 samples, 2 rounds: a check")
+    p.add_argument("--num", type=int, help=f"samples per plan (default {FULL['num']})")
     args = p.parse_args()
-    rows, info = measure(args.workdir, SMALL if args.small else FULL, args.tolerance, args.vae)
+    setting = dict(SMALL if args.small else FULL)
+    setting["num"] = args.num or setting["num"]
+    rows, info = measure(args.workdir, setting, args.tolerance, args.vae)
     table = format_table(rows, info, args.tolerance)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
