@@ -10,6 +10,7 @@ The only place that reads configs.
                    [--features digits_classifier]     # + GMem snippets
     difflax train --config configs/digits_latent_sit.py[:smoke|:gmem] --workdir DIR  # SiT
     difflax sample --workdir DIR [--sampler heun] [--vae VAE_FOLDER]  # decoded latents
+    difflax sample --sit SiT-XL-2-256x256.pt --vae SD_VAE --out STEM [--classes 207,360]  # SiT's
     difflax export --workdir DIR --out FOLDER       # EMA weights + config, for load_testbed
     difflax generate --model SD_FOLDER --prompt "..." --out grid.png [--sampler ddim] [--steps 50]
 
@@ -49,15 +50,24 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a denoiser; resumes from the workdir's checkpoint")
     t.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
     t.add_argument("--workdir", required=True)
-    s = sub.add_parser("sample", help="PNG grid + .npz of samples from a trained run")
-    s.add_argument("--workdir", required=True)
+    s = sub.add_parser("sample", help="PNG grid + .npz of samples of a run or SiT weights")
+    w = s.add_mutually_exclusive_group(required=True)
+    w.add_argument("--workdir", help="a run of `difflax train`")
+    w.add_argument("--sit", help="willisma/SiT weights (.pt, e.g. SiT-XL-2-256x256.pt, or .npz) "
+                   "decoded with --vae; SiTConfig fields as --sit.FIELD=VALUE (num_classes=10)")
     s.add_argument("--sampler", help="sampler name (default: the config's), e.g. edm_heun, deis_tab3")
     s.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
     s.add_argument("--num", type=int, help="number of samples (default: the config's)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--out", help="output stem (default: WORKDIR/samples/SAMPLER_STEPS)")
-    s.add_argument("--vae", help="SiT runs: the VAE folder that decodes the latents (default: "
-                   "the one the latents' latents.json records)")
+    s.add_argument("--vae", help="SiT: the VAE folder that decodes the latents (a run's "
+                   "default: the one its latents.json records)")
+    s.add_argument("--sit-model", default="SiT-XL/2", help="--sit: SiT-{S,B,L,XL}/{2,4,8}")
+    s.add_argument("--image-size", type=int, default=256, help="--sit: pixels (SiT's)")
+    s.add_argument("--classes", help="--sit: comma-separated labels (default: SiT sample.py's "
+                   "207,360,387,974,88,979,417,279)")
+    s.add_argument("--cfg-scale", type=float, default=4.0, help="--sit: guidance on the first "
+                   "three latent channels, as SiT's forward_with_cfg (1: none)")
     e = sub.add_parser("evaluate", help="sample N images per sampler and report metrics")
     e.add_argument("--workdir", required=True)
     e.add_argument("--sampler", nargs="+",
@@ -110,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides = tuple(a[len("--config."):] for a in argv if a.startswith("--config."))
-    args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    args = _parser().parse_args([a for a in argv if not a.startswith(("--config.", "--sit."))])
+    args.sit_fields = tuple(a[len("--sit."):] for a in argv if a.startswith("--sit."))
     try:
         _initialize_distributed(args)
         commands = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
@@ -189,11 +200,6 @@ def _check_args(args, **minimum) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be an integer >= {lo}")
 
 
-def _grid_labels(denoiser, num):
-    k = max(denoiser.net.label_dim, 1)
-    return np.arange(num) % k
-
-
 def _sampler(model, config, sampler=None, steps=None, vae=None):
     """(sample fn, nfe, sampler, steps), defaults from the config's `sample` section; a SiT
     run's sample fn is `difflax.latent_runs.get_latent_sample_fn`'s (decoding with `vae`)."""
@@ -219,7 +225,7 @@ def _draw(config, model, sample, params, num, seed):
     if configs.model_kind(config) == "sit":
         images, latents, labels = sample(params, key, num)
         return images, labels, {"latents": np.asarray(latents)}
-    labels = _grid_labels(model, num)
+    labels = np.arange(num) % max(model.net.label_dim, 1)  # one class per grid column
     return sample(params, key, labels), labels, {}
 
 
@@ -244,6 +250,13 @@ def _write_samples(workdir, config, model, params, sample, name, *, num=None, se
 
 def cmd_sample(args, overrides) -> int:
     _check_args(args, steps=1, num=1, seed=0)
+    if args.sit:  # pretrained SiT weights, SiT's ODE sampler (default dopri5)
+        _print_table([latent_runs.sample_pretrained_sit(
+            args.sit, args.vae, args.out or "sit_samples", model=args.sit_model,
+            image_size=args.image_size, fields=configs.sit_fields(args.sit_fields),
+            classes=args.classes, num=args.num, cfg_scale=args.cfg_scale,
+            method=args.sampler or "dopri5", steps=args.steps or 50, seed=args.seed or 0)])
+        return 0
     if args.sampler is not None:
         _check_sampler(f"{args.sampler}:{args.steps or 1}")  # a known name
     config, denoiser, params = wd.load_run(args.workdir)

@@ -181,6 +181,16 @@ def model_from_config(config):
     return sit_from_config(config) if model_kind(config) == "sit" else denoiser_from_config(config)
 
 
+def sit_fields(overrides: tuple[str, ...]) -> dict:
+    """`--sit.FIELD=VALUE` items of `difflax sample --sit` -> {field: value} of SiTConfig,
+    each value parsed as the field's type (`apply_override`); unknown fields are errors that
+    list the valid ones."""
+    fields = ml_collections.ConfigDict(dataclasses.asdict(SiTConfig()))
+    for item in overrides:
+        apply_override(fields, item)
+    return {k: fields[k] for k in dict.fromkeys(item.partition("=")[0] for item in overrides)}
+
+
 def train_config(config) -> TrainConfig:
     t = dict(config.train)
     t["grad_clip"] = t["grad_clip"] or None

@@ -4,6 +4,7 @@
     difflax encode --vae VAE --data digits --out LATENTS [--features digits_classifier]
     difflax train --config configs/digits_latent_sit.py --workdir RUN
     difflax sample --workdir RUN [--vae VAE]
+    difflax sample --sit SiT-XL-2-256x256.pt --vae SD_VAE --out grid   # pretrained weights
 
 Training (SiT, Ma et al. 2024, Sec. 3; GMem, Tang et al. 2024, Sec. 3): each example is a
 fresh posterior sample z of a stored image or its flip, scaled once by the VAE's factor
@@ -13,11 +14,13 @@ same flip; the loss is SiT's interpolant loss; the loop is `difflax.training.tra
 latents, conditioned on labels (one class per grid column) or on snippets drawn from the
 stored bank (GMem Sec. 3-4), then unscaled and decoded by the VAE whose folder latents.json
 records (`AutoencoderKL.decode_latents`); images of a one-channel dataset (encoded as three
-equal channels) are averaged back to one channel.
+equal channels) are averaged back to one channel. Pretrained SiT weights sample through
+`difflax.pipelines.SiTPipeline` (`sample_pretrained_sit`).
 """
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ import numpy as np
 
 from difflax import data
 from difflax.gmem import MemoryBank, digits_snippet_encoder, get_draw_fn, l2_normalize, sample_entries
+from difflax.images import save_grid
 from difflax.latents import (encode_dataset, latent_batches, latents_info, load_latents,
                              load_snippets, vae_config)
 from difflax.models import load_vae
@@ -175,3 +179,42 @@ def evaluation_data(config, model, params):
     info = latents_info(config.data.latents_dir)
     return (info.get("dataset"), info["resolution"],
             lambda sample: labelled_latent_sample_fn(sample, params, model.config.num_classes))
+
+
+def parse_classes(text: str | None, num: int | None = None) -> list[int]:
+    """"207,360" -> [207, 360], repeated cyclically to `num` labels (default: as given);
+    None -> SiT sample.py's eight classes (`difflax.pipelines.SIT_CLASSES`)."""
+    from difflax.pipelines import SIT_CLASSES
+
+    text = ",".join(map(str, SIT_CLASSES)) if text is None else text
+    if not all(c.strip().isdigit() for c in text.split(",")):
+        raise ValueError(f"--classes {text!r}: comma-separated integers >= 0, e.g. 207,360")
+    classes = [int(c) for c in text.split(",")]
+    return [classes[i % len(classes)] for i in range(num or len(classes))]
+
+
+def sample_pretrained_sit(sit_path: str, vae_path: str | None, out: str, *, model: str,
+                          image_size: int, fields: dict, classes: str | None, num: int | None,
+                          cfg_scale: float, method: str, steps: int, seed: int) -> dict:
+    """`difflax sample --sit`: `SiTPipeline.from_pretrained(sit_path, vae_path, model=,
+    image_size=, **fields).generate(...)` of the labels `parse_classes(classes, num)`, written
+    to out.png (a grid, one class per column) and out.npz (images (B, H, W, 3) in [-1, 1],
+    the sampled latents (B, h, h, C) as SiT sees them, labels (B,)). Returns the table row."""
+    from difflax.pipelines import SiTPipeline
+
+    if not vae_path:
+        raise ValueError("--sit needs --vae FOLDER: the diffusers AutoencoderKL folder of its "
+                         "latent space (SiT-XL/2: stabilityai/sd-vae-ft-ema or -mse)")
+    labels = parse_classes(classes, num)
+    pipe = SiTPipeline.from_pretrained(sit_path, vae_path, model=model, image_size=image_size,
+                                       **fields)
+    tic = time.perf_counter()
+    images, latents = pipe.generate(labels, cfg_scale=cfg_scale, method=method, steps=steps,
+                                    seed=seed)
+    seconds = time.perf_counter() - tic
+    if jax.process_index() == 0:
+        save_grid(out + ".png", images * 2 - 1, nrow=len(dict.fromkeys(labels)))
+        np.savez(out + ".npz", images=images * 2 - 1, latents=latents, labels=np.array(labels))
+    return {"sampler": method, "nfe": pipe.nfe(method, steps) or "adaptive",
+            "cfg_scale": cfg_scale, "images": len(labels), "seconds": round(seconds, 1),
+            "grid": out + ".png"}

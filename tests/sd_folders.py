@@ -1,5 +1,6 @@
 """Tiny random Stable Diffusion components for the tests: a UNet config, weights moved off
-their initial values, a CLIP tokenizer folder, and a whole diffusers pipeline folder."""
+their initial values, a CLIP tokenizer folder, and a whole diffusers pipeline folder; and a
+tiny SiT checkpoint for that latent space."""
 import json
 import pathlib
 import tempfile
@@ -10,6 +11,12 @@ SD1 = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
            attention_head_dim=2, norm_num_groups=8, use_linear_projection=False)
 VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+# tests/data/sit_small.npz (willisma/SiT's network, random weights: 8x8x4 latents, patch 2,
+# hidden 48, depth 2, 4 heads, 10 classes + null, learn_sigma) as a preset with its fields
+# overridden, at 16 px through `save_tiny_vae(..., latent_channels=4)`'s 2x down-sampling
+SIT_GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "sit_small.npz"
+SIT_ARCH = dict(model="SiT-S/2", image_size=16, hidden_size=48, depth=2, num_heads=4,
+                num_classes=10)
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
@@ -26,16 +33,16 @@ def perturbed(model, seed=1, scale=0.2):
     return model.eval()
 
 
-def save_tiny_vae(folder):
+def save_tiny_vae(folder, latent_channels=2):
     """A tiny random diffusers AutoencoderKL (2 levels of 4 and 8 channels: 2x down-sampling
-    to 2 latent channels), weights moved off their initial values (torch seed 0), saved to
-    `folder` with save_pretrained; returns the model."""
+    to `latent_channels` latent channels), weights moved off their initial values (torch
+    seed 0), saved to `folder` with save_pretrained; returns the model."""
     import diffusers
     import torch
 
     torch.manual_seed(0)
     model = diffusers.AutoencoderKL(block_out_channels=(4, 8), layers_per_block=1,
-                                    norm_num_groups=2, latent_channels=2,
+                                    norm_num_groups=2, latent_channels=latent_channels,
                                     down_block_types=("DownEncoderBlock2D",) * 2,
                                     up_block_types=("UpDecoderBlock2D",) * 2).eval()
     with torch.no_grad():
@@ -43,6 +50,17 @@ def save_tiny_vae(folder):
             p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(folder)
     return model
+
+
+def save_sit_checkpoint(path):
+    """SIT_GOLDEN's weights as the state dict `.pt` that torch.save writes, under willisma/
+    SiT's parameter names (as its released SiT-XL-2-256x256.pt)."""
+    import numpy as np
+    import torch
+
+    with np.load(SIT_GOLDEN) as f:
+        torch.save({k.removeprefix("param/"): torch.from_numpy(f[k]) for k in f.files
+                    if k.startswith("param/")}, path)
 
 
 def write_tiny_tokenizer(folder, pad_token):

@@ -9,6 +9,7 @@ from difflax.accel import (deepcache_plan, deepcache_refresh_steps, denoiser_run
                            encoder_nodes, encoder_propagation_plan, faster_diffusion_key_steps,
                            full_plan, inheritance_nodes, inheritance_plan, plan_cost,
                            quad_center_steps, sample_with_plan)
+from difflax.interpolants import sit_run_fn
 from difflax.models import Denoiser, ddpmpp, feature_nodes
 from difflax.models.sit import SiT, SiTConfig
 from difflax.samplers import sample
@@ -244,18 +245,14 @@ SIT_GRAPH = SIT.feature_graph(encoder_depth=2)  # Faster Diffusion's DiT setting
 
 def _sit_samples(plan=None):
     """DDIM on the rectified-flow path with a random-weight SiT (velocity, SiT time t = 1 - s),
-    plainly (`SiT.__call__`) or through `sample_with_plan`."""
+    plainly (`SiT.__call__`) or through `sample_with_plan` with `sit_run_fn`."""
     model = SiT(SIT)
     noise, y = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([0, 2])
     shapes = jax.eval_shape(model.init, jax.random.key(1), noise, jnp.ones(2), y)
     rng = np.random.default_rng(0)
     v = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.2, s.dtype), shapes)
 
-    def run(x, s, **kwargs):
-        out, stored = model.apply(v, x, 1.0 - s, jnp.tile(y, s.shape[0] // 2), method=SiT.run,
-                                  **kwargs)
-        return (None if out is None else -out), stored
-
+    run = sit_run_fn(model, v, y)  # SiT.run in difflax time, the velocity's sign flipped
     options = dict(schedule=schedules.rectified_flow(), sampler="ddim", steps=STEPS,
                    prediction="velocity")
     if plan is None:

@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "experiments" / "notebooks").glob("*.ipynb"))
-NEEDS_DIFFUSERS = ("06_stable_diffusion",)  # its stand-in folder is written with diffusers
+NEEDS_DIFFUSERS = ("06_stable_diffusion", "07_pretrained_sit")  # stand-ins written by diffusers
 GOLDEN = ROOT / "tests" / "data" / "edm_ddpmpp_small.npz"
 
 
@@ -24,18 +24,22 @@ def stand_in_files(tmp_path_factory):
     (tiny random components, tests/sd_folders.py); a workdir that the digits notebooks share
     (the second one resumes the first one's finished run)."""
     from fid_stand_in import random_fid_state_dict
-    from sd_folders import save_tiny_pipeline
+    from sd_folders import SIT_ARCH, save_sit_checkpoint, save_tiny_pipeline, save_tiny_vae
     torch = pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("stand_ins")
     torch.save(random_fid_state_dict(), tmp / "pt_inception-random.pth")
-    if importlib.util.find_spec("diffusers"):  # only the Stable Diffusion notebook needs it
+    save_sit_checkpoint(tmp / "sit.pt")
+    if importlib.util.find_spec("diffusers"):  # only the SD and SiT notebooks need it
         save_tiny_pipeline(tmp / "sd", "epsilon")
+        save_tiny_vae(tmp / "sit_vae", latent_channels=4)
     np.savez(tmp / "reference.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with np.load(GOLDEN) as f:
         arch = json.loads(str(f["config_json"]))
     return {"DIFFLAX_NOTEBOOK_WORKDIR": str(tmp / "digits_run"), "DIFFLAX_EDM": str(GOLDEN), "DIFFLAX_EDM_ARCH": json.dumps(arch),
             "DIFFLAX_INCEPTION": str(tmp / "pt_inception-random.pth"),
-            "DIFFLAX_FID_REFERENCE": str(tmp / "reference.npz"), "DIFFLAX_SD_FOLDER": str(tmp / "sd")}
+            "DIFFLAX_FID_REFERENCE": str(tmp / "reference.npz"), "DIFFLAX_SD_FOLDER": str(tmp / "sd"),
+            "DIFFLAX_SIT_WEIGHTS": str(tmp / "sit.pt"), "DIFFLAX_SIT_VAE": str(tmp / "sit_vae"),
+            "DIFFLAX_SIT_ARCH": json.dumps(SIT_ARCH)}
 
 
 def test_notebooks_are_stored_without_outputs():
@@ -124,9 +128,17 @@ def _check_stable_diffusion(s):
         assert s["change_from_plain"][name] > 1e-4, (name, s)
 
 
+def _check_pretrained_sit(s):
+    assert s["image_shape"] == [8, 16, 16, 3] and s["latent_shape"] == [8, 8, 8, 4]
+    lo, hi = s["image_range"]
+    assert 0.0 <= lo < hi <= 1.0, s
+    assert s["change_with_guidance"] > 1e-3, s
+
+
 CHECKS = {"01_quickstart": _check_quickstart, "02_pretrained_edm": _check_pretrained,
           "03_composing_accelerations": _check_composing, "04_gmem": _check_gmem,
-          "05_rectified_flow": _check_rectified_flow, "06_stable_diffusion": _check_stable_diffusion}
+          "05_rectified_flow": _check_rectified_flow, "06_stable_diffusion": _check_stable_diffusion,
+          "07_pretrained_sit": _check_pretrained_sit}
 
 
 def test_every_notebook_has_checks():

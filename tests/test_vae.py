@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from difflax.models import VAEConfig, load_vae
+from difflax.models import VAEConfig, load_vae, save_vae
 from difflax.models.vae import scale_latents, unscale_latents
 
 torch = pytest.importorskip("torch")
@@ -82,6 +82,17 @@ def test_load_vae_reads_deprecated_attention_names(reference, tmp_path):
     save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     (tmp_path / "config.json").write_text((reference["folder"] / "config.json").read_text())
     check_matches(tmp_path, reference)
+
+
+def test_save_vae_writes_the_folder_diffusers_reads(reference, tmp_path):
+    vae, variables = load_vae(reference["folder"])
+    save_vae(tmp_path, vae.config, variables)
+    reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path).state_dict()
+    original = reference["model"].state_dict()
+    assert sorted(reloaded) == sorted(original)   # diffusers' names, none missing or extra
+    for name, value in original.items():
+        np.testing.assert_array_equal(reloaded[name].numpy(), value.numpy(), err_msg=name)
+    assert load_vae(tmp_path)[0].config == vae.config
 
 
 def test_posterior_sample_moments():

@@ -11,7 +11,7 @@ from difflax.models.sd_unet import (SDUNet, SDUNetConfig, sd_feature_nodes, sd_r
                                     sd_skip_connections)
 from difflax.models.sd_unet_weights import load_sd_unet
 from difflax.models.song_unet import SongUNet
-from difflax.models.vae import AutoencoderKL, VAEConfig, load_vae
+from difflax.models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from difflax.models.unet import (MODEL_TYPES, SkipConnection, Surgery, UNetConfig, adm, ddpmpp,
                                  feature_nodes, ncsnpp, prunable_blocks, skip_connections)
 
@@ -20,7 +20,7 @@ __all__ = [
     "MODEL_TYPES", "PRECONDS", "Denoiser", "DhariwalUNet", "FeatureGraph", "FeatureNode", "SkipConnection",
     "SongUNet", "Surgery", "UNetConfig", "adm", "config_from_edm", "convert_state_dict", "ddpmpp",
     "feature_graph", "feature_nodes", "load_edm", "make_unet", "ncsnpp", "nodes_to_compute", "read_edm_snapshot",
-    "skip_connections", "AutoencoderKL", "VAEConfig", "load_vae",
+    "skip_connections", "AutoencoderKL", "VAEConfig", "load_vae", "save_vae",
     "SDUNet", "SDUNetConfig", "load_sd_unet", "sd_feature_nodes", "sd_run_fn", "sd_skip_connections",
     "CLIPTextConfig", "CLIPTextTransformer", "load_clip_text_encoder",
     "CLIPTokenizer", "load_clip_tokenizer",

@@ -7,6 +7,8 @@ of the SD autoencoder, the SD UNet and the CLIP text encoder.
     read_json(path)                     -> dict, {} for a missing (optional) file
     flax_path(name, ndim)               "a.blocks.0.norm.weight" -> ("a", "blocks_0", "norm", "scale")
     flax_layout(value)                  conv OIHW -> HWIO, linear (out, in) -> (in, out)
+    torch_name(path), torch_layout(v)   their inverses, for
+    write_pretrained_folder(path, config, state)   a folder that diffusers and the loaders read
 """
 from __future__ import annotations
 
@@ -80,3 +82,33 @@ def flax_layout(value: np.ndarray) -> np.ndarray:
     if value.ndim == 2:
         return value.T
     return value
+
+
+def torch_name(path: tuple[str, ...]) -> str:
+    """`flax_path`'s inverse: ("a", "blocks_0", "norm", "scale") -> "a.blocks.0.norm.weight"
+    (a list entry `<list>_<index>` becomes `<list>.<index>`, also inside a joined module name
+    such as the VAE's "down_blocks_0_resnets_1"; kernel and scale become weight)."""
+    *modules, leaf = path
+    name = re.sub(r"_(\d+)(_|(?=\.)|$)", lambda m: f".{m[1]}{'.' if m[2] else ''}",
+                  ".".join(modules))
+    return f"{name}.{'weight' if leaf in ('kernel', 'scale') else leaf}"
+
+
+def torch_layout(value: np.ndarray) -> np.ndarray:
+    """`flax_layout`'s inverse: conv (kh, kw, I, O) -> (O, I, kh, kw), linear (in, out) ->
+    (out, in); vectors unchanged."""
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    return value.T if value.ndim == 2 else value
+
+
+def write_pretrained_folder(path: str | os.PathLike, config: dict, state: dict) -> None:
+    """Writes config.json and diffusion_pytorch_model.safetensors ({torch name: array},
+    float32) into the folder `path` (created): `read_pretrained_folder`'s inverse."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+              os.path.join(path, WEIGHT_FILES[0]))

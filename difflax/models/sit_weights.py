@@ -81,8 +81,15 @@ def load_sit(path: str | os.PathLike, config: SiTConfig | str | None = None, **f
     elif path.endswith((".pt", ".pth")):
         import torch  # optional dependency of this loader only
 
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        state_dict = state_dict.get("ema", state_dict)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises pickle, zip or runtime errors by format
+            raise ValueError(f"{path} is not a PyTorch state dict that torch.load reads "
+                             f"with weights_only=True ({type(error).__name__})") from error
+        state_dict = state_dict.get("ema", state_dict) if isinstance(state_dict, dict) else None
+        if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise ValueError(f"{path} holds no SiT state dict (name -> tensor, or a training "
+                             "checkpoint with an 'ema' one)")
         state_dict = {k: v.numpy() for k, v in state_dict.items()}
     else:
         raise ValueError(f"unknown weights format {path!r}; valid: .pt, .pth, .npz")

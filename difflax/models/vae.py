@@ -25,7 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from difflax.models.convert import fitted_variables
-from difflax.models.diffusers_weights import flax_layout, flax_path, read_pretrained_folder
+from difflax.models.diffusers_weights import (flax_layout, flax_path, read_pretrained_folder,
+                                              torch_layout, torch_name, write_pretrained_folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,3 +308,15 @@ def load_vae(path: str | os.PathLike) -> tuple[AutoencoderKL, dict]:
         "checkpoint")
     config = vae_config_from_diffusers(config)
     return AutoencoderKL(config), convert_vae_state_dict(state, config)
+
+
+def save_vae(path: str | os.PathLike, config: VAEConfig, variables) -> None:
+    """Writes AutoencoderKL(config)'s `variables` as a diffusers AutoencoderKL folder
+    (config.json + diffusion_pytorch_model.safetensors) that `load_vae`, `difflax encode`
+    and diffusers' `AutoencoderKL.from_pretrained` read: `convert_vae_state_dict`'s inverse."""
+    flat = traverse_util.flatten_dict(variables["params"])
+    state = {torch_name(k): torch_layout(np.asarray(v, np.float32)) for k, v in flat.items()}
+    levels = len(config.block_out_channels)
+    write_pretrained_folder(path, {"_class_name": "AutoencoderKL", **dataclasses.asdict(config),
+                                   "down_block_types": ["DownEncoderBlock2D"] * levels,
+                                   "up_block_types": ["UpDecoderBlock2D"] * levels}, state)
