@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from difflax import configs, data, latent_runs, workdir as wd
+from difflax import configs, latent_runs, workdir as wd
 from difflax.images import save_grid
 from difflax.training import train as train_loop
 from difflax.training.checkpoint import CheckpointMismatchError
@@ -158,7 +158,7 @@ def cmd_train(args, overrides) -> int:
     model = configs.model_from_config(config)
     cfg = configs.train_config(config)
     wd.save_config(args.workdir, config)
-    make_batches, loss_fn = _training_fns(config, model, cfg)
+    make_batches, loss_fn = _kind(config).training_fns(config, model, cfg)
     sample, nfe, sampler, steps = _sampler(model, config)
     s = config.sample
     grid_fn = ((lambda params, step: _draw(config, model, sample, params, s.num, s.seed)[0])
@@ -173,17 +173,9 @@ def cmd_train(args, overrides) -> int:
     return 0
 
 
-def _training_fns(config, model, cfg):
-    """(make_batches(start_step), loss_fn or None for the EDM loss) of a run: a UNet's image
-    batches, or a SiT's latents and interpolant loss (`difflax.latent_runs`)."""
-    if configs.model_kind(config) == "sit":
-        return latent_runs.get_training_fns(config, model, batch_size=cfg.batch_size,
-                                            seed=cfg.seed)
-    d = config.data
-    return (lambda start: data.batch_iterator(
-        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
-        resolution=d.resolution or None, data_dir=d.data_dir or None,
-        labels=bool(model.label_dim))), None
+def _kind(config) -> wd.RunKind:
+    """What a run of this config's kind does (`difflax.workdir.RunKind`)."""
+    return latent_runs.SIT_RUN if configs.model_kind(config) == "sit" else wd.UNET_RUN
 
 
 def _check_sampler(spec: str) -> None:
@@ -202,31 +194,18 @@ def _check_args(args, **minimum) -> None:
 
 def _sampler(model, config, sampler=None, steps=None, vae=None):
     """(sample fn, nfe, sampler, steps), defaults from the config's `sample` section; a SiT
-    run's sample fn is `difflax.latent_runs.get_latent_sample_fn`'s (decoding with `vae`)."""
-    s = config.sample
-    sit = configs.model_kind(config) == "sit"
-    sampler = (s.method if sit else s.sampler) if sampler is None else sampler
-    steps = s.steps if steps is None else steps
-    if sit:
-        configs.parse_sampler(f"{sampler}:{steps}", "sit")
-        sample = latent_runs.get_latent_sample_fn(model, config, method=sampler, steps=steps,
-                                                  vae_path=vae)
-        return sample, steps * (2 if sampler == "heun" else 1), sampler, steps
-    sample, nfe = wd.get_sample_fn(model, sampler=sampler, steps=steps,
-                                   sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+    run's decodes with `vae` (default: the folder its latents.json records)."""
+    kind = _kind(config)
+    sampler = kind.default_sampler(config) if sampler is None else sampler
+    steps = config.sample.steps if steps is None else steps
+    sample, nfe = kind.sample_fn(config, model, sampler, steps, vae)
     return sample, nfe, sampler, steps
 
 
 def _draw(config, model, sample, params, num, seed):
     """(images (num, H, W, C) in [-1, 1], labels or None, {name: array} to save too) from a
-    `_sampler` sample fn: one class per grid column; a SiT run's arrays hold the sampled
-    latents (scaled) that the images decode."""
-    key = jax.random.key(seed)
-    if configs.model_kind(config) == "sit":
-        images, latents, labels = sample(params, key, num)
-        return images, labels, {"latents": np.asarray(latents)}
-    labels = np.arange(num) % max(model.net.label_dim, 1)  # one class per grid column
-    return sample(params, key, labels), labels, {}
+    `_sampler` sample fn."""
+    return _kind(config).draw(model, sample, params, num, jax.random.key(seed))
 
 
 def _write_samples(workdir, config, model, params, sample, name, *, num=None, seed=None,
@@ -237,10 +216,7 @@ def _write_samples(workdir, config, model, params, sample, name, *, num=None, se
     images, labels, arrays = _draw(config, model, sample, params, num, seed)
     images = np.asarray(images)
     arrays.update(images=images, **({} if labels is None else {"labels": np.asarray(labels)}))
-    if configs.model_kind(config) == "sit":  # classes in columns, or bank snippets in a square
-        nrow = 0 if model.config.snippet_dim else model.config.num_classes
-    else:
-        nrow = model.net.label_dim
+    nrow = _kind(config).grid_columns(model)
     out = out or os.path.join(workdir, "samples", name)
     if jax.process_index() == 0:
         save_grid(out + ".png", images, nrow=min(nrow or int(np.ceil(np.sqrt(num))), num))
@@ -279,7 +255,7 @@ def cmd_evaluate(args, overrides) -> int:
     e = config.evaluate
     num = e.num if args.num is None else args.num
     batch = e.batch_size if args.batch_size is None else args.batch_size
-    dataset, resolution, sample_fn_of = _evaluation_data(config, denoiser, params)
+    dataset, resolution, sample_fn_of = _kind(config).evaluation_data(config, denoiser, params)
     rows = []
     for spec in specs or e.samplers:
         name, steps = configs.parse_sampler(spec, configs.model_kind(config))
@@ -305,13 +281,7 @@ def cmd_evaluate(args, overrides) -> int:
     return 0
 
 
-def _evaluation_data(config, model, params):
-    """(dataset the samples are compared with, its resolution, sample -> the metrics'
-    SampleFn); a SiT run's is the dataset its latents were encoded from."""
-    if configs.model_kind(config) == "sit":
-        return latent_runs.evaluation_data(config, model, params)
-    return (config.data.name, model.net.img_resolution,
-            lambda sample: wd.labelled_sample_fn(sample, params, model.net.label_dim))
+
 
 
 def cmd_encode(args, overrides) -> int:

@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from difflax import data
+from difflax import configs, data
 from difflax.gmem import MemoryBank, digits_snippet_encoder, get_draw_fn, l2_normalize, sample_entries
 from difflax.images import save_grid
 from difflax.latents import (encode_dataset, latent_batches, latents_info, load_latents,
                              load_snippets, vae_config)
 from difflax.models import load_vae
 from difflax.training.interpolant_loss import get_interpolant_loss_fn
+from difflax.workdir import RunKind
 
 # datasets `difflax encode` reads: name -> (resolution, split) -> (images, labels)
 ENCODE_DATASETS = {
@@ -179,6 +180,29 @@ def evaluation_data(config, model, params):
     info = latents_info(config.data.latents_dir)
     return (info.get("dataset"), info["resolution"],
             lambda sample: labelled_latent_sample_fn(sample, params, model.config.num_classes))
+
+
+def _sit_sample_fn(config, model, method, steps, vae):
+    configs.parse_sampler(f"{method}:{steps}", "sit")
+    sample = get_latent_sample_fn(model, config, method=method, steps=steps, vae_path=vae)
+    return sample, steps * (2 if method == "heun" else 1)
+
+
+def _sit_draw(model, sample, params, num, key):
+    images, latents, labels = sample(params, key, num)
+    return images, labels, {"latents": np.asarray(latents)}  # the latents (scaled) decoded
+
+
+# a SiT / GMem run on latents, for the CLI (`difflax.workdir.RunKind`): classes in the grid's
+# columns, or bank snippets in a square grid
+SIT_RUN = RunKind(
+    training_fns=lambda config, model, cfg: get_training_fns(
+        config, model, batch_size=cfg.batch_size, seed=cfg.seed),
+    default_sampler=lambda config: config.sample.method,
+    sample_fn=_sit_sample_fn,
+    draw=_sit_draw,
+    grid_columns=lambda model: 0 if model.config.snippet_dim else model.config.num_classes,
+    evaluation_data=evaluation_data)
 
 
 def parse_classes(text: str | None, num: int | None = None) -> list[int]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from difflax import configs, samplers, schedules, testbeds
+from difflax import configs, data, samplers, schedules, testbeds
 from difflax.mesh import make_mesh
 from difflax.samplers import denoiser_model, denoiser_run_fn, keyed_sample_fn
 from difflax.training import (abstract_train_state, get_init_params_fn, make_checkpoint_manager,
@@ -180,3 +182,58 @@ def paired_sample_fn(samplers, label_dim: int):
         return jnp.stack([images for images, _ in outs]), outs[0][1]
 
     return sample_fn
+
+
+class RunKind(NamedTuple):
+    """What `difflax train | sample | evaluate` do differently for one kind of run
+    (`configs.model_kind`): `UNET_RUN` here, `difflax.latent_runs.SIT_RUN` for SiT / GMem.
+
+    Attributes:
+      training_fns: (config, model, train_config) -> (make_batches(start_step), loss_fn or
+        None for the EDM loss).
+      default_sampler: config -> the sampler name of its `sample` section.
+      sample_fn: (config, model, sampler, steps, vae folder or None) -> (sample, nfe).
+      draw: (model, sample, params, num, key) -> (images (num, H, W, C) in [-1, 1], labels or
+        None, {name: array} to save beside them).
+      grid_columns: model -> columns of a sample grid (0: a square grid).
+      evaluation_data: (config, model, params) -> (dataset the samples are compared with, its
+        resolution, sample -> the metrics' SampleFn).
+    """
+
+    training_fns: Callable
+    default_sampler: Callable
+    sample_fn: Callable
+    draw: Callable
+    grid_columns: Callable
+    evaluation_data: Callable
+
+
+def _unet_batches(config, model, cfg):
+    d = config.data
+    return (lambda start: data.batch_iterator(
+        d.name, cfg.batch_size, seed=cfg.seed, start_step=start, random_flip=d.random_flip,
+        resolution=d.resolution or None, data_dir=d.data_dir or None,
+        labels=bool(model.label_dim))), None
+
+
+def _unet_sample_fn(config, denoiser, sampler, steps, vae):
+    s = config.sample
+    return get_sample_fn(denoiser, sampler=sampler, steps=steps, sigma_min=s.sigma_min,
+                         sigma_max=s.sigma_max)
+
+
+def _unet_draw(denoiser, sample, params, num, key):
+    labels = np.arange(num) % max(denoiser.net.label_dim, 1)  # one class per grid column
+    return sample(params, key, labels), labels, {}
+
+
+# a UNet run of images: its dataset's batches, the EDM loss, get_sample_fn's samplers
+UNET_RUN = RunKind(
+    training_fns=_unet_batches,
+    default_sampler=lambda config: config.sample.sampler,
+    sample_fn=_unet_sample_fn,
+    draw=_unet_draw,
+    grid_columns=lambda denoiser: denoiser.net.label_dim,
+    evaluation_data=lambda config, denoiser, params: (
+        config.data.name, denoiser.net.img_resolution,
+        lambda sample: labelled_sample_fn(sample, params, denoiser.net.label_dim)))
