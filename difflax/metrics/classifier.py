@@ -1,6 +1,6 @@
 """What the small feature networks behind ``fd_digits`` and ``fd_mnist`` share.
 
-Each is a classifier trained offline (deterministic, one jitted ``lax.scan`` of AdamW with
+Each is a classifier trained offline (deterministic, a jitted AdamW step in a loop, with
 cosine decay), whose penultimate activations are the feature space of a Frechet distance
 and whose logits give class accuracy. Trained networks are cached as ``.npz`` files in
 ``$DIFFLAX_CACHE`` (default ``~/.cache/difflax``) and trained on first use.
@@ -43,10 +43,10 @@ def train_classifier(model: nn.Module, batch_fn: Callable, example: jax.Array, *
                      steps: int, learning_rate: float, weight_decay: float = 1e-4) -> dict:
     """Parameters of ``model`` (images -> (features, logits)) trained with softmax cross-entropy.
 
-    ``batch_fn(key) -> (images, labels)`` draws one training batch inside the jitted loop;
+    ``batch_fn(key) -> (images, labels)`` draws one training batch inside the jitted step;
     ``example`` (1, ...) is the input used to initialise. AdamW with cosine decay of
-    ``learning_rate`` over ``steps``; the whole loop is one ``lax.scan``, deterministic for
-    a given ``seed``. Returns numpy parameters.
+    ``learning_rate`` over ``steps``, one jitted step per iteration of a Python loop,
+    deterministic for a given ``seed``. Returns numpy parameters.
     """
     key = jax.random.key(seed)
     params = model.init(key, example)["params"]
@@ -56,18 +56,19 @@ def train_classifier(model: nn.Module, batch_fn: Callable, example: jax.Array, *
         _, logits = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def step(carry, i):
-        p, opt_state = carry
+    @jax.jit
+    def step(p, opt_state, i):
         x, y = batch_fn(jax.random.fold_in(key, i))
         grads = jax.grad(loss_fn)(p, x, y)
         updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), None
+        return optax.apply_updates(p, updates), opt_state
 
-    @jax.jit
-    def run(p):
-        return jax.lax.scan(step, (p, tx.init(p)), jnp.arange(steps))[0][0]
-
-    return jax.tree.map(np.asarray, run(params))
+    # a Python loop over the jitted step: XLA:CPU ran the MNIST CNN's step 30x slower inside
+    # a lax.scan (2.1 s against 0.069 s per step, batch 128, measured 2026-11-30)
+    opt_state = tx.init(params)
+    for i in range(steps):
+        params, opt_state = step(params, opt_state, jnp.int32(i))
+    return jax.tree.map(np.asarray, params)
 
 
 def classifier_accuracy(logits_fn: Callable, images, labels, chunk: int = 1000) -> float:

@@ -6,7 +6,7 @@ classes). Its 64-d penultimate activations play the role of Inception's pool fea
 (the Frechet distance computed on them is ``fd_digits``) and its logits give the accuracy
 with which class-conditional samples are recognised as the class they were asked for.
 
-Training is deterministic (fixed seeds, one jitted ``lax.scan``), takes seconds on a CPU,
+Training is deterministic (fixed seeds, a jitted step in a loop), takes seconds on a CPU,
 and is cached in ``$DIFFLAX_CACHE`` (default ``~/.cache/difflax``); the training loop and
 the cache are :mod:`difflax.metrics.classifier`'s, shared with the MNIST network.
 
@@ -101,10 +101,10 @@ def train_digits_classifier(*, seed: int = 0, steps: int = 2000, batch_size: int
                             learning_rate: float = 2e-3) -> TrainedClassifier:
     """Trains the classifier on a fixed 80% of the digits and measures accuracy on the rest.
 
-    Deterministic for a given seed (seconds on a CPU: ~5 s compile + ~2 s of steps). Each training example is
+    Deterministic for a given seed (7 s on one core of this CPU). Each training example is
     drawn at one of the resolutions 8, 16, 32 (resized back to 8 as the network does), so the
     accuracy holds whatever resolution the data pipeline uses. AdamW with cosine decay, one
-    jitted ``lax.scan`` (:func:`difflax.metrics.classifier.train_classifier`). The reported
+    jitted step in a loop (:func:`difflax.metrics.classifier.train_classifier`). The reported
     accuracy is on the held-out 8x8 digits.
     """
     images, labels = real_digits(8)
