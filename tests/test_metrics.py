@@ -179,7 +179,7 @@ def test_evaluate_samples_streams_like_one_batch():
     assert out["class_accuracy"] == pytest.approx(np.mean(np.arange(23) % 3 == 0))
 
 
-def test_evaluate_digits_real_vs_noise(digits_cache):
+def test_evaluate_digits_real_vs_noise(digits_cache, tmp_path):
     path, _ = digits_cache
     images, labels = M.real_digits(16)
 
@@ -198,6 +198,10 @@ def test_evaluate_digits_real_vs_noise(digits_cache):
     assert "class_accuracy" not in noise
     assert real["digits_classifier_test_accuracy"] > 0.95
     assert 0 <= real["fd_digits"] < 0.1 * noise["fd_digits"]
+    # a resumable evaluation (experiments' --store) gives the same numbers, stored and read back
+    for _ in range(2):
+        assert M.evaluate_digits(real_fn, **kw, store=str(tmp_path), store_tag="real") == real
+    assert len(os.listdir(tmp_path)) == 1
     with pytest.raises(ValueError, match="16x16"):
         M.evaluate_digits(noise_fn, **{**kw, "resolution": 8})
 
@@ -462,7 +466,7 @@ def test_mnist_classifier_tiny_training_and_cache(mnist_cache, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_evaluate_mnist_real_vs_noise(mnist_cache):
+def test_evaluate_mnist_real_vs_noise(mnist_cache, tmp_path):
     from difflax.data import load_mnist
 
     path, clf = mnist_cache
@@ -480,6 +484,7 @@ def test_evaluate_mnist_real_vs_noise(mnist_cache):
               cache_dir=path, progress=False, bootstrap=50)
     real = M.evaluate_mnist(real_fn, **kw)
     noise = M.evaluate_mnist(noise_fn, **kw)
+    assert M.evaluate_mnist(real_fn, **kw, store=str(tmp_path), store_tag="real") == real
     assert real["mnist_classifier_test_accuracy"] == clf.test_accuracy
     assert real["class_accuracy"] > 0.6
     assert real["class_accuracy_ci_low"] <= real["class_accuracy"] <= real["class_accuracy_ci_high"]

@@ -242,7 +242,8 @@ def digits_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
 def evaluate_digits(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
                     resolution: int = 16, cache_dir: str | None = None, progress: bool = True,
                     bootstrap: int = 200, settings: int | None = None,
-                    baseline: int | None = None) -> dict[str, float] | list[dict[str, float]]:
+                    baseline: int | None = None, store: str | None = None,
+                    store_tag: str = "") -> dict[str, float] | list[dict[str, float]]:
     """``fd_digits`` (and ``class_accuracy`` if ``sample_fn`` returns labels) of a digits model.
 
     The classifier comes from the cache (trained in seconds if absent, see
@@ -251,15 +252,16 @@ def evaluate_digits(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, ba
     that ``class_accuracy`` is to be read against, and 95% bootstrap intervals
     (``fd_digits_ci_low`` / ``_ci_high``, ``class_accuracy_ci_low`` / ``_ci_high``) from
     ``bootstrap`` resamples of the samples (0: none). ``settings`` and ``baseline``: K
-    methods on the same noise and labels, each compared with one of them; see
-    :func:`evaluate_samples`.
+    methods on the same noise and labels, each compared with one of them; ``store`` /
+    ``store_tag``: the drawn batches kept for a resumable run; see :func:`evaluate_samples`.
     """
     clf = load_digits_classifier(cache_dir)
     return _evaluate_with_classifier(
         sample_fn, digits_frechet_metric(clf.params, resolution),
         lambda x: digits_logits(clf.params, x), {"digits_classifier_test_accuracy": clf.test_accuracy},
         key=key, num_samples=num_samples, batch_size=batch_size, progress=progress,
-        bootstrap=bootstrap, settings=settings, baseline=baseline)
+        bootstrap=bootstrap, settings=settings, baseline=baseline, store=store,
+        store_tag=store_tag)
 
 
 def mnist_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
@@ -274,11 +276,12 @@ def mnist_frechet_metric(classifier_params, resolution: int) -> FrechetMetric:
 def evaluate_mnist(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, batch_size: int,
                    resolution: int = 32, cache_dir: str | None = None, progress: bool = True,
                    bootstrap: int = 200, settings: int | None = None,
-                   baseline: int | None = None) -> dict[str, float] | list[dict[str, float]]:
+                   baseline: int | None = None, store: str | None = None,
+                   store_tag: str = "") -> dict[str, float] | list[dict[str, float]]:
     """``fd_mnist`` (and ``class_accuracy`` if ``sample_fn`` returns labels) of an MNIST model.
 
     As :func:`evaluate_digits`, with the MNIST CNN (from the cache, or trained once in about
-    a minute, :func:`difflax.metrics.load_mnist_classifier`) and the 10k test digits as the
+    4 minutes, :func:`difflax.metrics.load_mnist_classifier`) and the 10k test digits as the
     reference; ``mnist_classifier_test_accuracy`` is its accuracy on those test digits.
     """
     clf = load_mnist_classifier(cache_dir)
@@ -286,7 +289,8 @@ def evaluate_mnist(sample_fn: SampleFn, *, key: jax.Array, num_samples: int, bat
         sample_fn, mnist_frechet_metric(clf.params, resolution),
         lambda x: mnist_logits(clf.params, x), {"mnist_classifier_test_accuracy": clf.test_accuracy},
         key=key, num_samples=num_samples, batch_size=batch_size, progress=progress,
-        bootstrap=bootstrap, settings=settings, baseline=baseline)
+        bootstrap=bootstrap, settings=settings, baseline=baseline, store=store,
+        store_tag=store_tag)
 
 
 def _at_resolution(name, resolution, feature_fn):
