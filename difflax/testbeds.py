@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from difflax import configs
 from difflax.training import get_init_params_fn
 
-__all__ = ["SHIPPED", "export_params", "load_testbed", "testbed_dir"]
+__all__ = ["SHIPPED", "denoising_error", "export_params", "load_testbed", "testbed_dir"]
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "testbed_weights")
 WEIGHTS = "ema_params.safetensors"
@@ -70,3 +70,22 @@ def load_testbed(name_or_path: str):
         raise ValueError(f"{folder} does not hold the parameters of its config's model: "
                          f"{problems[:3]}")
     return config, denoiser, traverse_util.unflatten_dict(flat, sep="/")
+
+
+# one compilation per (denoiser, shapes), shared by every call
+_apply = jax.jit(lambda denoiser, params, x, sigma, labels: denoiser.apply(
+    {"params": params}, x, sigma, labels), static_argnums=0)
+
+
+def denoising_error(denoiser, params, images, labels, sigmas, seed: int = 0) -> np.ndarray:
+    """Mean squared error of D(x + sigma n; sigma, label) against x, per sigma (one noise draw
+    n per image, the same at every sigma): a trained model's is far below the noisy input's
+    sigma^2. images (N, R, R, C) in [-1, 1], labels (N,), sigmas (S,) -> (S,)."""
+    n, sigmas = len(images), np.asarray(sigmas, np.float32)
+    noise = np.random.default_rng(seed).normal(size=images.shape).astype(np.float32)
+    sigma = np.repeat(sigmas, n)
+    x = np.concatenate([images] * len(sigmas))
+    noisy = x + sigma[:, None, None, None] * np.concatenate([noise] * len(sigmas))
+    out = np.asarray(_apply(denoiser, params, noisy, sigma,
+                            np.concatenate([labels] * len(sigmas))))
+    return np.mean((out - x) ** 2, axis=(1, 2, 3)).reshape(len(sigmas), n).mean(1)
