@@ -6,7 +6,8 @@ Networks (README, "Speed"):
   - sd:     Stable Diffusion 1.5's UNet (860M parameters, random weights) at 32x32x4 latents,
             against diffusers' `UNet2DConditionModel`;
   - ops:    the CIFAR network's 3x3 convolution and GroupNorm alone (forward + backward),
-            also in XLA with PyTorch's NCHW layout: where the CPU time goes.
+            also in XLA with PyTorch's NCHW layout: where the CPU time goes; the convolution
+            also forward only, and forward + the input's or the weight's gradient alone.
 The EDM networks' reference is EDM's own PyTorch code (`training/networks.py` EDMPrecond,
 `training/loss.py` EDMLoss, `generate.py` edm_sampler). It is under its own licence and does
 not ship with difflax: `--edm` names a local checkout of https://github.com/NVlabs/edm.
@@ -263,16 +264,19 @@ def op_candidates(small):
         return jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
                                             dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
-    def grad_of(f, *args):
-        g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))
+    def grad_of(f, *args, wrt=None):  # the gradient of sum(f ** 2) w.r.t. args[wrt] (all)
+        wrt = tuple(range(len(args))) if wrt is None else wrt
+        g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=wrt))
         return lambda: g(*args)
 
-    def torch_grad(f, *args):
+    def torch_grad(f, *args, wrt=None):  # autograd computes only the gradients asked for
+        wrt = range(len(args)) if wrt is None else wrt
+        return lambda: torch.autograd.grad((f(*args) ** 2).sum(), [args[i] for i in wrt])
+
+    def torch_forward(f, *args):
         def fn():
-            for a in args:
-                a.grad = None
-            (f(*args) ** 2).sum().backward()
-            return args[0].grad
+            with torch.no_grad():
+                return f(*args)
         return fn
 
     jxc, jwc = jnp.asarray(x), jnp.asarray(w)
@@ -280,11 +284,26 @@ def op_candidates(small):
     with torch.no_grad():
         diff = np.abs(F.conv2d(tx_, tw_, padding=1).numpy().transpose(0, 2, 3, 1)
                       - np.asarray(conv.apply({"params": {"weight": jw}}, jx))).max()
+    apply_conv = jax.jit(lambda x, w: conv.apply({"params": {"weight": w}}, x))
+    torch_conv = lambda x, w: F.conv2d(x, w, padding=1)  # noqa: E731
     return {
         "conv3x3 fwd+bwd": {
-            "difflax": grad_of(lambda x, w: conv.apply({"params": {"weight": w}}, x), jx, jw),
-            "PyTorch": torch_grad(lambda x, w: F.conv2d(x, w, padding=1), tx_, tw_),
+            "difflax": grad_of(apply_conv, jx, jw),
+            "PyTorch": torch_grad(torch_conv, tx_, tw_),
             "XLA NCHW": grad_of(nchw_conv, jxc, jwc)},
+        # which half of the backward pass XLA loses on (each includes the forward)
+        "conv3x3 forward": {
+            "difflax": lambda: apply_conv(jx, jw),
+            "PyTorch": torch_forward(torch_conv, tx_, tw_),
+            "XLA NCHW": lambda f=jax.jit(nchw_conv): f(jxc, jwc)},
+        "conv3x3 fwd + input grad": {
+            "difflax": grad_of(apply_conv, jx, jw, wrt=(0,)),
+            "PyTorch": torch_grad(torch_conv, tx_, tw_, wrt=(0,)),
+            "XLA NCHW": grad_of(nchw_conv, jxc, jwc, wrt=(0,))},
+        "conv3x3 fwd + weight grad": {
+            "difflax": grad_of(apply_conv, jx, jw, wrt=(1,)),
+            "PyTorch": torch_grad(torch_conv, tx_, tw_, wrt=(1,)),
+            "XLA NCHW": grad_of(nchw_conv, jxc, jwc, wrt=(1,))},
         "GroupNorm fwd+bwd": {
             "difflax": grad_of(lambda x: norm.apply(norm_vars, x), jx),
             "PyTorch": torch_grad(tn, tx_)},
