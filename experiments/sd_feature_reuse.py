@@ -55,12 +55,14 @@ def plans(unet, steps):
     }
 
 
-def sampler_fn(unet, config, variables, context, plan, grid, schedule):
-    """jit of latents (B, h, w, 4) -> DDIM samples with guidance 7.5 under `plan`."""
-    run = sd_run_fn(unet, variables, context, guidance_scale=7.5)
-    return jax.jit(lambda x: sample_with_plan(run, x, plan=plan, config=config,
-                                              schedule=schedule, sampler="ddim", grid=grid,
-                                              prediction="eps")[0])
+def sampler_fn(unet, config, plan, grid, schedule):
+    """jit of (variables, context, latents (B, h, w, 4)) -> DDIM samples with guidance 7.5
+    under `plan` (the parameters are arguments, as in the pipeline, not compiled-in constants)."""
+    def sample(variables, context, x):
+        run = sd_run_fn(unet, variables, context, guidance_scale=7.5)
+        return sample_with_plan(run, x, plan=plan, config=config, schedule=schedule,
+                                sampler="ddim", grid=grid, prediction="eps")[0]
+    return jax.jit(sample)
 
 
 def run(args):
@@ -83,9 +85,10 @@ def run(args):
             flops = node_flops(unet, run_fn, x, jnp.full((batch,), 500.0))
             for row in rows.values():
                 row["flops_vs_plain"] = row.pop("cost").equivalent_nfe(flops) / args.steps
-        fns = {name: sampler_fn(unet, config, variables, context, plan, grid, schedule)
+        fns = {name: sampler_fn(unet, config, plan, grid, schedule)
                for name, plan in compared.items()}
-        seconds = {name: wall for name, (wall, _) in min_times(fns, (x,), args.repeats).items()}
+        seconds = {name: wall for name, (wall, _) in
+                   min_times(fns, (variables, context, x), args.repeats).items()}
         for name, row in rows.items():
             row[f"seconds_b{batch}"] = seconds[name]
             row[f"speedup_b{batch}"] = seconds["plain"] / seconds[name]
