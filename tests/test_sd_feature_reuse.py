@@ -8,6 +8,7 @@ import pytest
 
 from difflax import schedules
 from difflax.accel import (deepcache_plan, encoder_nodes, encoder_propagation_plan, full_plan,
+                           node_flops,
                            inheritance_plan, linear_skip_scales, per_resolution_skip_scales,
                            per_skip_scales, plan_cost, sample_with_plan)
 from difflax.accel.deepcache import deepcache_branch_node
@@ -156,3 +157,18 @@ def test_skip_tuning_schedules_take_the_sd_unet():
                                   [1, 0.75, 1, 1])
     with pytest.raises(ValueError, match="no skip connections at resolutions"):
         per_resolution_skip_scales(CFG, {2: 0.5})
+
+
+def test_node_flops_add_up_to_a_full_evaluation(model):
+    """XLA's FLOPs per feature node (the parameters passed as arguments, not constants) add up
+    to those of one whole guided UNet call, and a plan's compute is weighed by them."""
+    unet, v, noise, context = model
+    run = sd_run_fn(unet, v, context, guidance_scale=GUIDANCE)
+    t = jnp.full((2,), 500.0)
+    flops = node_flops(unet, run, noise, t)
+    assert set(flops) == {n.name for n in feature_graph(unet)} and min(flops.values()) > 0
+    whole = jax.jit(lambda x: run(x, t)[0]).lower(noise).compile().cost_analysis()
+    whole = float((whole[0] if isinstance(whole, list) else whole)["flops"])
+    assert abs(sum(flops.values()) / whole - 1) < 0.05
+    cost = plan_cost(unet, encoder_propagation_plan(unet, STEPS, key_steps=(0, 3)), 1)
+    assert 0.5 < cost.equivalent_nfe(flops) / STEPS < 1
