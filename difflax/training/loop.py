@@ -60,9 +60,9 @@ def get_init_params_fn(model, key: jax.Array):
 
 
 def with_compute_dtype(model, dtype: str):
-    """`model` computing in `dtype` (TrainConfig.compute_dtype): a Denoiser's `dtype` field;
-    any other model only in float32. bfloat16 needs no loss scaling; float16 would (its
-    gradients underflow) and is refused."""
+    """`model` computing in `dtype` (TrainConfig.compute_dtype): the `dtype` field of a
+    Denoiser or a SiT; any other model only in float32. bfloat16 needs no loss scaling;
+    float16 would (its gradients underflow) and is refused."""
     if dtype == "float32" or getattr(model, "dtype", None) == dtype:
         return model
     if dtype == "float16":
@@ -70,7 +70,8 @@ def with_compute_dtype(model, dtype: str):
                          "training does not do; use bfloat16 (same range as float32)")
     if not hasattr(model, "dtype"):
         raise ValueError(f"train.compute_dtype {dtype!r}: {type(model).__name__} has no "
-                         "`dtype` field; mixed precision works on difflax.models.Denoiser")
+                         "`dtype` field; mixed precision works on difflax.models.Denoiser "
+                         "and difflax.models.SiT")
     return model.clone(dtype=dtype)
 
 
@@ -140,7 +141,7 @@ def _due(every: int, step: int) -> bool:
 
 
 def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], workdir: str, *,
-          loss_fn=None,
+          get_loss_fn=None,
           sample_fn: SampleFn | None = None, sample_nrow: int = 8, mesh=None,
           progress: bool = True, init_params_fn: Callable[[], object] | None = None) -> TrainState:
     """Trains `model` (a Flax denoiser, see difflax.models) for cfg.steps optimiser steps.
@@ -148,10 +149,12 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     make_batches(start_step) -> iterator of this process's numpy (images, labels) rows of
     global batches of cfg.batch_size, batch i depending only on i (e.g.
     `functools.partial(data.batch_iterator, name, B, seed=s)` via start_step=...); labels
-    None for an unconditional model; any tuple of arrays that `loss_fn` reads (a SiT's
+    None for an unconditional model; any tuple of arrays that the loss reads (a SiT's
     (latents, labels[, snippets]), `difflax.latents.latent_batches`). The example shape and class count come from the model
     (`model.input_shape`, `model.label_dim`; a batch that does not fit them is an error).
-    loss_fn(params, batch, key) defaults to the EDM loss. sample_fn(ema_params, step) -> images in [-1, 1] is called every
+    get_loss_fn(model) -> loss_fn(params, batch, key), default the EDM loss
+    (`get_edm_loss_fn`), is given the model in `cfg.compute_dtype` (`with_compute_dtype`,
+    applied here only). sample_fn(ema_params, step) -> images in [-1, 1] is called every
     cfg.sample_every steps and written to workdir/samples. init_params_fn() -> params, pure,
     replaces the fresh initialisation (e.g. a teacher's parameters for Reflow). Returns the
     final state.
@@ -172,7 +175,7 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     if primary:
         _trim_metrics(metrics_path, start)
     events = EventLog(workdir, start) if cfg.tensorboard and primary else None
-    loss_fn = loss_fn or get_edm_loss_fn(model)
+    loss_fn = (get_loss_fn or get_edm_loss_fn)(model)
     step_fn = parallel.get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, cfg), mesh,
                                          lr_fn=learning_rate_schedule(cfg))
     key = host_to_global(k_train, replicated(mesh))
