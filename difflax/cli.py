@@ -165,7 +165,7 @@ def cmd_train(args, overrides) -> int:
                if cfg.sample_every else None)
     tic = time.perf_counter()
     state = train_loop(cfg, model, make_batches, args.workdir, get_loss_fn=get_loss_fn,
-                       sample_fn=grid_fn)
+                       sample_fn=grid_fn, run_config=config.to_dict())
     seconds = time.perf_counter() - tic
     path = _write_samples(args.workdir, config, model, state.ema_params, sample,
                           f"{sampler}_{steps}")
