@@ -145,11 +145,12 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     key = host_to_global(k_train, replicated(mesh))
     batches = make_batches(start)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and primary))
-    history, tick, logs = [], time.perf_counter(), []
+    history, logs = [], []
     try:
         if primary:
             logs = open_run_logs(cfg, workdir, start,
                                  run_config or {"train": dataclasses.asdict(cfg)})
+        tick = time.perf_counter()
         for step in range(start + 1, cfg.steps + 1):
             state, metrics = step_fn(state, shard_batch(next(batches), mesh), key)
             history.append(metrics)
