@@ -25,7 +25,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.0, grad_clip=0.0,
         ema_halflife_kimg=500.0, ema_rampup_ratio=0.05, ema_decay=None, log_every=50,
         ckpt_every=500, keep_checkpoints=3, sample_every=0, seed=0, tensorboard=False,
-        compute_dtype="float32")
+        wandb="", compute_dtype="float32")
     # What `difflax sample` uses by default: EDM's deterministic Heun sampler (Algorithm 1).
     c.sample = dict(sampler="edm_heun", steps=18, num=64, sigma_min=0.002, sigma_max=80.0,
                     seed=1)

@@ -158,13 +158,14 @@ def cmd_train(args, overrides) -> int:
     model = configs.model_from_config(config)
     cfg = configs.train_config(config)
     wd.save_config(args.workdir, config)
-    make_batches, loss_fn = _kind(config).training_fns(config, model, cfg)
+    make_batches, get_loss_fn = _kind(config).training_fns(config, model, cfg)
     sample, nfe, sampler, steps = _sampler(model, config)
     s = config.sample
     grid_fn = ((lambda params, step: _draw(config, model, sample, params, s.num, s.seed)[0])
                if cfg.sample_every else None)
     tic = time.perf_counter()
-    state = train_loop(cfg, model, make_batches, args.workdir, loss_fn=loss_fn, sample_fn=grid_fn)
+    state = train_loop(cfg, model, make_batches, args.workdir, get_loss_fn=get_loss_fn,
+                       sample_fn=grid_fn, run_config=config.to_dict())
     seconds = time.perf_counter() - tic
     path = _write_samples(args.workdir, config, model, state.ema_params, sample,
                           f"{sampler}_{steps}")

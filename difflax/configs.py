@@ -245,6 +245,7 @@ TRAIN_RULES = {
     "train.sample_every": (_integer(0)[0], "an integer >= 0 (0: never)"),
     "train.seed": _integer(0),
     "train.tensorboard": _BOOL,
+    "train.wandb": (lambda v: isinstance(v, str), "a W&B project name, or '' (off)"),
     "train.compute_dtype": (lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     "sample.steps": _integer(1),
     "sample.num": _integer(1),

@@ -76,8 +76,9 @@ def encode(vae_path: str, dataset: str, out_dir: str, *, resolution: int | None 
 
 
 def get_training_fns(config, model, *, batch_size: int, seed: int):
-    """(make_batches(start_step), loss_fn(params, batch, key)) of a SiT run, for
-    `difflax.training.train`: batches (z (B, h, h, C), labels (B,)[, snippets (B, D)][, REPA
+    """(make_batches(start_step), get_loss_fn(model) -> loss_fn(params, batch, key)) of a SiT
+    run, for `difflax.training.train` (which gives get_loss_fn the SiT in
+    `train.compute_dtype`): batches (z (B, h, h, C), labels (B,)[, snippets (B, D)][, REPA
     targets (B, D)]) depending only on (seed, step), and SiT's loss with the config's
     transport (plus `transport.repa_weight` times REPA's loss, aligned with the stored
     features, if > 0)."""
@@ -88,9 +89,10 @@ def get_training_fns(config, model, *, batch_size: int, seed: int):
         latents, batch_size, seed=seed, start_step=start, random_flip=d.random_flip,
         sample_posterior=d.sample_posterior, snippets=bool(model.config.snippet_dim),
         repa_targets=repa_weight > 0)
-    loss_fn = get_interpolant_loss_fn(model, interpolant=tr.interpolant, prediction=tr.prediction,
-                                      loss_weight=tr.loss_weight or None, repa_weight=repa_weight)
-    return make_batches, loss_fn
+    get_loss_fn = lambda sit: get_interpolant_loss_fn(
+        sit, interpolant=tr.interpolant, prediction=tr.prediction,
+        loss_weight=tr.loss_weight or None, repa_weight=repa_weight)
+    return make_batches, get_loss_fn
 
 
 def get_decode_fn(latents_dir: str, vae_path: str | None = None):

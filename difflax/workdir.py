@@ -189,8 +189,9 @@ class RunKind(NamedTuple):
     (`configs.model_kind`): `UNET_RUN` here, `difflax.latent_runs.SIT_RUN` for SiT / GMem.
 
     Attributes:
-      training_fns: (config, model, train_config) -> (make_batches(start_step), loss_fn or
-        None for the EDM loss).
+      training_fns: (config, model, train_config) -> (make_batches(start_step),
+        get_loss_fn(model) -> loss_fn, or None for the EDM loss), as `difflax.training.train`
+        takes them (it builds the loss from the model in `train.compute_dtype`).
       default_sampler: config -> the sampler name of its `sample` section.
       sample_fn: (config, model, sampler, steps, vae folder or None) -> (sample, nfe).
       draw: (model, sample, params, num, key) -> (images (num, H, W, C) in [-1, 1], labels or

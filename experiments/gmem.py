@@ -105,9 +105,9 @@ def run_one(name, config, *, train_x, train_y, features, bank, metric, classify,
     snippets = np.asarray(bank.snippets_of(jnp.arange(len(train_x)))) if memory else None
     make_batches = get_batches_fn(train_x, train_y, snippets, batch_size=t["batch_size"],
                                   seed=t["seed"], repa_targets=features if repa else None)
-    loss_fn = get_interpolant_loss_fn(model, interpolant=tr.interpolant, prediction=tr.prediction,
-                                      loss_weight=tr.loss_weight or None,
-                                      repa_weight=config.repa.weight if repa else 0.0)
+    get_loss_fn = lambda sit: get_interpolant_loss_fn(
+        sit, interpolant=tr.interpolant, prediction=tr.prediction,
+        loss_weight=tr.loss_weight or None, repa_weight=config.repa.weight if repa else 0.0)
     init = lambda: init_sit(model.config, jax.random.key(t["seed"]))["params"]
     draw = draw_fn(model, config)
     ev, res = config.evaluate, config.data.resolution
@@ -144,7 +144,8 @@ def run_one(name, config, *, train_x, train_y, features, bank, metric, classify,
         for step in sorted({s for s in ev.at_steps if s < t["steps"]} | {t["steps"]}):
             tic = time.perf_counter()
             state = train(TrainConfig(**{**t, "steps": step}), model, make_batches, workdir,
-                          loss_fn=loss_fn, mesh=mesh, progress=False, init_params_fn=init)
+                          get_loss_fn=get_loss_fn, mesh=mesh, progress=False,
+                          init_params_fn=init)
             train_seconds += time.perf_counter() - tic
             with open(os.path.join(workdir, "metrics.jsonl")) as f:
                 loss = json.loads(f.readlines()[-1])["loss"]  # the mean of the last log_every

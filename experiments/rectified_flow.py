@@ -197,11 +197,11 @@ def main(argv=None):
             continue
         rf = config.rf.copy_and_resolve_references()
         rf.update(rf_override)
-        loss_fn = loss_from_config(rf, denoiser)
         t0 = time.time()
         state = train(cfg, denoiser, lambda s: pair_batches(pairs, cfg.batch_size, seed=cfg.seed,
                                                             start_step=s),
-                      os.path.join(args.workdir, tag), loss_fn=loss_fn,
+                      os.path.join(args.workdir, tag),
+                      get_loss_fn=lambda m: loss_from_config(rf, m),
                       init_params_fn=lambda: teacher, mesh=mesh)
         seconds = time.time() - t0
         params = state.ema_params

@@ -215,7 +215,7 @@ def test_two_rectified_flow_trains_from_the_teacher_with_the_loop(tmp_path):
     loss_fn = get_rectified_flow_loss_fn(model, time_dist=TimeDistribution("u_shaped"),
                                          premetric="pseudo_huber")
     state = train(cfg, model, lambda start: pair_batches(pairs, 16, seed=1, start_step=start),
-                  str(tmp_path / "rf"), loss_fn=loss_fn,
+                  str(tmp_path / "rf"), get_loss_fn=lambda m: loss_fn,
                   init_params_fn=lambda: teacher, progress=False)
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "rf" / "metrics.jsonl")]
     # step 1's loss is the teacher's own: the 2-RF starts at the teacher's ODE

@@ -8,8 +8,8 @@ class-conditional SiT baseline (snippets None) and GMem (snippets = `bank.snippe
 training image i, looked up once before training):
 
     make_batches = get_batches_fn(images, labels, snippets, batch_size=64, seed=0)
-    loss_fn = get_interpolant_loss_fn(model, interpolant="linear", prediction="velocity")
-    state = difflax.training.train(cfg, model, make_batches, workdir, loss_fn=loss_fn)
+    get_loss_fn = lambda m: get_interpolant_loss_fn(m, interpolant="linear", prediction="velocity")
+    state = difflax.training.train(cfg, model, make_batches, workdir, get_loss_fn=get_loss_fn)
 
 Step s (1-based) draws `batch_size` training rows with replacement from
 `numpy.random.default_rng((seed, s))`: batch s depends only on (seed, s), so a run trained in

@@ -17,6 +17,12 @@ PRECONDS = ("edm", "vp", "ve")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_compute_dtype(dtype: str) -> None:
+    """Raises ValueError unless `dtype` is one of COMPUTE_DTYPES (a model's `dtype` field)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid choices: {', '.join(COMPUTE_DTYPES)}")
+
+
 def make_unet(config: UNetConfig) -> nn.Module:
     """The UNet module for `config.model_type`."""
     return {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}[config.model_type](config)
@@ -65,9 +71,7 @@ class Denoiser(nn.Module):
     def setup(self):
         if self.precond not in PRECONDS:
             raise ValueError(f"unknown precond {self.precond!r}; valid choices: {', '.join(PRECONDS)}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid choices: "
-                             f"{', '.join(COMPUTE_DTYPES)}")
+        check_compute_dtype(self.dtype)
         self.model = make_unet(self.net)
 
     def coefficients(self, sigma):

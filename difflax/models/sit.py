@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from difflax.models.graph import FeatureGraph, FeatureNode, run_graph
+from difflax.models.precond import check_compute_dtype
 
 # ----------------------------------------------------------------------------
 # Configuration and the named presets (DiT's model sizes, DiT Table 1).
@@ -176,9 +177,12 @@ def snippet_dropout(key, snippet, rate: float):
     return jnp.where(keep, snippet / (1.0 - rate), 0.0)
 
 
-def _dense(features, name, zero=False, std=None):
+def _dense(features, name, zero=False, std=None, dtype=None):
+    """A linear layer with float32 parameters computing in `dtype` (None: float32 on float32
+    inputs; "bfloat16": inputs and parameters cast to it, the result in it)."""
     init = _zeros if zero else (nn.initializers.normal(std) if std else _xavier)
-    return nn.Dense(features, kernel_init=init, bias_init=_zeros, name=name)
+    return nn.Dense(features, kernel_init=init, bias_init=_zeros, dtype=dtype,
+                    param_dtype=jnp.float32, name=name)
 
 
 def modulate(x, shift, scale):
@@ -186,7 +190,7 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _layer_norm(x):
+def _layer_norm(x):  # statistics in float32, the result in x's dtype (flax's LayerNorm)
     return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False,
                         use_fast_variance=False)(x)
 
@@ -196,49 +200,56 @@ def _layer_norm(x):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm `Attention`, qkv_bias)."""
+    """Multi-head self-attention with a fused qkv projection (timm `Attention`, qkv_bias).
+    The matmuls compute in `dtype`; the logits and the softmax are float32."""
 
     num_heads: int
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x):  # (B, T, D) -> (B, T, D)
         b, t, d = x.shape
-        qkv = _dense(3 * d, "qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        qkv = _dense(3 * d, "qkv", dtype=self.dtype)(x).reshape(
+            b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.num_heads)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        return _dense(d, "proj")(out.reshape(b, t, d))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32
+                            ) / math.sqrt(d // self.num_heads)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return _dense(d, "proj", dtype=self.dtype)(out.reshape(b, t, d))
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU (tanh approximation) -> fc2 (timm `Mlp`)."""
+    """fc1 -> GELU (tanh approximation) -> fc2 (timm `Mlp`), computing in `dtype`."""
 
     hidden: int
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x):
-        h = nn.gelu(_dense(self.hidden, "fc1")(x), approximate=True)
-        return _dense(x.shape[-1], "fc2")(h)
+        h = nn.gelu(_dense(self.hidden, "fc1", dtype=self.dtype)(x), approximate=True)
+        return _dense(x.shape[-1], "fc2", dtype=self.dtype)(h)
 
 
 class SiTBlock(nn.Module):
     """DiT block with adaLN-Zero (DiT Sec. 3.2): gated, modulated attention and MLP.
 
     x (B, T, D), c (B, D) -> (B, T, D). The modulation layer starts at zero, so each block
-    starts as the identity.
+    starts as the identity. Its linear layers compute in `dtype` (x is in it).
     """
 
     num_heads: int
     mlp_ratio: float = 4.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x, c):
         d = x.shape[-1]
-        mod = _dense(6 * d, "adaLN_modulation_1", zero=True)(nn.silu(c))
+        mod = _dense(6 * d, "adaLN_modulation_1", zero=True, dtype=self.dtype)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
-        x = x + gate_msa[:, None] * Attention(self.num_heads, name="attn")(
+        x = x + gate_msa[:, None] * Attention(self.num_heads, self.dtype, name="attn")(
             modulate(_layer_norm(x), shift_msa, scale_msa))
-        return x + gate_mlp[:, None] * Mlp(int(d * self.mlp_ratio), name="mlp")(
+        return x + gate_mlp[:, None] * Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(
             modulate(_layer_norm(x), shift_mlp, scale_mlp))
 
 
@@ -276,9 +287,18 @@ class SiT(nn.Module):
     projection (B, T, repa_dim) of the tokens after block `repa_depth`. `pos_embed` is a
     parameter held fixed by a stop_gradient (frozen in SiT), so that converted weights are
     kept exactly. `run` is the same forward pass with a feature cache (`feature_graph`).
+
+    `dtype` ("float32", "bfloat16" or "float16", as `difflax.models.Denoiser.dtype`): the
+    patch embedding and the blocks (their linear layers, attention, MLP; the tokens between
+    blocks) compute in it on float32 parameters, while the LayerNorm statistics, the attention
+    logits and softmax, the time / label / snippet embeddings and the final layer stay float32
+    (EDM's `use_fp16` scheme, NVlabs/edm `training/networks.py`, applied to the DiT). The
+    output is float32; the parameters are the same for every dtype (mixed precision:
+    `difflax.training.TrainConfig.compute_dtype`).
     """
 
     config: SiTConfig
+    dtype: str = "float32"
 
     def _condition(self, b, y, snippet, drop, train):
         cfg = self.config
@@ -331,6 +351,7 @@ class SiT(nn.Module):
         the REPA projection under "repa" when `repa` (and repa_dim > 0).
         """
         cfg = self.config
+        check_compute_dtype(self.dtype)
         if x is not None and x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
             raise ValueError(f"SiT takes inputs of shape (B, {cfg.input_size}, {cfg.input_size}, "
                              f"{cfg.in_channels}), got {x.shape}")
@@ -346,33 +367,37 @@ class SiT(nn.Module):
                                 output=output, train=train)
         if with_repa:
             tokens = stored[aligned] if aligned in store else stored.pop(aligned)
-            h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_0")(tokens))
-            h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_1")(h))
-            stored["repa"] = _dense(cfg.repa_dim, "repa_projector_2")(h)
+            h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_0", dtype=self.dtype)(tokens))
+            h = nn.silu(_dense(cfg.repa_hidden, "repa_projector_1", dtype=self.dtype)(h))
+            stored["repa"] = _dense(cfg.repa_dim, "repa_projector_2", dtype=self.dtype)(
+                h).astype(jnp.float32)
         return out, stored
 
     def input_state(self, x):
         """Patch embedding (a p x p convolution of stride p, initialised as a linear layer)
-        plus the fixed position embedding: (B, H, W, C) -> tokens (B, T, D)."""
+        plus the fixed position embedding: (B, H, W, C) -> tokens (B, T, D) in `dtype`."""
         cfg = self.config
         p, g = cfg.patch_size, cfg.input_size // cfg.patch_size
         conv = nn.Conv(cfg.hidden_size, (p, p), (p, p), padding="VALID", name="x_embedder_proj",
                        kernel_init=nn.initializers.variance_scaling(
-                           1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3))
+                           1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3),
+                       dtype=self.dtype, param_dtype=jnp.float32)
         tokens = conv(x).reshape(x.shape[0], g * g, cfg.hidden_size)
         pos = self.param("pos_embed", lambda k, s: jnp.asarray(
             sincos_pos_embed_2d(cfg.hidden_size, g))[None], (1, g * g, cfg.hidden_size))
-        return tokens + jax.lax.stop_gradient(pos)
+        return (tokens + jax.lax.stop_gradient(pos)).astype(self.dtype)
 
     def compute_node(self, node, values, c, scales, attention, train):
         """A block's tokens (B, T, D), or for "out" the final layer unpatchified to
-        (B, H, W, in_channels). Returns (value, None): SiT has no cacheable attention unit."""
+        (B, H, W, in_channels) in float32. Returns (value, None): SiT has no cacheable
+        attention unit."""
         cfg = self.config
         tokens = values[node.inputs[0]]
         if node.kind != "output":
-            return SiTBlock(cfg.num_heads, cfg.mlp_ratio, name=node.module)(tokens, c), None
+            block = SiTBlock(cfg.num_heads, cfg.mlp_ratio, self.dtype, name=node.module)
+            return block(tokens, c), None
         b, p, g = tokens.shape[0], cfg.patch_size, cfg.input_size // cfg.patch_size
-        out = FinalLayer(p, cfg.out_channels, name="final_layer")(tokens, c)
+        out = FinalLayer(p, cfg.out_channels, name="final_layer")(tokens.astype(jnp.float32), c)
         # unpatchify: (B, g*g, p*p*C') -> (B, g*p, g*p, C')
         out = out.reshape(b, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, g * p, g * p, cfg.out_channels)[..., :cfg.in_channels], None

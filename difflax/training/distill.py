@@ -87,9 +87,11 @@ def progressive_distill(make_student: Callable[[tuple[str, ...]], object], teach
         student = make_student(drop)
         newly = tuple(b for b in drop if b not in previous)
         init, _ = init_student_params(student, source, dropped=newly, clme=clme)
-        loss = get_distill_loss_fn(student, teacher, teacher_params, config=config, semantic_fn=semantic_fn)
+        get_loss_fn = lambda s: get_distill_loss_fn(s, teacher, teacher_params, config=config,
+                                                    semantic_fn=semantic_fn)
         state = train(dataclasses.replace(cfg, steps=stage.steps), student, make_batches,
-                      os.path.join(workdir, f"stage{i}"), loss_fn=loss, init_params_fn=lambda p=init: p,
+                      os.path.join(workdir, f"stage{i}"), get_loss_fn=get_loss_fn,
+                      init_params_fn=lambda p=init: p,
                       mesh=mesh, progress=progress)
         source, previous, params = state.ema_params, drop, state.ema_params
     return student, params

@@ -7,6 +7,8 @@
       samples/<step>.png    grids from the optional `sample_fn` callback
       tensorboard/          with `TrainConfig.tensorboard`: TensorBoard event files of the
                             same scalars (as "train/<name>") and grids ("samples")
+      wandb/, wandb_id      with `TrainConfig.wandb`: the Weights & Biases run of the same
+                            scalars and grids (difflax.training.run_logs)
 
 Starting `train` on a workdir that holds checkpoints continues from the newest one; since
 batch i and the step's key depend only on (seed, i), the resumed run ends with the same
@@ -15,6 +17,7 @@ run are dropped (metrics.jsonl is trimmed; TensorBoard is told to purge them).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,6 +36,7 @@ from difflax.models.sit import SiT, init_sit
 from difflax.training import checkpoint as ckpt
 from difflax.training import parallel
 from difflax.training.losses import get_edm_loss_fn
+from difflax.training.run_logs import open_run_logs
 from difflax.training.state import (TrainConfig, TrainState, ema_decay,
                                     learning_rate_schedule, make_optimizer)
 
@@ -60,9 +64,9 @@ def get_init_params_fn(model, key: jax.Array):
 
 
 def with_compute_dtype(model, dtype: str):
-    """`model` computing in `dtype` (TrainConfig.compute_dtype): a Denoiser's `dtype` field;
-    any other model only in float32. bfloat16 needs no loss scaling; float16 would (its
-    gradients underflow) and is refused."""
+    """`model` computing in `dtype` (TrainConfig.compute_dtype): the `dtype` field of a
+    Denoiser or a SiT; any other model only in float32. bfloat16 needs no loss scaling;
+    float16 would (its gradients underflow) and is refused."""
     if dtype == "float32" or getattr(model, "dtype", None) == dtype:
         return model
     if dtype == "float16":
@@ -70,7 +74,8 @@ def with_compute_dtype(model, dtype: str):
                          "training does not do; use bfloat16 (same range as float32)")
     if not hasattr(model, "dtype"):
         raise ValueError(f"train.compute_dtype {dtype!r}: {type(model).__name__} has no "
-                         "`dtype` field; mixed precision works on difflax.models.Denoiser")
+                         "`dtype` field; mixed precision works on difflax.models.Denoiser "
+                         "and difflax.models.SiT")
     return model.clone(dtype=dtype)
 
 
@@ -89,47 +94,6 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class EventLog:
-    """TensorBoard event files in workdir/tensorboard, written synchronously (tensorboardX's
-    `EventsWriter`, no background thread), so what is logged before a checkpoint is on disk
-    with it. A run resumed at step `start` opens a new file that starts with a SessionLog
-    START at start + 1: TensorBoard then drops the earlier files' events of later steps (those
-    of a killed run after its last checkpoint)."""
-
-    def __init__(self, workdir: str, start: int):
-        try:
-            from tensorboardX import summary
-            from tensorboardX.event_file_writer import EventsWriter
-            from tensorboardX.proto.event_pb2 import Event, SessionLog
-        except ImportError as e:
-            raise ImportError("train.tensorboard = True needs tensorboardX: pip install "
-                              "'difflax[tensorboard]' (or set train.tensorboard = False)") from e
-        os.makedirs(os.path.join(workdir, "tensorboard"), exist_ok=True)
-        self._summary, self._event = summary, Event
-        self._writer = EventsWriter(os.path.join(workdir, "tensorboard", "events"))
-        self._writer.write_event(Event(step=start + 1, wall_time=time.time(),
-                                       session_log=SessionLog(status=SessionLog.START)))
-
-    def scalars(self, record: dict, step: int) -> None:
-        """Each value of `record` but "step" as the scalar "train/<name>"."""
-        for name, value in record.items():
-            if name != "step":
-                self._write(self._summary.scalar(f"train/{name}", value), step)
-
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """A uint8 image (H, W, C), C in {1, 3}."""
-        self._write(self._summary.image(tag, image, dataformats="HWC"), step)
-
-    def flush(self) -> None:
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-    def _write(self, summary, step: int) -> None:
-        self._writer.write_event(self._event(summary=summary, step=step, wall_time=time.time()))
-
-
 def _summarise(history: list[dict], seconds: float, step: int) -> dict:
     means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
     return {"step": step, **means, "steps_per_sec": len(history) / max(seconds, 1e-9)}
@@ -140,21 +104,25 @@ def _due(every: int, step: int) -> bool:
 
 
 def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], workdir: str, *,
-          loss_fn=None,
+          get_loss_fn=None,
           sample_fn: SampleFn | None = None, sample_nrow: int = 8, mesh=None,
-          progress: bool = True, init_params_fn: Callable[[], object] | None = None) -> TrainState:
+          progress: bool = True, init_params_fn: Callable[[], object] | None = None,
+          run_config: dict | None = None) -> TrainState:
     """Trains `model` (a Flax denoiser, see difflax.models) for cfg.steps optimiser steps.
 
     make_batches(start_step) -> iterator of this process's numpy (images, labels) rows of
     global batches of cfg.batch_size, batch i depending only on i (e.g.
     `functools.partial(data.batch_iterator, name, B, seed=s)` via start_step=...); labels
-    None for an unconditional model; any tuple of arrays that `loss_fn` reads (a SiT's
+    None for an unconditional model; any tuple of arrays that the loss reads (a SiT's
     (latents, labels[, snippets]), `difflax.latents.latent_batches`). The example shape and class count come from the model
     (`model.input_shape`, `model.label_dim`; a batch that does not fit them is an error).
-    loss_fn(params, batch, key) defaults to the EDM loss. sample_fn(ema_params, step) -> images in [-1, 1] is called every
+    get_loss_fn(model) -> loss_fn(params, batch, key), default the EDM loss
+    (`get_edm_loss_fn`), is given the model in `cfg.compute_dtype` (`with_compute_dtype`,
+    applied here only). sample_fn(ema_params, step) -> images in [-1, 1] is called every
     cfg.sample_every steps and written to workdir/samples. init_params_fn() -> params, pure,
-    replaces the fresh initialisation (e.g. a teacher's parameters for Reflow). Returns the
-    final state.
+    replaces the fresh initialisation (e.g. a teacher's parameters for Reflow). run_config:
+    the run's configuration as a dict for W&B (`cfg.wandb`), default {"train": cfg's fields}.
+    Returns the final state.
     """
     mesh = make_mesh() if mesh is None else mesh
     model = with_compute_dtype(model, cfg.compute_dtype)
@@ -171,15 +139,18 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if primary:
         _trim_metrics(metrics_path, start)
-    events = EventLog(workdir, start) if cfg.tensorboard and primary else None
-    loss_fn = loss_fn or get_edm_loss_fn(model)
+    loss_fn = (get_loss_fn or get_edm_loss_fn)(model)
     step_fn = parallel.get_train_step_fn(loss_fn, tx, functools.partial(ema_decay, cfg), mesh,
                                          lr_fn=learning_rate_schedule(cfg))
     key = host_to_global(k_train, replicated(mesh))
     batches = make_batches(start)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (progress and primary))
-    history, tick = [], time.perf_counter()
+    history, logs = [], []
     try:
+        if primary:
+            logs = open_run_logs(cfg, workdir, start,
+                                 run_config or {"train": dataclasses.asdict(cfg)})
+        tick = time.perf_counter()
         for step in range(start + 1, cfg.steps + 1):
             state, metrics = step_fn(state, shard_batch(next(batches), mesh), key)
             history.append(metrics)
@@ -190,18 +161,18 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
                                 steps_s=f"{record['steps_per_sec']:.1f}")
                 if primary:
                     _log(metrics_path, record)
-                if events is not None:
-                    events.scalars(record, step)
+                for log in logs:
+                    log.scalars(record, step)
             if sample_fn is not None and _due(cfg.sample_every, step):
                 images = np.asarray(jax.device_get(sample_fn(state.ema_params, step)))
                 if primary:
                     save_grid(os.path.join(workdir, "samples", f"{step:07d}.png"), images,
                               sample_nrow)
-                if events is not None:
-                    events.image("samples", make_grid(images, sample_nrow), step)
+                for log in logs:
+                    log.image("samples", make_grid(images, sample_nrow), step)
             if _due(cfg.ckpt_every, step) or step == cfg.steps:
-                if events is not None:  # the events up to a checkpoint are on disk before it
-                    events.flush()
+                for log in logs:  # what is logged up to a checkpoint is written before it
+                    log.flush()
                 ckpt.save_checkpoint(manager, state)
             bar.update(1)
     finally:
@@ -210,6 +181,6 @@ def train(cfg: TrainConfig, model, make_batches: Callable[[int], Iterator], work
             batches.close()
         manager.wait_until_finished()
         manager.close()
-        if events is not None:
-            events.close()
+        for log in logs:
+            log.close()
     return state

@@ -41,7 +41,8 @@ class TrainConfig:
     sample_every: int = 0
     seed: int = 0
     tensorboard: bool = False  # also write TensorBoard events (needs tensorboardX)
-    # the model computes in this dtype on float32 parameters (`difflax.models.Denoiser.dtype`)
+    wandb: str = ""  # a W&B project name: also log to Weights & Biases ("": off; needs wandb)
+    # the model computes in this dtype on float32 parameters (the `dtype` of a Denoiser or SiT)
     compute_dtype: str = "float32"
 
 
