@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    "207,360,387,974,88,979,417,279)")
     s.add_argument("--cfg-scale", type=float, default=4.0, help="--sit: guidance on the first "
                    "three latent channels, as SiT's forward_with_cfg (1: none)")
+    s.add_argument("--dtype", default="float32", help="--sit: float32 or bfloat16 (SiT and "
+                   "VAE decoder)")
     e = sub.add_parser("evaluate", help="sample N images per sampler and report metrics")
     e.add_argument("--workdir", required=True)
     e.add_argument("--sampler", nargs="+",
@@ -232,7 +234,8 @@ def cmd_sample(args, overrides) -> int:
             args.sit, args.vae, args.out or "sit_samples", model=args.sit_model,
             image_size=args.image_size, fields=configs.sit_fields(args.sit_fields),
             classes=args.classes, num=args.num, cfg_scale=args.cfg_scale,
-            method=args.sampler or "dopri5", steps=args.steps or 50, seed=args.seed or 0)])
+            method=args.sampler or "dopri5", steps=args.steps or 50, seed=args.seed or 0,
+            dtype=args.dtype)])
         return 0
     if args.sampler is not None:
         _check_sampler(f"{args.sampler}:{args.steps or 1}")  # a known name

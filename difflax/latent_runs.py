@@ -221,9 +221,10 @@ def parse_classes(text: str | None, num: int | None = None) -> list[int]:
 
 def sample_pretrained_sit(sit_path: str, vae_path: str | None, out: str, *, model: str,
                           image_size: int, fields: dict, classes: str | None, num: int | None,
-                          cfg_scale: float, method: str, steps: int, seed: int) -> dict:
+                          cfg_scale: float, method: str, steps: int, seed: int,
+                          dtype: str = "float32") -> dict:
     """`difflax sample --sit`: `SiTPipeline.from_pretrained(sit_path, vae_path, model=,
-    image_size=, **fields).generate(...)` of the labels `parse_classes(classes, num)`, written
+    image_size=, **fields).generate(..., dtype=)` of the labels `parse_classes(classes, num)`, written
     to out.png (a grid, one class per column) and out.npz (images (B, H, W, 3) in [-1, 1],
     the sampled latents (B, h, h, C) as SiT sees them, labels (B,)). Returns the table row."""
     from difflax.pipelines import SiTPipeline
@@ -236,7 +237,7 @@ def sample_pretrained_sit(sit_path: str, vae_path: str | None, out: str, *, mode
                                        **fields)
     tic = time.perf_counter()
     images, latents = pipe.generate(labels, cfg_scale=cfg_scale, method=method, steps=steps,
-                                    seed=seed)
+                                    seed=seed, dtype=dtype)
     seconds = time.perf_counter() - tic
     if jax.process_index() == 0:
         save_grid(out + ".png", images * 2 - 1, nrow=len(dict.fromkeys(labels)))

@@ -29,6 +29,7 @@ from difflax.mesh import batch_sharded, host_to_global, make_mesh, pad_to_mesh, 
 from difflax.models.sit import SiT, sit_config
 from difflax.models.sit_weights import load_sit
 from difflax.models.vae import load_vae
+from difflax.pipelines.stable_diffusion import DTYPES
 
 # willisma/SiT sample.py's class labels (ImageNet: loggerhead turtle, husky, ...)
 SIT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -90,16 +91,21 @@ class SiTPipeline:
         return np.asarray(jax.vmap(draw)(jnp.arange(batch)))
 
     def generate(self, classes=SIT_CLASSES, *, cfg_scale: float = 4.0, method: str = "dopri5",
-                 steps: int = 50, seed: int = 0, latents=None) -> tuple[np.ndarray, np.ndarray]:
+                 steps: int = 50, seed: int = 0, latents=None,
+                 dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
         """(images (B, H, W, 3) in [0, 1], sampled latents (B, h, h, C), scaled as SiT sees
         them) of the class labels `classes` (B ints in [0, num_classes)).
 
         cfg_scale: SiT's guidance on the first three channels (1: none; > 1 needs the null
         label of class_dropout_prob > 0). method: euler or heun on `steps` uniform intervals
         (`sample_ode`), or adaptive dopri5 / tsit5 (SiT's default; `steps` unused). latents:
-        the initial noise (B, h, h, C), else `initial_latents(seed, B)`.
+        the initial noise (B, h, h, C), else `initial_latents(seed, B)`. dtype: "float32" or
+        "bfloat16": the SiT (`SiT.dtype`: its blocks in bfloat16, its output float32) and the
+        VAE decoder (its float32 parameters cast inside the compiled function) compute in it;
+        the ODE's state stays float32.
         """
         check_choice("method", method, ODE_METHODS)
+        check_choice("dtype", dtype, tuple(DTYPES))
         classes = np.asarray(classes, np.int32).reshape(-1)
         num = self.sit.config.num_classes
         if not len(classes) or classes.min() < 0 or classes.max() >= num:
@@ -114,7 +120,7 @@ class SiTPipeline:
         if latents.shape[0] != len(classes):
             raise ValueError(f"latents have batch size {latents.shape[0]}; classes "
                              f"{len(classes)}")
-        key = (method, steps, float(cfg_scale))
+        key = (method, steps, float(cfg_scale), dtype)
         if key not in self._compiled:
             self._compiled[key] = self._sampling_fn(*key)
         padded = pad_to_mesh((latents, classes), self.mesh)
@@ -122,14 +128,16 @@ class SiTPipeline:
         images, z = self._compiled[key](self.sit_vars, self.vae_vars, noise, y)
         return np.asarray(images)[:len(classes)], np.asarray(z)[:len(classes)]
 
-    def _sampling_fn(self, method, steps, cfg_scale):
+    def _sampling_fn(self, method, steps, cfg_scale, dtype):
         """jit of (sit_vars, vae_vars, noise, y) -> (images in [0, 1], latents) on the mesh."""
+        sit = self.sit.clone(dtype=dtype)
 
         def run(sit_vars, vae_vars, noise, y):
-            sit_fn = get_sit_fn(self.sit, sit_vars, y=y, cfg_scale=cfg_scale)
+            sit_fn = get_sit_fn(sit, sit_vars, y=y, cfg_scale=cfg_scale)
             z, _ = sample_ode(sit_fn, noise, method=method, steps=steps)
-            images = self.vae.apply(vae_vars, z, method="decode_latents")
-            return jnp.clip(images / 2 + 0.5, 0.0, 1.0), z
+            vae_vars = jax.tree.map(lambda a: a.astype(dtype), vae_vars)
+            images = self.vae.apply(vae_vars, z.astype(dtype), method="decode_latents")
+            return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0), z
 
         repl, split = replicated(self.mesh), batch_sharded(self.mesh)
         return jax.jit(run, in_shardings=(repl, repl, split, split), out_shardings=repl)
