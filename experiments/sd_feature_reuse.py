@@ -85,6 +85,10 @@ def run(args):
             flops = node_flops(unet, run_fn, x, jnp.full((batch,), 500.0))
             for row in rows.values():
                 row["flops_vs_plain"] = row.pop("cost").equivalent_nfe(flops) / args.steps
+            print("FLOPs vs plain: " + ", ".join(f"{k} {r['flops_vs_plain']:.3f}"
+                                                 for k, r in rows.items()), flush=True)
+        if args.flops_only:
+            continue
         fns = {name: sampler_fn(unet, config, plan, grid, schedule)
                for name, plan in compared.items()}
         seconds = {name: wall for name, (wall, _) in
@@ -109,7 +113,8 @@ def table(rows, args) -> str:
     for r in rows:
         lines.append(f"| {r['plan']} | {r['full']} / {r['partial']} / {r['free']} | "
                      f"{r['flops_vs_plain']:.2f} | "
-                     + " | ".join(f"{r[f'speedup_b{b}']:.2f}x" for b in args.batch) + " |")
+                     + " | ".join(f"{r[f'speedup_b{b}']:.2f}x" if f"speedup_b{b}" in r else "-"
+                                  for b in args.batch) + " |")
     return "\n".join(lines)
 
 
@@ -118,6 +123,7 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--flops-only", action="store_true", help="model calls and FLOPs, no timing")
     p.add_argument("--small", action="store_true", help="a tiny SD-like UNet, 20 DDIM steps, "
                    "batch 1 and 2, one round")
     p.add_argument("--out", default="experiments/results/sd_feature_reuse")
