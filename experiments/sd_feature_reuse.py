@@ -104,9 +104,10 @@ def run(args):
 def table(rows, args) -> str:
     what = ("a tiny SD-like UNet (--small), 8x8 latents" if args.small else
             "SD 1.5's UNet, random weights, 256x256 images (32x32 latents)")
+    timing = "" if args.flops_only else (f"; speed-up = plain / plan wall time, minimum of "
+                                         f"{args.repeats} round-robin rounds")
     lines = [f"{what}, DDIM {args.steps} steps, "
-             f"guidance 7.5, {jax.devices()[0].platform} x {jax.device_count()}; speed-up = "
-             f"plain / plan wall time, minimum of {args.repeats} round-robin rounds", "",
+             f"guidance 7.5, {jax.devices()[0].platform} x {jax.device_count()}{timing}", "",
              "| plan | model calls full / partial / cache | FLOPs vs plain | "
              + " | ".join(f"speed-up B={b}" for b in args.batch) + " |",
              "|---|---|---|" + "---|" * len(args.batch)]
