@@ -13,7 +13,8 @@ from difflax import data
 from difflax.interpolants import (INTERPOLANTS, diffusion_coefficient, get_sit_fn,
                                   interpolant_schedule, sample_ode, sample_sde, time_interval,
                                   default_eps)
-from difflax.models.sit import SiT, SiTConfig, init_sit, repa_loss, sit_config, snippet_dropout
+from difflax.models.sit import SiT, SiTConfig, init_sit, sit_config, snippet_dropout
+from difflax.training.interpolant_loss import repa_loss
 from difflax.models.sit_weights import convert_sit_state_dict, load_sit
 from difflax.training import (TrainConfig, create_train_state, ema_decay, get_train_step_fn,
                               make_mesh, make_optimizer, replicated)

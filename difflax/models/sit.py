@@ -59,7 +59,7 @@ class SiTConfig:
     `snippet_dim` > 0 adds GMem's snippet projection. With `learn_sigma` the network
     predicts 2 * in_channels channels and returns the first in_channels, as SiT does.
     `repa_dim` > 0 adds a REPA projector (an MLP of width `repa_hidden`) on the tokens after
-    block `repa_depth`, for the alignment loss `repa_loss` (GMem trains with it).
+    block `repa_depth` (GMem trains with REPA: `training.interpolant_loss.repa_loss`).
     """
 
     input_size: int = 32
@@ -91,15 +91,15 @@ class SiTConfig:
                              f"{self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (the 2-D "
-                             "sin-cos position embedding splits it in four)")
+                             "sin-cos position embedding)")
         for name in ("class_dropout_prob", "snippet_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.num_classes < 0 or self.snippet_dim < 0:
             raise ValueError("num_classes and snippet_dim must be >= 0")
         if self.repa_dim and not 1 <= self.repa_depth <= self.depth:
-            raise ValueError(f"repa_depth must be a block index in [1, {self.depth}] when "
-                             f"repa_dim > 0, got {self.repa_depth}")
+            raise ValueError(f"repa_depth must be in [1, {self.depth}] when repa_dim > 0, "
+                             f"got {self.repa_depth}")
 
     @property
     def out_channels(self) -> int:
@@ -110,13 +110,11 @@ class SiTConfig:
         return (self.input_size // self.patch_size) ** 2
 
     def feature_graph(self, encoder_depth: int = 0) -> FeatureGraph:
-        """The forward pass as a feature graph: "blocks.<i>" for each transformer block i (op
-        "block", group "blocks", index i, resolution the token grid, channels hidden_size;
-        value: the tokens (B, T, D)), then "out" (final layer and unpatchify). The first
-        `encoder_depth` blocks are "encoder" nodes, the others "decoder" nodes: Faster
-        Diffusion's setting for DiT (its first blocks taken as the encoder), so that
-        `encoder_propagation_plan(config.feature_graph(encoder_depth=N), ...)` reuses their
-        output at non-key steps. "input" is the patch-embedded image."""
+        """The forward pass as a feature graph: "blocks.<i>" for each transformer block i (value:
+        the tokens (B, T, D)), then "out" (final layer and unpatchify); "input" is the
+        patch-embedded image. The first `encoder_depth` blocks are "encoder" nodes, the others
+        "decoder" nodes: Faster Diffusion's setting for DiT, so that encoder propagation on
+        `config.feature_graph(encoder_depth=N)` reuses their output at non-key steps."""
         if not 0 <= encoder_depth <= self.depth:
             raise ValueError(f"encoder_depth must be in [0, {self.depth}], got {encoder_depth}")
         grid, nodes = self.input_size // self.patch_size, []
@@ -177,9 +175,7 @@ def snippet_dropout(key, snippet, rate: float):
     return jnp.where(keep, snippet / (1.0 - rate), 0.0)
 
 
-def _dense(features, name, zero=False, std=None, dtype=None):
-    """A linear layer with float32 parameters computing in `dtype` (None: float32 on float32
-    inputs; "bfloat16": inputs and parameters cast to it, the result in it)."""
+def _dense(features, name, zero=False, std=None, dtype=None):  # float32 params, computes in dtype
     init = _zeros if zero else (nn.initializers.normal(std) if std else _xavier)
     return nn.Dense(features, kernel_init=init, bias_init=_zeros, dtype=dtype,
                     param_dtype=jnp.float32, name=name)
@@ -193,10 +189,6 @@ def modulate(x, shift, scale):
 def _layer_norm(x):  # statistics in float32, the result in x's dtype (flax's LayerNorm)
     return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False,
                         use_fast_variance=False)(x)
-
-
-# ----------------------------------------------------------------------------
-# Blocks.
 
 
 class Attention(nn.Module):
@@ -267,10 +259,6 @@ class FinalLayer(nn.Module):
             modulate(_layer_norm(x), shift, scale))
 
 
-# ----------------------------------------------------------------------------
-# The network.
-
-
 class SiT(nn.Module):
     """SiT(x, t, y, snippet) in SiT's time convention (t = 1 data, t = 0 noise).
 
@@ -288,13 +276,10 @@ class SiT(nn.Module):
     parameter held fixed by a stop_gradient (frozen in SiT), so that converted weights are
     kept exactly. `run` is the same forward pass with a feature cache (`feature_graph`).
 
-    `dtype` ("float32", "bfloat16" or "float16", as `difflax.models.Denoiser.dtype`): the
-    patch embedding and the blocks (their linear layers, attention, MLP; the tokens between
-    blocks) compute in it on float32 parameters, while the LayerNorm statistics, the attention
-    logits and softmax, the time / label / snippet embeddings and the final layer stay float32
-    (EDM's `use_fp16` scheme, NVlabs/edm `training/networks.py`, applied to the DiT). The
-    output is float32; the parameters are the same for every dtype (mixed precision:
-    `difflax.training.TrainConfig.compute_dtype`).
+    `dtype` (as `Denoiser.dtype`): the patch embedding and the blocks compute in it on float32
+    parameters; LayerNorm statistics, attention logits / softmax, the time / label / snippet
+    embeddings and the final layer stay float32 (EDM's `use_fp16` scheme applied to the DiT);
+    the output is float32 (mixed precision: `TrainConfig.compute_dtype`).
     """
 
     config: SiTConfig
@@ -401,16 +386,6 @@ class SiT(nn.Module):
         # unpatchify: (B, g*g, p*p*C') -> (B, g*p, g*p, C')
         out = out.reshape(b, g, g, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, g * p, g * p, cfg.out_channels)[..., :cfg.in_channels], None
-
-
-def repa_loss(projected, target):
-    """REPA's alignment loss (Yu et al., "Representation Alignment for Generation", ICLR
-    2025, Sec. 3; GMem trains with it): minus the mean cosine similarity of
-    projected tokens (B, T, D) and encoder features, per token (B, T, D) or one per image
-    (B, D) (e.g. the snippet itself, broadcast over tokens). A scalar in [-1, 1]."""
-    target = jnp.broadcast_to(target[:, None] if target.ndim == 2 else target, projected.shape)
-    unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
-    return -jnp.mean(jnp.sum(unit(projected) * unit(target), axis=-1))
 
 
 def init_sit(config: SiTConfig, key: jax.Array) -> dict:

@@ -17,10 +17,19 @@ import jax.numpy as jnp
 
 from difflax.interpolants import (SIT_PREDICTIONS, check_choice, default_eps, interpolant_schedule,
                                   time_interval)
-from difflax.models.sit import repa_loss
 from difflax.parameterization import path_coefficients
 
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
+
+
+def repa_loss(projected, target):
+    """REPA's alignment loss (Yu et al., "Representation Alignment for Generation", ICLR
+    2025, Sec. 3; GMem trains with it): minus the mean cosine similarity of
+    projected tokens (B, T, D) and encoder features, per token (B, T, D) or one per image
+    (B, D) (e.g. the snippet itself, broadcast over tokens). A scalar in [-1, 1]."""
+    target = jnp.broadcast_to(target[:, None] if target.ndim == 2 else target, projected.shape)
+    unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
+    return -jnp.mean(jnp.sum(unit(projected) * unit(target), axis=-1))
 
 
 def interpolant_loss(sit_fn, x: jax.Array, *, key: jax.Array, interpolant: str = "linear",
