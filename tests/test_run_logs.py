@@ -85,3 +85,19 @@ def test_wandb_without_the_package_says_how_to_install_it(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'difflax\[wandb\]'"):
         WandbLog("project", str(tmp_path), {})
+
+
+def test_a_log_that_fails_to_open_closes_the_others(tmp_path, monkeypatch):
+    """W&B missing after TensorBoard opened: the ImportError names the extra, and the
+    TensorBoard writer is closed, not left open."""
+    pytest.importorskip("tensorboardX")
+    from difflax.training import TrainConfig
+    from difflax.training import run_logs
+
+    closed = []
+    monkeypatch.setattr(run_logs.TensorBoardLog, "close", lambda self: closed.append(self))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    cfg = TrainConfig(tensorboard=True, wandb="project")
+    with pytest.raises(ImportError, match="difflax\\[wandb\\]"):
+        run_logs.open_run_logs(cfg, str(tmp_path), 0, {})
+    assert len(closed) == 1 and isinstance(closed[0], run_logs.TensorBoardLog)

@@ -126,8 +126,13 @@ def open_run_logs(cfg, workdir: str, start: int, config: dict) -> list[AbstractR
     `cfg.wandb` names a project. `start`: the step the run resumes from; `config`: the run's
     configuration, recorded by W&B. Call on process 0 only."""
     logs = []
-    if cfg.tensorboard:
-        logs.append(TensorBoardLog(workdir, start))
-    if cfg.wandb:
-        logs.append(WandbLog(cfg.wandb, workdir, config))
+    try:
+        if cfg.tensorboard:
+            logs.append(TensorBoardLog(workdir, start))
+        if cfg.wandb:
+            logs.append(WandbLog(cfg.wandb, workdir, config))
+    except BaseException:  # one failed to open: close those already open
+        for log in logs:
+            log.close()
+        raise
     return logs
