@@ -40,6 +40,21 @@ def operand_dtypes(fn, *args) -> dict[str, list]:
     return out
 
 
+def float32_only(model, params, *args) -> bool:
+    """No convolution or matmul of model.apply touches anything but float32."""
+    return all(d == {"float32"} for v in operand_dtypes(
+        lambda p, *a: model.apply(p, *a), params, *args).values() for d in v)
+
+
+def relative_difference(low, ref) -> float:
+    return float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+
+
+def gradient_cosine(a, b) -> float:
+    a, b = (jnp.concatenate([v.ravel() for v in jax.tree.leaves(g)]) for g in (a, b))
+    return float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
+
+
 @pytest.fixture(scope="module", params=list(NETS))
 def pair(request):
     f32 = Denoiser(net=NETS[request.param])
@@ -63,15 +78,14 @@ def test_bfloat16_unet_runs_every_convolution_in_bfloat16(pair):
     # the embedding MLP (on float32 sinusoidal features) and the attention logits stay
     # float32, as in EDM's use_fp16; the float32 model has no bfloat16 at all
     assert {"float32"} in ops["dot_general"]
-    assert all(d == {"float32"} for v in operand_dtypes(
-        lambda p, *a: f32.apply(p, *a), params, *args).values() for d in v)
+    assert float32_only(f32, params, *args)
     assert jax.eval_shape(bf16.apply, params, *args).dtype == jnp.float32
 
 
 def test_bfloat16_denoiser_is_close_to_float32(pair):
     f32, bf16, params, args = pair
     ref, low = jax.jit(f32.apply)(params, *args), jax.jit(bf16.apply)(params, *args)
-    rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+    rel = relative_difference(low, ref)
     assert 1e-4 < rel < 3e-2, rel  # bfloat16's 8-bit mantissa: differs, but by ~1%
 
 
@@ -83,9 +97,7 @@ def test_bfloat16_training_keeps_float32_parameters_and_gradients(pair):
         loss_fn = get_edm_loss_fn(model)
         grads[name] = jax.jit(jax.grad(loss_fn))(params["params"], (x, labels), key)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads["bf16"]))
-    flat = lambda g: jnp.concatenate([v.ravel() for v in jax.tree.leaves(g)])  # noqa: E731
-    a, b = flat(grads["f32"]), flat(grads["bf16"])
-    cos = float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
+    cos = gradient_cosine(grads["f32"], grads["bf16"])
     assert cos > 0.99, cos
 
 
@@ -157,15 +169,14 @@ def test_bfloat16_sit_runs_its_blocks_in_bfloat16(sit_pair):
     dots = ops["dot_general"]
     assert sum(d == {"bfloat16"} for d in dots) == BLOCK_MATMULS * SIT.depth
     assert all(d in ({"bfloat16"}, {"float32"}) for d in dots) and {"float32"} in dots
-    assert all(d == {"float32"} for v in operand_dtypes(
-        lambda p, *a: f32.apply(p, *a), params, *args).values() for d in v)
+    assert float32_only(f32, params, *args)
     assert jax.eval_shape(bf16.apply, params, *args).dtype == jnp.float32
 
 
 def test_bfloat16_sit_is_close_to_float32(sit_pair):
     f32, bf16, params, args = sit_pair
     ref, low = jax.jit(f32.apply)(params, *args), jax.jit(bf16.apply)(params, *args)
-    rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+    rel = relative_difference(low, ref)
     assert 1e-4 < rel < 3e-2, rel
 
 
@@ -174,8 +185,7 @@ def test_bfloat16_sit_gradients_are_float32_and_point_the_same_way(sit_pair):
     grads = [jax.jit(jax.grad(get_interpolant_loss_fn(model)))(
         params["params"], (x, labels, snippets), jax.random.key(6)) for model in (f32, bf16)]
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads[1]))
-    a, b = (jnp.concatenate([v.ravel() for v in jax.tree.leaves(g)]) for g in grads)
-    cos = float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
+    cos = gradient_cosine(*grads)
     assert cos > 0.99, cos
 
 
@@ -196,7 +206,7 @@ def test_bfloat16_sit_runs_feature_reuse_plans(sit_pair):
     assert stored["blocks.0"].dtype == jnp.bfloat16
     ref, low = draw(f32), draw(bf16)
     assert low.dtype == jnp.float32
-    rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+    rel = relative_difference(low, ref)
     assert 1e-4 < rel < 3e-2, rel
 
 
