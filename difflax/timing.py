@@ -32,20 +32,24 @@ class Timing:
     output: Any
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, Timing]:
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int, *,
+                      warmup: bool = True) -> dict[str, Timing]:
     """{name: Timing} of each zero-argument fn: one warm-up call each, then `rounds` rounds in
-    which every fn runs once, in the mapping's order."""
+    which every fn runs once, in the mapping's order. `warmup=False` skips the warm-up calls
+    (for fns compiled ahead of time, `jax.jit(f).lower(...).compile()`, when one call is too
+    long to spend untimed); Timing.output is then the first round's."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: must be an integer >= 1")
-    outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}
+    outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()} if warmup else {}
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn())
+            out = jax.block_until_ready(fn())
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            outputs.setdefault(name, out)
     return {name: Timing(np.asarray(wall[name]), np.asarray(cpu[name]), outputs[name])
             for name in fns}
 

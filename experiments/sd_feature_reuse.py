@@ -11,8 +11,10 @@ setting), DeepCache (branch 1, as its SD 1.5 runs) with a full step every 3 and 
 
 Per plan: model calls (full / partial / cache only), XLA FLOPs of the whole run relative to
 plain sampling (each node's FLOPs from XLA's cost analysis, weighed by how often the plan
-computes it), and the wall-time speed-up plain / plan at each batch size, the plans timed
-round-robin and each time the minimum over `--repeats` rounds. Writes table.md and
+computes it), and the wall-time speed-up plain / plan at each batch size, the plans compiled
+ahead of time, timed round-robin and each time the minimum over `--repeats` rounds. Parallel
+decoding runs at most 40 latents per decoder call (`max_decode_batch`: the same FLOPs, in
+pieces that fit in 24 GB at B=4). Writes table.md and
 results.json; prints the table.
 
     python experiments/sd_feature_reuse.py [--steps 50] [--batch 1 4] [--repeats 2]
@@ -21,6 +23,7 @@ results.json; prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -34,8 +37,10 @@ from difflax.models.sd_unet import sd_run_fn
 from difflax.models.sd_unet_weights import init_sd_unet
 from difflax.pipelines import SDScheduler
 from difflax.samplers import full_plan, node_flops, plan_cost, sample_with_plan
-from feature_reuse import min_times  # experiments/feature_reuse.py: round-robin minimum times
+from difflax.timing import interleaved_times
 
+DECODE_BATCH = 40  # latents per parallel-decoding call: a 15-step chunk at B=4 (guided: 120
+# latents) in one call needs more than this machine's 24 GB (3 pieces of 5 steps here)
 TINY = SDUNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=(1, 1),
                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -49,20 +54,21 @@ def plans(unet, steps):
         "plain": full_plan(steps),
         "Faster Diffusion, encoder propagation": encoder_propagation_plan(unet, steps),
         "Faster Diffusion, + parallel decoding + noise injection": encoder_propagation_plan(
-            unet, steps, parallel=True, noise_injection=0.003),
+            unet, steps, parallel=True, noise_injection=0.003, max_decode_batch=DECODE_BATCH),
         "DeepCache N=3 (branch 1)": deepcache_plan(unet, steps, branch=1, interval=3),
         "DeepCache N=5 (branch 1)": deepcache_plan(unet, steps, branch=1, interval=5),
     }
 
 
-def sampler_fn(unet, config, plan, grid, schedule):
-    """jit of (variables, context, latents (B, h, w, 4)) -> DDIM samples with guidance 7.5
-    under `plan` (the parameters are arguments, as in the pipeline, not compiled-in constants)."""
+def sampler_fn(unet, config, plan, grid, schedule, args):
+    """(variables, context, latents (B, h, w, 4)) -> DDIM samples with guidance 7.5 under
+    `plan`, compiled ahead of time for `args` (the parameters are arguments, as in the
+    pipeline, not compiled-in constants)."""
     def sample(variables, context, x):
         run = sd_run_fn(unet, variables, context, guidance_scale=7.5)
         return sample_with_plan(run, x, plan=plan, config=config, schedule=schedule,
                                 sampler="ddim", grid=grid, prediction="eps")[0]
-    return jax.jit(sample)
+    return jax.jit(sample).lower(*args).compile()
 
 
 def run(args):
@@ -89,10 +95,11 @@ def run(args):
                                                  for k, r in rows.items()), flush=True)
         if args.flops_only:
             continue
-        fns = {name: sampler_fn(unet, config, plan, grid, schedule)
-               for name, plan in compared.items()}
-        seconds = {name: wall for name, (wall, _) in
-                   min_times(fns, (variables, context, x), args.repeats).items()}
+        inputs = (variables, context, x)
+        fns = {name: functools.partial(sampler_fn(unet, config, plan, grid, schedule, inputs),
+                                       *inputs) for name, plan in compared.items()}
+        timings = interleaved_times(fns, args.repeats, warmup=False)  # compiled: no warm-up
+        seconds = {name: float(t.wall.min()) for name, t in timings.items()}
         for name, row in rows.items():
             row[f"seconds_b{batch}"] = seconds[name]
             row[f"speedup_b{batch}"] = seconds["plain"] / seconds[name]

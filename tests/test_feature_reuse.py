@@ -73,6 +73,12 @@ def test_parallel_decoding_equals_sequential_and_reuse_changes_the_result(model,
                                                           parallel=True), "deis_tab", order=2)
     np.testing.assert_allclose(parallel, sequential, atol=2e-5)
     assert float(jnp.abs(sequential - plain_deis).max()) > 1e-3  # the reuse is real
+    # at most 4 latents = 2 steps of batch 2 per decoder call: the 5-step chunk in 3 pieces
+    pieces = _with_plan(model, encoder_propagation_plan(NET, STEPS, key_steps=(0, 1, 3), parallel=True,
+                                                        max_decode_batch=4), "deis_tab", order=2)
+    np.testing.assert_allclose(pieces, parallel, atol=2e-5)
+    with pytest.raises(ValueError, match="max_decode_batch=4 needs parallel=True"):
+        encoder_propagation_plan(NET, STEPS, every=2, max_decode_batch=4)
 
 
 def test_reused_blocks_are_not_computed(model):

@@ -14,6 +14,10 @@ def test_calls_are_interleaved_after_one_warm_up_each():
     assert calls == ["a", "b", "c"] * 4  # warm-up round, then three timed rounds
     assert {k: t.output for k, t in timings.items()} == {"a": "a", "b": "b", "c": "c"}
     assert all(t.wall.shape == t.cpu.shape == (3,) for t in timings.values())
+    calls.clear()
+    counter = iter(range(10))
+    timings = interleaved_times({"a": lambda: calls.append("a") or next(counter)}, 2, warmup=False)
+    assert calls == ["a", "a"] and timings["a"].output == 0  # no warm-up: the first round's
 
 
 def test_wall_and_cpu_time_are_what_each_call_took():

@@ -88,14 +88,16 @@ def encoder_nodes(model) -> frozenset:
 
 def encoder_propagation_plan(model, steps: int, *, key_steps: Sequence[int] | None = None,
                              every: int | None = None, parallel: bool = False,
-                             noise_injection: float = 0.0, tau: float = 0.5) -> FeaturePlan:
+                             noise_injection: float = 0.0, tau: float = 0.5,
+                             max_decode_batch: int | None = None) -> FeaturePlan:
     """Faster Diffusion: encoder + middle at key steps only, the decoder at every step.
 
     Key steps: `key_steps`, or every `every`-th step (the paper's uniform ablation), or by
     default `faster_diffusion_key_steps(steps)`. `parallel=True` decodes each key step's
     chunk in one batched call (Sec. 3.3); `noise_injection=0.003` is the paper's prior noise
     injection (Sec. 3.4, `PriorNoiseInjection`), added at steps with t / T < `tau` (its
-    code: t / 1000 < 0.5).
+    code: t / 1000 < 0.5). `max_decode_batch` bounds the latents of one batched decoder call
+    (`FeaturePlan.max_decode_batch`; None: a whole chunk at once, as the paper).
     """
     if key_steps is not None and every is not None:
         raise ValueError("pass key_steps= or every=, not both")
@@ -107,4 +109,5 @@ def encoder_propagation_plan(model, steps: int, *, key_steps: Sequence[int] | No
     name = "encoder propagation" + (" + parallel" if parallel else "")
     injection = PriorNoiseInjection(noise_injection, tau) if noise_injection else None
     return FeaturePlan(encoder_nodes(model), tuple(i in keys for i in range(steps)),
-                       parallel=parallel, injection=injection, name=name)
+                       parallel=parallel, injection=injection, name=name,
+                       max_decode_batch=max_decode_batch)

@@ -55,7 +55,12 @@ class FeaturePlan:
     batched decoder call (needs the whole encoder + middle cached and one model call a step);
     injection: None, or what adds the initial state x_T to the state before each step: an
     object with `coefficients(schedule, grid) -> (steps,)` weights of x_T (Faster Diffusion's
-    prior noise injection, `difflax.accel.faster_diffusion.PriorNoiseInjection`).
+    prior noise injection, `difflax.accel.faster_diffusion.PriorNoiseInjection`);
+    max_decode_batch: with parallel decoding, at most this many latents per batched decoder
+    call (a chunk of k steps at batch B decodes k x B latents: the chunk is split into equal
+    pieces of whole steps, run in sequence); None decodes each chunk in one call, as the
+    paper's code. It bounds memory, not compute (a last piece may repeat up to a step less
+    than a piece).
     An empty `nodes` is the plain model: every call computes everything.
     """
 
@@ -64,12 +69,16 @@ class FeaturePlan:
     parallel: bool = False
     injection: object | None = None
     name: str = "plan"
+    max_decode_batch: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "nodes", frozenset(self.nodes))
         object.__setattr__(self, "refresh", tuple(bool(r) for r in self.refresh))
         if self.nodes and not self.refresh[0]:
             raise ValueError(f"{self.name}: step 0 must refresh the cache (it starts empty)")
+        if self.max_decode_batch is not None and (not self.parallel or self.max_decode_batch < 1):
+            raise ValueError(f"{self.name}: max_decode_batch={self.max_decode_batch} needs "
+                             "parallel=True and a positive number of latents")
 
     @property
     def steps(self) -> int:
@@ -231,8 +240,8 @@ class FeatureReuseSolver(AbstractGridSolver):
 
     State: (step, (inner state, cache, x_T)). At a refresh step the plan's nodes (and the
     output F of that first call) are computed at `inner.first_point` and stored; with
-    parallel decoding the chunk's F's are decoded there in one batched call and kept in
-    cache["out"] (k_max, B, ...).
+    parallel decoding the chunk's F's are decoded there in one batched call (or in pieces of
+    at most `max_decode_batch` latents) and kept in cache["out"] (k_max, B, ...).
     """
 
     inner: AbstractGridSolver
@@ -244,6 +253,7 @@ class FeatureReuseSolver(AbstractGridSolver):
     position: jax.Array  # (N,) int: step's index in its chunk
     injection: jax.Array  # (N,) float: coefficient of x_T added before the step
     inject: bool = eqx.field(static=True, default=False)
+    max_decode_batch: int | None = eqx.field(static=True, default=None)
 
     def init(self, terms, t0, t1, y0, args):
         i, inner_state = self.inner.init(terms, t0, t1, y0, args)
@@ -272,11 +282,19 @@ class FeatureReuseSolver(AbstractGridSolver):
 
     def _decode_ahead(self, i, stored, k, cache):
         b = cache["out"].shape[1]
-        times = jax.lax.dynamic_slice(self.inner.times, (i,), (k,))
-        tiled = jax.tree.map(lambda v: jnp.tile(v, (k,) + (1,) * (v.ndim - 1)), stored)
-        f = self.run_fn(None, jnp.repeat(times.astype(cache["out"].dtype), b), cache=tiled,
-                        reuse=self.nodes, store=frozenset({"out"}), output=False)[1]["out"]
-        f = f.reshape((k, b) + f.shape[1:])
+        per_call = k if self.max_decode_batch is None else max(1, self.max_decode_batch // b)
+        pieces = -(-k // per_call)
+        size = -(-k // pieces)
+        times = jax.lax.dynamic_slice(self.inner.times, (i,), (k,)).astype(cache["out"].dtype)
+        times = jnp.pad(times, (0, pieces * size - k), mode="edge").reshape(pieces, size)
+        tiled = jax.tree.map(lambda v: jnp.tile(v, (size,) + (1,) * (v.ndim - 1)), stored)
+
+        def decode(piece_times):
+            return self.run_fn(None, jnp.repeat(piece_times, b), cache=tiled, reuse=self.nodes,
+                               store=frozenset({"out"}), output=False)[1]["out"]
+
+        f = decode(times[0])[None] if pieces == 1 else jax.lax.map(decode, times)
+        f = f.reshape((pieces * size, b) + f.shape[2:])[:k]
         return {**cache, **stored, "out": cache["out"].at[:k].set(f.astype(cache["out"].dtype))}
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
@@ -361,7 +379,8 @@ def sample_with_plan(run_fn: RunFn, noise, *, plan: FeaturePlan, config, schedul
     solver = FeatureReuseSolver(inner=inner, run_fn=run_fn, nodes=plan.nodes, chunk_sizes=sizes,
                                 refresh=jnp.asarray(plan.refresh), chunk_kind=jnp.asarray(chunk_kind),
                                 position=jnp.asarray(position), injection=jnp.asarray(injection),
-                                inject=plan.injection is not None)
+                                inject=plan.injection is not None,
+                                max_decode_batch=plan.max_decode_batch)
     samples = solve(lambda x, t: run_fn(x, t)[0], noise, schedule=schedule, solver=solver, grid=g,
                     prediction=prediction)
     return samples, plan_cost(config, plan, calls or 1)
