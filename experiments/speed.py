@@ -6,8 +6,10 @@ Networks (README, "Speed"):
   - sd:     Stable Diffusion 1.5's UNet (860M parameters, random weights) at 32x32x4 latents,
             against diffusers' `UNet2DConditionModel`;
   - ops:    the CIFAR network's 3x3 convolution and GroupNorm alone (forward + backward),
-            also in XLA with PyTorch's NCHW layout: where the CPU time goes; the convolution
-            also forward only, and forward + the input's or the weight's gradient alone.
+            also in XLA with PyTorch's NCHW layout and with XLA's own NHWC derivatives
+            (difflax's `layers.conv2d` writes the weight derivative as matrix products):
+            where the CPU time goes; the convolution also forward only, and forward + the
+            input's or the weight's gradient alone.
 The EDM networks' reference is EDM's own PyTorch code (`training/networks.py` EDMPrecond,
 `training/loss.py` EDMLoss, `generate.py` edm_sampler). It is under its own licence and does
 not ship with difflax: `--edm` names a local checkout of https://github.com/NVlabs/edm.
@@ -19,7 +21,8 @@ difflax / PyTorch is taken per round and its median and interquartile range repo
   - forward: one network call (difflax jitted; PyTorch eager under no_grad, and
     `torch.compile` with --compile);
   - train step: EDM's loss, backward, Adam and the EMA update (difflax's jitted training step
-    of `difflax train`; EDM's training loop's step). Not for sd;
+    of `difflax train`; EDM's training loop's step; and difflax's step with XLA's own
+    convolution derivatives, as before `layers.conv2d`). Not for sd;
   - sampling: EDM's Heun sampler with 18 steps (35 NFE) (difflax `edm_heun`; EDM's
     `edm_sampler`); for sd, DDIM with classifier-free guidance (difflax's plan sampler as the
     SD pipeline runs it; diffusers' DDIMScheduler loop);
@@ -37,6 +40,7 @@ Prints the device and the table, writes OUT/table.md and OUT/results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -81,6 +85,21 @@ def edm_pair(net_name, small, edm_dir):
             p.add_(0.05 * torch.randn_like(p))
     state = ref.state_dict()
     return den, convert_state_dict(state, den)["params"], build, state
+
+
+@contextlib.contextmanager
+def xla_conv_derivatives():
+    """Within it, difflax's convolutions trace with XLA's own derivatives (before
+    `layers.conv2d` wrote the weight derivative as matrix products): what a jitted function
+    first called here compiles stays so."""
+    from difflax.models import layers
+    saved = layers.conv2d
+    layers.conv2d = lambda x, w, padding: jax.lax.conv_general_dilated(
+        x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    try:
+        yield
+    finally:
+        layers.conv2d = saved
 
 
 def edm_inputs(den, batch, seed=0):
@@ -138,6 +157,17 @@ def edm_candidates(net_name, small, edm_dir, batch, compile_torch):
         state["s"], metrics = step_fn(state["s"], batch_j, key)
         return metrics["loss"]
 
+    # before: the same step traced with XLA's own convolution derivatives (compiled here)
+    xla_state = {"s": init_train_state(lambda: jax.tree.map(jnp.copy, params), tx, mesh)}
+    xla_step_fn = get_train_step_fn(get_edm_loss_fn(den), tx, lambda s: ema_decay(cfg, s), mesh)
+
+    def xla_conv_step():
+        xla_state["s"], metrics = xla_step_fn(xla_state["s"], batch_j, key)
+        return metrics["loss"]
+
+    with xla_conv_derivatives():
+        jax.block_until_ready(xla_conv_step())
+
     train_ref = build().train()
     train_ref.load_state_dict(weights)
     ema = {k: v.clone() for k, v in train_ref.state_dict().items()}
@@ -157,7 +187,8 @@ def edm_candidates(net_name, small, edm_dir, batch, compile_torch):
                 ema[k].copy_(v.detach().lerp(ema[k], decay))
         return loss
 
-    out["train step"] = {"difflax": difflax_step, "PyTorch": torch_step}
+    out["train step"] = {"difflax": difflax_step, "PyTorch": torch_step,
+                         "XLA conv derivatives": xla_conv_step}
     sample, _ = get_sample_fn(den, sampler="edm_heun", steps=18, sigma_min=0.002, sigma_max=80.0)
     n = min(batch, SAMPLING_BATCH[net_name])
     ints_np = labels[:n].argmax(-1)
@@ -264,6 +295,10 @@ def op_candidates(small):
         return jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
                                             dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
+    def nhwc_conv(x, w):  # XLA's own derivatives, not `layers.conv2d`'s weight derivative
+        return jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
     def grad_of(f, *args, wrt=None):  # the gradient of sum(f ** 2) w.r.t. args[wrt] (all)
         wrt = tuple(range(len(args))) if wrt is None else wrt
         g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=wrt))
@@ -290,7 +325,8 @@ def op_candidates(small):
         "conv3x3 fwd+bwd": {
             "difflax": grad_of(apply_conv, jx, jw),
             "PyTorch": torch_grad(torch_conv, tx_, tw_),
-            "XLA NCHW": grad_of(nchw_conv, jxc, jwc)},
+            "XLA NCHW": grad_of(nchw_conv, jxc, jwc),
+            "XLA NHWC": grad_of(nhwc_conv, jx, jw)},
         # which half of the backward pass XLA loses on (each includes the forward)
         "conv3x3 forward": {
             "difflax": lambda: apply_conv(jx, jw),
@@ -303,7 +339,8 @@ def op_candidates(small):
         "conv3x3 fwd + weight grad": {
             "difflax": grad_of(apply_conv, jx, jw, wrt=(1,)),
             "PyTorch": torch_grad(torch_conv, tx_, tw_, wrt=(1,)),
-            "XLA NCHW": grad_of(nchw_conv, jxc, jwc, wrt=(1,))},
+            "XLA NCHW": grad_of(nchw_conv, jxc, jwc, wrt=(1,)),
+            "XLA NHWC": grad_of(nhwc_conv, jx, jw, wrt=(1,))},
         "GroupNorm fwd+bwd": {
             "difflax": grad_of(lambda x: norm.apply(norm_vars, x), jx),
             "PyTorch": torch_grad(tn, tx_)},
@@ -385,7 +422,7 @@ def write(out_dir, env, rows):
     def ms(r, k):
         return f"{r['seconds'][k] * 1e3:.0f}" if k in r["seconds"] else "-"
 
-    def others(r):  # torch.compile, XLA with another layout
+    def others(r):  # torch.compile, XLA with another layout or its own conv derivatives
         return ", ".join(f"{k} {ms(r, k)}" for k in r["seconds"]
                          if k not in ("difflax", "PyTorch")) or "-"
 

@@ -309,3 +309,27 @@ def test_edm_arguments_at_their_limits_give_edms_output(name, tmp_path):
         data.get("input/augment_labels"))
     ref = data["output/D_nchw"].transpose(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)  # max error here ~2e-7
+
+
+@pytest.mark.parametrize("kernel,padding,cin,width,matmuls", [
+    (3, 1, 96, 24, True), (3, 2, 96, 25, True), (3, 1, 3, 6, False), (1, 0, 96, 24, False)])
+def test_conv2d_derivatives_equal_xlas(kernel, padding, cin, width, matmuls):
+    """conv2d's weight derivative, as matrix products (wide convolutions on CPU) or XLA's: its
+    gradients, forward-mode derivative and a second derivative equal those of XLA's
+    convolution."""
+    from difflax.models.layers import conv2d, matmul_weight_derivative
+    x = jax.random.normal(jax.random.key(0), (2, 5, width, cin))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, 4)) / np.sqrt(cin)
+    assert matmul_weight_derivative(x.shape, w.shape) == matmuls
+    lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: conv2d(x, w, padding)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+    np.testing.assert_array_equal(ours(x, w), lax_conv(x, w))
+    for expected, got in zip(jax.grad(loss(lax_conv), (0, 1))(x, w), jax.grad(loss(ours), (0, 1))(x, w)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    tangents = (jnp.cos(x), jnp.sin(w))
+    np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1],
+                               jax.jvp(lax_conv, (x, w), tangents)[1], rtol=1e-4, atol=1e-4)
+    second = lambda conv: jax.grad(lambda w: jnp.sum(jax.grad(loss(conv))(x, w) ** 2))(w)
+    np.testing.assert_allclose(second(ours), second(lax_conv), rtol=1e-3, atol=1e-3)

@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from difflax.models.layers import Conv2d, Init, edm_init
+from difflax.models.layers import Init, conv2d, edm_init
 
 ACTIVATIONS = {None: lambda x: x, "silu": nn.silu, "relu": nn.relu}
 IMPLS = ("experts", "vmap")
@@ -91,10 +91,10 @@ class CondConv2d(nn.Module):
         pad = kk // 2
         if self.impl == "vmap":
             kernels = jnp.einsum("bk,kyxio->byxio", a, experts.astype(x.dtype))
-            y = jax.vmap(lambda xi, wi: Conv2d._conv(xi[None], wi, pad)[0])(x, kernels)
+            y = jax.vmap(lambda xi, wi: conv2d(xi[None], wi, pad)[0])(x, kernels)
         else:
             stacked = jnp.moveaxis(experts, 0, -2).reshape(kk, kk, cin, k * self.features)
-            y = Conv2d._conv(x, stacked.astype(x.dtype), pad)
+            y = conv2d(x, stacked.astype(x.dtype), pad)
             y = jnp.einsum("bhwko,bk->bhwo", y.reshape(*y.shape[:3], k, self.features), a)
         if self.use_bias:
             bias = self.param("bias", edm_init(init.mode, fan_in, fan_out, init.bias),
