@@ -41,11 +41,11 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
     bodies = {m.group(1): m.group(2) for m in re.finditer(
         r"^%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)}
     classes = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*? (\w[\w-]*)\(([^\n]*)", hlo_text, re.M):
-        name, opcode, rest = m.groups()
+    instruction = r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*? (\w[\w-]*)\(([^\n]*)"
+    for m in re.finditer(instruction, hlo_text, re.M):
+        name, _, rest = m.groups()
         called = re.search(r"calls=%([\w.\-]+)", rest)
-        body = bodies.get(called.group(1), "") if called else m.group(0)
-        classes[name] = op_class(body if called else f"= x {opcode}(" + rest)
+        classes[name] = op_class(bodies.get(called.group(1), "") if called else m.group(0))
     return classes
 
 
@@ -114,7 +114,8 @@ def main():
     batch = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(labels.argmax(-1)))
     loss_grad = jax.jit(jax.value_and_grad(get_edm_loss_fn(den)))
     xla = xla_split(loss_grad, (params, batch, jax.random.key(0)), args.calls)
-    print(f"difflax (XLA), ms per loss + gradient, {args.calls} calls: total {sum(xla.values()):.0f}")
+    print(f"difflax (XLA), ms per loss + gradient, {args.calls} calls: "
+          f"total {sum(xla.values()):.0f}")
     for name in CLASSES:
         print(f"  {xla[name]:7.1f}  {name}")
     net = build().train()
