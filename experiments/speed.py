@@ -7,9 +7,10 @@ Networks (README, "Speed"):
             against diffusers' `UNet2DConditionModel`;
   - ops:    the CIFAR network's 3x3 convolution and GroupNorm alone (forward + backward),
             also in XLA with PyTorch's NCHW layout and with XLA's own NHWC derivatives
-            (difflax's `layers.conv2d` writes the weight derivative as matrix products):
-            where the CPU time goes; the convolution also forward only, and forward + the
-            input's or the weight's gradient alone.
+            (difflax's `layers.conv2d` writes the weight derivative as matrix products), and
+            GroupNorm with XLA's derivative of the plain formula (`layers.group_norm` writes
+            it out): where the CPU time goes; the convolution also forward only, and forward
+            + the input's or the weight's gradient alone.
 The EDM networks' reference is EDM's own PyTorch code (`training/networks.py` EDMPrecond,
 `training/loss.py` EDMLoss, `generate.py` edm_sampler). It is under its own licence and does
 not ship with difflax: `--edm` names a local checkout of https://github.com/NVlabs/edm.
@@ -22,7 +23,10 @@ difflax / PyTorch is taken per round and its median and interquartile range repo
     `torch.compile` with --compile);
   - train step: EDM's loss, backward, Adam and the EMA update (difflax's jitted training step
     of `difflax train`; EDM's training loop's step; and difflax's step with XLA's own
-    convolution derivatives, as before `layers.conv2d`). Not for sd;
+    derivatives of the convolution, as before `layers.conv2d`, and with --split of
+    GroupNorm, as before `layers.group_norm`). Not for sd. With --split also its pieces: the
+    loss's forward + backward (also with XLA's GroupNorm derivative), and Adam + EMA given
+    the gradients;
   - sampling: EDM's Heun sampler with 18 steps (35 NFE) (difflax `edm_heun`; EDM's
     `edm_sampler`); for sd, DDIM with classifier-free guidance (difflax's plan sampler as the
     SD pipeline runs it; diffusers' DDIMScheduler loop);
@@ -34,7 +38,7 @@ Sampling runs at batch 4 for cifar (35 NFE at 16 take minutes per round) and for
 Prints the device and the table, writes OUT/table.md and OUT/results.json.
 
     python experiments/speed.py --edm PATH/TO/edm [--nets digits cifar sd ops] [--rounds 5]
-        [--compile] [--no-memory] [--out experiments/results/speed]
+        [--compile] [--no-memory] [--split] [--out experiments/results/speed]
     python experiments/speed.py --edm PATH/TO/edm --small     # tiny networks: checks the code
 """
 from __future__ import annotations
@@ -87,19 +91,36 @@ def edm_pair(net_name, small, edm_dir):
     return den, convert_state_dict(state, den)["params"], build, state
 
 
+def lax_conv2d(x, w, padding):
+    """`layers.conv2d` with XLA's own derivatives (before it wrote the weight derivative as
+    matrix products)."""
+    return jax.lax.conv_general_dilated(x, w, (1, 1), [(padding, padding)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def plain_group_norm(x, weight, bias, groups, eps):
+    """`layers.group_norm` as the plain formula, differentiated by XLA (before its derivative
+    was written out)."""
+    y = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
+    mean = y.mean(axes, keepdims=True)
+    var = jnp.square(y - mean).mean(axes, keepdims=True)
+    return ((y - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * weight + bias
+
+
 @contextlib.contextmanager
-def xla_conv_derivatives():
-    """Within it, difflax's convolutions trace with XLA's own derivatives (before
-    `layers.conv2d` wrote the weight derivative as matrix products): what a jitted function
-    first called here compiles stays so."""
+def layers_replaced(**fns):
+    """Within it, difflax's layers call fns[name] in place of `layers.<name>` (e.g.
+    conv2d=lax_conv2d): what a jitted function first called here compiles stays so."""
     from difflax.models import layers
-    saved = layers.conv2d
-    layers.conv2d = lambda x, w, padding: jax.lax.conv_general_dilated(
-        x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    saved = {name: getattr(layers, name) for name in fns}
+    for name, fn in fns.items():
+        setattr(layers, name, fn)
     try:
         yield
     finally:
-        layers.conv2d = saved
+        for name, fn in saved.items():
+            setattr(layers, name, fn)
 
 
 def edm_inputs(den, batch, seed=0):
@@ -111,14 +132,115 @@ def edm_inputs(den, batch, seed=0):
     return x.astype(np.float32), sigma.astype(np.float32), labels.astype(np.float32)
 
 
-def edm_candidates(net_name, small, edm_dir, batch, compile_torch):
+TRAIN = dict(lr=1e-3, warmup_steps=1, ema_halflife_kimg=500.0)  # both frameworks' settings
+
+
+def difflax_step(den, params, batch_j, **replaced):
+    """A zero-argument fn: one step of difflax's jitted training step (`get_train_step_fn`,
+    EDM loss, Adam, EMA) on its own state, compiled here with `layers_replaced(**replaced)`."""
+    from difflax.training import (TrainConfig, ema_decay, get_edm_loss_fn, get_train_step_fn,
+                                  init_train_state, make_optimizer)
+    cfg = TrainConfig(batch_size=batch_j[0].shape[0], **TRAIN)
+    tx, mesh = make_optimizer(cfg), make_mesh()
+    state = {"s": init_train_state(lambda: jax.tree.map(jnp.copy, params), tx, mesh)}
+    step_fn = get_train_step_fn(get_edm_loss_fn(den), tx, lambda s: ema_decay(cfg, s), mesh)
+    key = jax.random.key(0)
+
+    def step():
+        state["s"], metrics = step_fn(state["s"], batch_j, key)
+        return metrics["loss"]
+
+    with layers_replaced(**replaced):
+        jax.block_until_ready(step())
+    return step
+
+
+def difflax_loss_grad(den, params, batch_j, **replaced):
+    """A zero-argument fn: the EDM loss and its gradient (the step's forward + backward),
+    jitted and compiled here with `layers_replaced(**replaced)`."""
+    from difflax.training import get_edm_loss_fn
+    loss_grad = jax.jit(jax.value_and_grad(get_edm_loss_fn(den)))
+    key = jax.random.key(0)
+    with layers_replaced(**replaced):
+        jax.block_until_ready(loss_grad(params, batch_j, key))
+    return lambda: loss_grad(params, batch_j, key)
+
+
+def difflax_update(den, params, batch_j):
+    """A zero-argument fn: the step's update given the gradients (Adam, then the EMA, as
+    `get_train_step_fn` does it), jitted, its state donated."""
+    import optax
+
+    from difflax.training import TrainConfig, ema_decay, ema_update, get_edm_loss_fn, make_optimizer
+    cfg = TrainConfig(batch_size=batch_j[0].shape[0], **TRAIN)
+    tx = make_optimizer(cfg)
+    grads = jax.grad(get_edm_loss_fn(den))(params, batch_j, jax.random.key(0))
+
+    def update(params, opt_state, ema, step):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, ema_update(ema, params, ema_decay(cfg, step))
+
+    update = jax.jit(update, donate_argnums=(0, 1, 2))
+    copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
+    state = {"s": (copy(), tx.init(params), copy())}
+
+    def fn():
+        state["s"] = update(*state["s"], jnp.int32(1))
+        return state["s"][0]
+
+    return fn
+
+
+def torch_train_fns(build, weights, tx_, tl_, batch):
+    """{"train step", "loss fwd+bwd", "Adam + EMA": zero-argument fn}: EDM's training-loop
+    step (EDMLoss, backward, Adam, EMA), and its two halves on a second copy of the network
+    (the update uses the gradients the last backward left)."""
+    import torch
+    from training.loss import EDMLoss
+    loss_fn, decay = EDMLoss(), 0.5 ** (batch / (TRAIN["ema_halflife_kimg"] * 1e3))
+
+    def pieces():
+        net = build().train()
+        net.load_state_dict(weights)
+        ema = {k: v.clone() for k, v in net.state_dict().items()}
+        opt = torch.optim.Adam(net.parameters(), lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8)
+
+        def loss_backward():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net, tx_, tl_).sum() / batch
+            loss.backward()
+            return loss
+
+        def update():
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+            opt.step()
+            with torch.no_grad():
+                for k, v in net.state_dict().items():
+                    ema[k].copy_(v.detach().lerp(ema[k], decay))
+
+        return loss_backward, update
+
+    step_loss, step_update = pieces()
+    loss_backward, update = pieces()
+    loss_backward()
+
+    def step():
+        loss = step_loss()
+        step_update()
+        return loss
+
+    return {"train step": step, "loss fwd+bwd": loss_backward, "Adam + EMA": update}
+
+
+
+def edm_candidates(net_name, small, edm_dir, batch, compile_torch, split):
     """{what: {framework: zero-argument fn}} and the forward outputs' max abs difference."""
     import torch
     import generate as edm_generate
-    from training.loss import EDMLoss
 
-    from difflax.training import (TrainConfig, ema_decay, get_edm_loss_fn, get_train_step_fn,
-                                  init_train_state, make_optimizer)
     from difflax.workdir import get_sample_fn
     den, params, build, weights = edm_pair(net_name, small, edm_dir)
     ref = build().eval()
@@ -145,50 +267,26 @@ def edm_candidates(net_name, small, edm_dir, batch, compile_torch):
     if compile_torch:
         out["forward"]["torch.compile"] = torch_forward(torch.compile(ref))
 
-    # train step: difflax's jitted step of `difflax train` vs EDM's training-loop step
-    cfg = TrainConfig(batch_size=batch, lr=1e-3, warmup_steps=1, ema_halflife_kimg=500.0)
-    tx, mesh = make_optimizer(cfg), make_mesh()
-    state = {"s": init_train_state(lambda: jax.tree.map(jnp.copy, params), tx, mesh)}
-    step_fn = get_train_step_fn(get_edm_loss_fn(den), tx, lambda s: ema_decay(cfg, s), mesh)
+    # train step: difflax's jitted step of `difflax train` vs EDM's training-loop step; the
+    # same step traced with XLA's own derivatives of the convolution / GroupNorm (before)
     ints = jnp.asarray(labels.argmax(-1)) if label_dim else None
-    batch_j, key = (jx, ints), jax.random.key(0)
-
-    def difflax_step():
-        state["s"], metrics = step_fn(state["s"], batch_j, key)
-        return metrics["loss"]
-
-    # before: the same step traced with XLA's own convolution derivatives (compiled here)
-    xla_state = {"s": init_train_state(lambda: jax.tree.map(jnp.copy, params), tx, mesh)}
-    xla_step_fn = get_train_step_fn(get_edm_loss_fn(den), tx, lambda s: ema_decay(cfg, s), mesh)
-
-    def xla_conv_step():
-        xla_state["s"], metrics = xla_step_fn(xla_state["s"], batch_j, key)
-        return metrics["loss"]
-
-    with xla_conv_derivatives():
-        jax.block_until_ready(xla_conv_step())
-
-    train_ref = build().train()
-    train_ref.load_state_dict(weights)
-    ema = {k: v.clone() for k, v in train_ref.state_dict().items()}
-    opt = torch.optim.Adam(train_ref.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    loss_fn, decay = EDMLoss(), 0.5 ** (batch / 500e3)
-
-    def torch_step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(train_ref, tx_, tl_).sum() / batch
-        loss.backward()
-        for p in train_ref.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        opt.step()
-        with torch.no_grad():
-            for k, v in train_ref.state_dict().items():
-                ema[k].copy_(v.detach().lerp(ema[k], decay))
-        return loss
-
-    out["train step"] = {"difflax": difflax_step, "PyTorch": torch_step,
-                         "XLA conv derivatives": xla_conv_step}
+    batch_j = (jx, ints)
+    torch_fns = torch_train_fns(build, weights, tx_, tl_, batch)
+    out["train step"] = {
+        "difflax": difflax_step(den, params, batch_j),
+        "PyTorch": torch_fns["train step"],
+        "XLA conv derivatives": difflax_step(den, params, batch_j, conv2d=lax_conv2d)}
+    if split:  # GroupNorm's derivative before; the step's pieces: the loss's forward +
+        # backward, then Adam and the EMA given the gradients
+        out["train step"]["XLA GroupNorm derivative"] = difflax_step(
+            den, params, batch_j, group_norm=plain_group_norm)
+        out["loss fwd+bwd"] = {
+            "difflax": difflax_loss_grad(den, params, batch_j),
+            "PyTorch": torch_fns["loss fwd+bwd"],
+            "XLA GroupNorm derivative": difflax_loss_grad(den, params, batch_j,
+                                                          group_norm=plain_group_norm)}
+        out["Adam + EMA"] = {"difflax": difflax_update(den, params, batch_j),
+                             "PyTorch": torch_fns["Adam + EMA"]}
     sample, _ = get_sample_fn(den, sampler="edm_heun", steps=18, sigma_min=0.002, sigma_max=80.0)
     n = min(batch, SAMPLING_BATCH[net_name])
     ints_np = labels[:n].argmax(-1)
@@ -343,7 +441,9 @@ def op_candidates(small):
             "XLA NHWC": grad_of(nhwc_conv, jx, jw, wrt=(1,))},
         "GroupNorm fwd+bwd": {
             "difflax": grad_of(lambda x: norm.apply(norm_vars, x), jx),
-            "PyTorch": torch_grad(tn, tx_)},
+            "PyTorch": torch_grad(tn, tx_),
+            "XLA GroupNorm derivative": grad_of(lambda x: plain_group_norm(
+                x, norm_vars["params"]["weight"], norm_vars["params"]["bias"], 32, 1e-5), jx)},
     }, float(diff)
 
 
@@ -355,7 +455,7 @@ def candidates(args, net):
     if net == "sd":
         return sd_candidates(args.small, BATCH[net], args.sd_steps, args.compile)
     return edm_candidates(net, args.small, args.edm, 4 if args.small else BATCH[net],
-                          args.compile)
+                          args.compile, args.split)
 
 
 def resident_mib(field):
@@ -380,7 +480,8 @@ def measure_memory(args, net, what, framework):
     Large blocks are mmap'ed (MALLOC_MMAP_THRESHOLD_), so freeing them lowers the RSS and the
     warm-up call leaves no reusable heap behind in either framework."""
     cmd = [sys.executable, __file__, "--memory-of", net, what, framework, "--edm", args.edm,
-           "--sd-steps", str(args.sd_steps)] + (["--small"] if args.small else [])
+           "--sd-steps", str(args.sd_steps)] + (["--small"] if args.small else []) + (
+               ["--split"] if args.split else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -457,6 +558,8 @@ def main():
     p.add_argument("--sd-steps", type=int, default=10, help="DDIM steps of the sd sampling run")
     p.add_argument("--compile", action="store_true", help="also time torch.compile's forward")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--split", action="store_true", help="also time the train step's pieces: "
+                   "the loss's forward + backward, and Adam + EMA")
     p.add_argument("--small", action="store_true", help="tiny networks: a quick check")
     p.add_argument("--out", default="experiments/results/speed")
     p.add_argument("--memory-of", nargs=3, metavar=("NET", "WHAT", "FRAMEWORK"),

@@ -333,3 +333,35 @@ def test_conv2d_derivatives_equal_xlas(kernel, padding, cin, width, matmuls):
                                jax.jvp(lax_conv, (x, w), tangents)[1], rtol=1e-4, atol=1e-4)
     second = lambda conv: jax.grad(lambda w: jnp.sum(jax.grad(loss(conv))(x, w) ** 2))(w)
     np.testing.assert_allclose(second(ours), second(lax_conv), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 5, 6, 12), 3), ((3, 4, 8), 8), ((2, 3, 3, 4), 1)])
+def test_group_norm_derivatives_equal_the_plain_formulas(shape, groups):
+    """group_norm's written-out derivative: its value, gradients w.r.t. x, weight and bias,
+    forward-mode derivative and a second derivative equal XLA's derivatives of the plain
+    formula (per-group mean and biased variance, as EDM's GroupNorm)."""
+    from difflax.models.layers import group_norm
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = 3 * jax.random.normal(keys[0], shape) + 1
+    weight, bias = (jax.random.normal(k, shape[-1:]) for k in keys[1:])
+
+    def plain(x, weight, bias):
+        y = x.reshape(*x.shape[:-1], groups, -1)
+        axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
+        mean = y.mean(axes, keepdims=True)
+        var = jnp.square(y - mean).mean(axes, keepdims=True)
+        return ((y - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * weight + bias
+
+    ours = lambda x, weight, bias: group_norm(x, weight, bias, groups, 1e-5)
+    loss = lambda norm: lambda *a: jnp.sum(jnp.sin(norm(*a)))
+    args = (x, weight, bias)
+    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    for expected, got in zip(jax.grad(loss(plain), (0, 1, 2))(*args),
+                             jax.grad(loss(ours), (0, 1, 2))(*args)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    tangents = tuple(jnp.cos(a) for a in args)
+    np.testing.assert_allclose(jax.jvp(ours, args, tangents)[1],
+                               jax.jvp(plain, args, tangents)[1], rtol=1e-4, atol=1e-5)
+    second = lambda norm: jax.grad(  # d/dx of |d loss / d weight|^2
+        lambda x: jnp.sum(jax.grad(loss(norm), 1)(x, weight, bias) ** 2))(x)
+    np.testing.assert_allclose(second(ours), second(plain), rtol=1e-3, atol=1e-4)

@@ -214,8 +214,62 @@ class Conv2d(nn.Module):
                                (self.features,)).astype(x.dtype)
         return x
 
+def _normalise_groups(x, groups: int, eps: float):
+    """x (B, ..., C) -> (x_hat, rstd): x grouped to (B, ..., G, C // G), standardised over
+    each example's group, and 1 / sqrt(var + eps) of shape (B, 1, ..., G, 1)."""
+    y = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)  # the pixels and the group's channels
+    mean = y.mean(axes, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(y - mean).mean(axes, keepdims=True) + eps)
+    return (y - mean) * rstd, rstd
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def group_norm(x, weight, bias, groups: int, eps: float):
+    """Group normalisation of x (B, ..., C) over `groups` groups of channels, then
+    x_hat * weight + bias (weight, bias: (C,)); the statistics are biased, as PyTorch's.
+
+    The value is the plain formula; its derivative is written out (a custom JVP, linear in
+    the tangents, so that reverse mode is its transpose):
+        dy = weight rstd dx + S + x_hat T,  per example b and channel c:
+        S = dbias - weight rstd mean_g(dx),  T = dweight - weight rstd mean_g(x_hat dx),
+    mean_g over the channel's group and the pixels. Every per-(b, c) term is broadcast over
+    the pixels in one place, so the transpose reduces the cotangent over the pixels only
+    twice (its sum and its sum times x_hat) and derives every gradient from those. XLA's
+    derivative of the plain formula reduces over the activations more often: on CPU it took
+    1.9x the time (65 vs 35 ms, the CIFAR network's GroupNorm; the digits training step 543
+    vs 436 ms; `experiments/speed.py --nets digits ops --split`).
+    """
+    x_hat, _ = _normalise_groups(x, groups, eps)
+    return x_hat.reshape(x.shape) * weight + bias
+
+
+def _group_norm_jvp(groups, eps, primals, tangents):
+    (x, weight, bias), (x_dot, weight_dot, bias_dot) = primals, tangents
+    x_hat, rstd = _normalise_groups(x, groups, eps)
+    x_hat = x_hat.reshape(x.shape)
+    b, c = x.shape[0], x.shape[-1]
+    rstd = jnp.repeat(rstd.reshape(b, groups), c // groups, axis=1)  # (B, C)
+    pixels = tuple(range(1, x.ndim - 1))
+    count = x.size // (b * groups)
+
+    def group_mean(sums):  # (B, C) sums over the pixels -> (B, C) means over each group
+        means = sums.reshape(b, groups, c // groups).sum(-1) / count
+        return jnp.repeat(means, c // groups, axis=1)
+
+    s = bias_dot - weight * rstd * group_mean(x_dot.sum(pixels))
+    t = weight_dot - weight * rstd * group_mean((x_hat * x_dot).sum(pixels))
+    per_pixel = lambda a: a.reshape(b, *(1,) * len(pixels), c)  # noqa: E731
+    return (x_hat * weight + bias,
+            per_pixel(weight * rstd) * x_dot + per_pixel(s) + x_hat * per_pixel(t))
+
+
+group_norm.defjvp(_group_norm_jvp)
+
+
 class GroupNorm(nn.Module):
-    """EDM `GroupNorm`: min(num_groups, C // min_channels_per_group) groups, computed in float32."""
+    """EDM `GroupNorm`: min(num_groups, C // min_channels_per_group) groups, computed in
+    float32 (`group_norm`)."""
 
     num_groups: int = 32
     min_channels_per_group: int = 4
@@ -231,13 +285,7 @@ class GroupNorm(nn.Module):
                              "code fails here too); choose channel counts that allow it")
         weight = self.param("weight", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        dtype = x.dtype
-        y = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
-        axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
-        mean = y.mean(axes, keepdims=True)
-        var = jnp.square(y - mean).mean(axes, keepdims=True)
-        y = ((y - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * weight + bias).astype(dtype)
+        return group_norm(x.astype(jnp.float32), weight, bias, g, self.eps).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------
