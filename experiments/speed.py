@@ -235,7 +235,6 @@ def torch_train_fns(build, weights, tx_, tl_, batch):
     return {"train step": step, "loss fwd+bwd": loss_backward, "Adam + EMA": update}
 
 
-
 def edm_candidates(net_name, small, edm_dir, batch, compile_torch, split):
     """{what: {framework: zero-argument fn}} and the forward outputs' max abs difference."""
     import torch
