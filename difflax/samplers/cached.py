@@ -59,8 +59,8 @@ class FeaturePlan:
     max_decode_batch: with parallel decoding, at most this many latents per batched decoder
     call (a chunk of k steps at batch B decodes k x B latents: the chunk is split into equal
     pieces of whole steps, run in sequence); None decodes each chunk in one call, as the
-    paper's code. It bounds memory, not compute (a last piece may repeat up to a step less
-    than a piece).
+    paper's code. It bounds memory; compute grows only when k is not a multiple of the
+    pieces (the last piece is padded by repeating its last step, fewer steps than a piece).
     An empty `nodes` is the plain model: every call computes everything.
     """
 
